@@ -1,0 +1,33 @@
+"""Build and run the hasher gRPC server."""
+
+import logging
+
+from dockercoins.grpcserver import GrpcServer
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+from hasher_svc.config import HasherSettings
+from hasher_svc.service import HasherServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
+
+
+def build_server(settings: HasherSettings) -> GrpcServer:
+    """A hasher server bound to the configured address, not yet started."""
+    server = GrpcServer("hasher", [SERVICE_NAME])
+    servicer = HasherServicer(settings.hasher_latency, settings.hasher_max_request)
+    hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)
+    server.bind(settings.host, settings.hasher_port)
+    return server
+
+
+async def serve(settings: HasherSettings) -> None:
+    """Run hasher until SIGTERM or SIGINT."""
+    server = build_server(settings)
+    log.info(
+        "hasher listening on %s:%d (latency %.3f s)",
+        settings.host,
+        server.port,
+        settings.hasher_latency,
+    )
+    await server.serve_until_signalled(settings.grace)

@@ -1,0 +1,7 @@
+"""python -m rng_svc: the same as `dockercoins rng`."""
+
+import sys
+
+from dockercoins.cli import main
+
+main(["rng", *sys.argv[1:]])

@@ -1,0 +1,44 @@
+"""Settings of the rng service."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dockercoins.settings import BaseServiceSettings
+
+RngMode = Literal["blocking", "buffered"]
+
+
+class RngSettings(BaseServiceSettings):
+    """DOCKERCOINS_RNG_* settings; defaults are the original's costs."""
+
+    rng_port: int = Field(50051, ge=0, le=65535, description="Port rng listens on (0: any free).")
+    rng_mode: RngMode = Field(
+        "blocking",
+        description="blocking: every request pays a read under one lock (the original); "
+        "buffered: a producer refills a buffer in large blocks (the fix).",
+    )
+    rng_read_cost: float = Field(
+        0.1, ge=0, le=60, description="Seconds every read of the entropy source costs."
+    )
+    rng_block_size: int = Field(
+        65536, ge=1, le=64 << 20, description="Bytes the buffered producer reads per source read."
+    )
+    rng_buffer_size: int = Field(
+        1 << 20, ge=1, le=1 << 30, description="Bytes the buffered mode holds at most."
+    )
+    rng_max_request: int = Field(
+        1 << 20,
+        ge=1,
+        le=64 << 20,
+        description="Largest request in bytes (size x count); larger ones get INVALID_ARGUMENT.",
+    )
+
+    @model_validator(mode="after")
+    def _request_fits_buffer(self) -> "RngSettings":
+        if self.rng_mode == "buffered" and self.rng_max_request > self.rng_buffer_size:
+            raise ValueError(
+                "DOCKERCOINS_RNG_MAX_REQUEST must not exceed DOCKERCOINS_RNG_BUFFER_SIZE "
+                "in buffered mode"
+            )
+        return self

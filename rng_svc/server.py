@@ -1,0 +1,46 @@
+"""Build and run the rng gRPC server."""
+
+import logging
+
+from dockercoins.grpcserver import GrpcServer
+from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+from rng_svc.config import RngSettings
+from rng_svc.service import BlockingRng, BufferedRng, RandomSource, RngServicer, SlowEntropySource
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
+
+
+def build_source(settings: RngSettings) -> RandomSource:
+    """The random source for the configured mode (call inside the running loop)."""
+    entropy = SlowEntropySource(settings.rng_read_cost)
+    if settings.rng_mode == "blocking":
+        return BlockingRng(entropy)
+    buffered = BufferedRng(entropy, settings.rng_block_size, settings.rng_buffer_size)
+    buffered.start()
+    return buffered
+
+
+def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
+    """An rng server bound to the configured address, not yet started."""
+    server = GrpcServer("rng", [SERVICE_NAME])
+    rng_pb2_grpc.add_RngServicer_to_server(
+        RngServicer(source, settings.rng_max_request), server.server
+    )
+    server.bind(settings.host, settings.rng_port)
+    return server
+
+
+async def serve(settings: RngSettings) -> None:
+    """Run rng until SIGTERM or SIGINT."""
+    source = build_source(settings)
+    server = build_server(settings, source)
+    log.info(
+        "rng listening on %s:%d (mode %s, read cost %.3f s)",
+        settings.host,
+        server.port,
+        settings.rng_mode,
+        settings.rng_read_cost,
+    )
+    await server.serve_until_signalled(settings.grace, on_stop=source.close)

@@ -1,0 +1,157 @@
+"""The rng servicer and its two random sources over one slow entropy source."""
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from dockercoins.errors import InvalidArgument, RequestError
+from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class SlowEntropySource:
+    """os.urandom behind one lock, each read costing `read_cost` seconds: one read at a time."""
+
+    def __init__(self, read_cost: float) -> None:
+        self.read_cost = read_cost
+        self.reads = 0
+        self._lock = asyncio.Lock()
+
+    async def read(self, size: int) -> bytes:
+        """Wait for the lock, pay the read cost, return `size` random bytes."""
+        async with self._lock:
+            if self.read_cost:
+                await asyncio.sleep(self.read_cost)
+            self.reads += 1
+            return os.urandom(size)
+
+
+class RandomSource(Protocol):
+    """Where the servicer takes its bytes from."""
+
+    async def take(self, size: int) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class BlockingRng:
+    """The baseline: every request does its own read of the slow source, under its lock."""
+
+    def __init__(self, source: SlowEntropySource) -> None:
+        self.source = source
+
+    async def take(self, size: int) -> bytes:
+        return await self.source.read(size)
+
+    async def close(self) -> None:
+        return None
+
+
+class BufferedRng:
+    """The fix: a producer reads large blocks into a bounded buffer; requests take from it."""
+
+    def __init__(self, source: SlowEntropySource, block_size: int, buffer_size: int) -> None:
+        self.source = source
+        self.block_size = min(block_size, buffer_size)
+        self.buffer_size = buffer_size
+        self.refills = 0
+        self.underruns = 0
+        self._buffer = bytearray()
+        self._changed = asyncio.Condition()
+        self._producer: asyncio.Task[None] | None = None
+
+    @property
+    def level(self) -> int:
+        """Bytes in the buffer now."""
+        return len(self._buffer)
+
+    def start(self) -> None:
+        """Start the background producer (inside the running loop)."""
+        self._producer = asyncio.create_task(self._produce(), name="rng-producer")
+
+    async def _produce(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: len(self._buffer) + self.block_size <= self.buffer_size
+                )
+            block = await self.source.read(self.block_size)
+            async with self._changed:
+                self._buffer += block
+                self.refills += 1
+                self._changed.notify_all()
+
+    async def take(self, size: int) -> bytes:
+        async with self._changed:
+            if len(self._buffer) < size:
+                self.underruns += 1
+                await self._changed.wait_for(lambda: len(self._buffer) >= size)
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            self._changed.notify_all()
+            return data
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            self._producer.cancel()
+            try:
+                await self._producer
+            except asyncio.CancelledError:
+                pass
+
+
+def check_request(size: int, count: int, max_request: int) -> int:
+    """Validate a request and return how many blocks it asks for."""
+    if size < 1:
+        raise InvalidArgument(f"size must be at least 1 byte, got {size}")
+    if count < 0:
+        raise InvalidArgument(f"count must be 0 (one block) or more, got {count}")
+    blocks = count or 1
+    if size * blocks > max_request:
+        raise InvalidArgument(
+            f"size x count = {size * blocks} bytes is more than the largest request, "
+            f"{max_request} bytes"
+        )
+    return blocks
+
+
+class RngServicer(rng_pb2_grpc.RngServicer):
+    """Answers GetRandom and StreamRandom from an injected RandomSource."""
+
+    def __init__(self, source: RandomSource, max_request: int) -> None:
+        self.source = source
+        self.max_request = max_request
+
+    async def _reply(self, size: int, count: int) -> rng_pb2.RandomReply:
+        blocks = check_request(size, count, self.max_request)
+        return rng_pb2.RandomReply(data=await self.source.take(size * blocks), size=size)
+
+    async def GetRandom(
+        self, request: rng_pb2.RandomRequest, context: grpc.aio.ServicerContext
+    ) -> rng_pb2.RandomReply:
+        try:
+            return await self._reply(request.size, request.count)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    async def StreamRandom(
+        self, request: rng_pb2.StreamRandomRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rng_pb2.RandomReply]:
+        try:
+            check_request(request.size, request.count, self.max_request)
+            if request.messages < 0:
+                raise InvalidArgument(
+                    f"messages must be 0 (no limit) or more, got {request.messages}"
+                )
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        sent = 0
+        while not request.messages or sent < request.messages:
+            yield await self._reply(request.size, request.count)
+            sent += 1

@@ -1,0 +1,1 @@
+"""webui: reads the counters from Redis and draws the mining speed live in a browser."""

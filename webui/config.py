@@ -1,0 +1,12 @@
+"""Settings of the web UI."""
+
+from pydantic import Field
+
+from dockercoins.settings import BaseServiceSettings
+
+
+class WebuiSettings(BaseServiceSettings):
+    """DOCKERCOINS_WEBUI_* settings and the Redis to read."""
+
+    webui_port: int = Field(8000, ge=0, le=65535, description="Port the web UI listens on.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis the web UI reads.")

@@ -1,0 +1,1 @@
+"""worker: the miner loop (rng -> hasher -> coin check -> Redis), the original's keys exactly."""

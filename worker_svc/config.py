@@ -1,0 +1,28 @@
+"""Settings of the worker."""
+
+from pydantic import Field
+
+from dockercoins.settings import BaseServiceSettings
+
+
+class WorkerSettings(BaseServiceSettings):
+    """DOCKERCOINS_WORKER_* settings plus the addresses of rng, hasher and Redis."""
+
+    rng_addr: str = Field(
+        "127.0.0.1:50051",
+        description="rng's gRPC target: host:port, ipv4:a:p,b:q (several, round-robin) or dns:///name:port.",
+    )
+    hasher_addr: str = Field(
+        "127.0.0.1:50052", description="hasher's gRPC target, in the same forms as rng's."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis the worker writes to.")
+    worker_think_time: float = Field(
+        0.1, ge=0, le=60, description="Seconds each unit of work sleeps (the original's 0.1 s)."
+    )
+    worker_flush_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between flushes of the hash count to Redis."
+    )
+    worker_loops: int = Field(1, ge=1, le=1024, description="Concurrent mining loops per worker.")
+    rpc_timeout: float = Field(
+        10.0, gt=0, le=600, description="Deadline in seconds of every call to rng and hasher."
+    )
