@@ -1,0 +1,24 @@
+"""Ports: find a free one, and refuse a busy one with an error that names it."""
+
+import socket
+
+from dockercoins.errors import PortInUseError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_free(what: str, host: str, port: int) -> int:
+    """`port` if it can be bound on `host`, a free one if it is 0; else PortInUseError."""
+    if port == 0:
+        return free_port(host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise PortInUseError(what, host, port) from None
+    return port
