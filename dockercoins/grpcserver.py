@@ -24,10 +24,19 @@ BASE_OPTIONS: Sequence[tuple[str, int]] = (
 class GrpcServer:
     """A grpc.aio server with health and reflection, bound to one address."""
 
-    def __init__(self, name: str, service_names: Sequence[str]) -> None:
+    def __init__(
+        self, name: str, service_names: Sequence[str], max_connection_age: float = 0
+    ) -> None:
         self.name = name
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(options=list(BASE_OPTIONS))
+        options = list(BASE_OPTIONS)
+        if max_connection_age:
+            age_ms = int(max_connection_age * 1000)
+            options += [
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", age_ms),
+            ]
+        self.server = grpc.aio.server(options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])

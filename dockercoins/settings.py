@@ -27,6 +27,13 @@ class BaseServiceSettings(BaseSettings):
     grace: float = Field(
         5.0, ge=0, le=120, description="Seconds a stopping server lets in-flight calls finish."
     )
+    max_connection_age: float = Field(
+        0,
+        ge=0,
+        le=86400,
+        description="Seconds after which a gRPC server asks clients to reconnect, so that new "
+        "replicas get traffic (0: never).",
+    )
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)

@@ -14,7 +14,7 @@ SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
 
 def build_server(settings: HasherSettings) -> GrpcServer:
     """A hasher server bound to the configured address, not yet started."""
-    server = GrpcServer("hasher", [SERVICE_NAME])
+    server = GrpcServer("hasher", [SERVICE_NAME], settings.max_connection_age)
     servicer = HasherServicer(settings.hasher_latency, settings.hasher_max_request)
     hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)
     server.bind(settings.host, settings.hasher_port)
