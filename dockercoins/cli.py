@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dockercoins.errors import ConfigError
+from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.logs import configure_logging
 from dockercoins.settings import load_settings
 
@@ -117,7 +117,83 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="empty the embedded Redis's data first (start from zero)",
             )
+    _add_tools(commands)
     return parser
+
+
+def _add_tools(commands: Any) -> None:
+    scale = commands.add_parser(
+        "scale",
+        help="change the number of workers or rng processes of a running `dockercoins up`",
+        description="Like `kubectl scale`: dockercoins scale worker=10 (or rng=2).",
+    )
+    scale.add_argument("counts", nargs="+", metavar="SERVICE=N", help="worker=N or rng=N")
+    scale.add_argument("--data-dir", help="the data directory of the running stack")
+    probe = commands.add_parser(
+        "probe",
+        help="time real calls against rng or hasher, as httping does",
+        description="One line per call and a min/avg/max summary; exit 1 if any call failed.",
+    )
+    probe.add_argument("service", choices=["rng", "hasher"])
+    probe.add_argument("--addr", help="target (default: DOCKERCOINS_RNG_ADDR / _HASHER_ADDR)")
+    probe.add_argument("--count", "-c", type=int, default=5, help="calls to make (default 5)")
+    probe.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between calls")
+    probe.add_argument("--timeout", type=float, default=10.0, help="deadline of each call")
+    probe.add_argument("--health", action="store_true", help="call the health service only")
+
+
+def run_scale(options: dict[str, Any]) -> int:
+    """`dockercoins scale worker=N rng=K` against the stack of this data directory."""
+    from dockercoins.launcher import StackSettings, send_control
+
+    counts: dict[str, int] = {}
+    for item in options["counts"]:
+        service, _, number = item.partition("=")
+        if service not in ("worker", "rng") or not number.isdigit():
+            print(f"dockercoins scale: expected worker=N or rng=N, got {item!r}", file=sys.stderr)
+            return 2
+        counts[service] = int(number)
+    settings = load_settings(StackSettings, data_dir=options.get("data_dir"))
+    reply = asyncio.run(send_control(settings.data_dir, {"scale": counts}))
+    if not reply.get("ok"):
+        print(f"dockercoins scale: {reply.get('error')}", file=sys.stderr)
+        return 1
+    status = reply["status"]
+    print(f"worker={status['worker']} rng={status['rng']}")
+    return 0
+
+
+def run_probe(options: dict[str, Any]) -> int:
+    """`dockercoins probe rng|hasher`."""
+    from dockercoins.probe import probe
+    from worker_svc.config import WorkerSettings
+
+    address = options.get("addr")
+    if not address:
+        settings = load_settings(WorkerSettings)
+        address = settings.rng_addr if options["service"] == "rng" else settings.hasher_addr
+    if options["count"] < 1 or options["interval"] < 0 or options["timeout"] <= 0:
+        print("dockercoins probe: --count must be >= 1, --interval >= 0, --timeout > 0",
+              file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(
+            probe(
+                options["service"],
+                address,
+                options["count"],
+                options["interval"],
+                options["timeout"],
+                options["health"],
+                sys.stdout,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 1 if result.errors else 0
+
+
+TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {"scale": run_scale, "probe": run_probe}
 
 
 def run_service(name: str, options: dict[str, Any]) -> int:
@@ -131,6 +207,9 @@ def run_service(name: str, options: dict[str, Any]) -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except DockercoinsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
@@ -140,4 +219,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `dockercoins` command."""
     args = vars(build_parser().parse_args(argv))
     name = args.pop("command")
+    if name in TOOLS:
+        try:
+            sys.exit(TOOLS[name](args))
+        except ConfigError as exc:
+            print(f"dockercoins {name}: {exc}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(run_service(name, args))

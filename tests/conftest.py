@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,3 +61,47 @@ def service_env(**settings: object) -> dict[str, str]:
 def dockercoins_cmd(*args: str) -> list[str]:
     """Command line of the dockercoins CLI in this interpreter."""
     return [sys.executable, "-m", "dockercoins", *args]
+
+
+class GrpcServers:
+    """Starts real rng and hasher servers in the test's event loop, on free ports."""
+
+    def __init__(self) -> None:
+        self._running: list[tuple[object, object]] = []
+
+    async def rng(self, port: int = 0, **fields: object) -> str:
+        """An rng server with these settings fields; returns host:port."""
+        from rng_svc.config import RngSettings
+        from rng_svc.server import build_server, build_source
+
+        settings = RngSettings(rng_port=port, **fields)  # type: ignore[arg-type]
+        source = build_source(settings)
+        server = build_server(settings, source)
+        await server.start()
+        self._running.append((server, source))
+        return f"127.0.0.1:{server.port}"
+
+    async def hasher(self, port: int = 0, **fields: object) -> str:
+        """A hasher server with these settings fields; returns host:port."""
+        from hasher_svc.config import HasherSettings
+        from hasher_svc.server import build_server
+
+        server = build_server(HasherSettings(hasher_port=port, **fields))  # type: ignore[arg-type]
+        await server.start()
+        self._running.append((server, None))
+        return f"127.0.0.1:{server.port}"
+
+    async def stop_all(self) -> None:
+        for server, source in reversed(self._running):
+            await server.stop(0)  # type: ignore[attr-defined]
+            if source is not None:
+                await source.close()  # type: ignore[attr-defined]
+        self._running.clear()
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[GrpcServers]:
+    """Factory of real gRPC servers, stopped after the test."""
+    started = GrpcServers()
+    yield started
+    await started.stop_all()

@@ -23,6 +23,12 @@ class WorkerSettings(BaseServiceSettings):
         1.0, gt=0, le=60, description="Seconds between flushes of the hash count to Redis."
     )
     worker_loops: int = Field(1, ge=1, le=1024, description="Concurrent mining loops per worker.")
+    worker_health_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's own gRPC health server (0: none)."
+    )
+    difficulty: int = Field(
+        1, ge=1, le=64, description="Leading zero hex digits that make a digest a coin."
+    )
     rpc_timeout: float = Field(
         10.0, gt=0, le=600, description="Deadline in seconds of every call to rng and hasher."
     )

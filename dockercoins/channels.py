@@ -1,0 +1,55 @@
+"""A pool of gRPC channels per upstream, each with its own connection, balanced round-robin."""
+
+import itertools
+from collections.abc import Sequence
+
+import grpc
+
+from dockercoins.grpcserver import MAX_MESSAGE_BYTES
+
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
+def normalize_target(target: str) -> str:
+    """A gRPC target; a bare comma-separated list of IPv4 host:port becomes `ipv4:` form."""
+    target = target.strip()
+    if "," in target and not target.startswith(_SCHEMES):
+        return "ipv4:" + ",".join(part.strip() for part in target.split(","))
+    return target
+
+
+class ChannelPool:
+    """`size` channels to one target, each with its own subchannel pool (its own connections).
+
+    grpcio shares one connection between channels with identical options; a local
+    subchannel pool per channel makes the pool real. Every channel balances
+    round-robin over all the addresses its target resolves to (a headless Service's
+    pods with `dns:///`, or an `ipv4:` list).
+    """
+
+    def __init__(
+        self, target: str, size: int = 1, options: Sequence[tuple[str, str | int]] = ()
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"pool size must be at least 1, got {size}")
+        self.target = normalize_target(target)
+        channel_options = [
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *options,
+        ]
+        self.channels = [
+            grpc.aio.insecure_channel(self.target, options=channel_options) for _ in range(size)
+        ]
+        self._turn = itertools.cycle(self.channels)
+
+    def next(self) -> grpc.aio.Channel:
+        """The next channel, round-robin."""
+        return next(self._turn)
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self.channels:
+            await channel.close()

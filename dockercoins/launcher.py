@@ -1,0 +1,495 @@
+"""`dockercoins up`: Redis, rng, hasher, workers and the web UI as supervised local processes."""
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from redis.asyncio import Redis
+
+from dockercoins import schema
+from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.errors import ConfigError, DockercoinsError
+from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.net import ensure_free
+from dockercoins.settings import BaseServiceSettings, env_name
+from rng_svc.config import RngMode
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+CONTROL_SOCKET = "control.sock"
+
+
+class StackSettings(BaseServiceSettings):
+    """What `dockercoins up` starts and where; the services read their own settings too."""
+
+    workers: int = Field(1, ge=0, le=200, description="Worker processes `dockercoins up` starts.")
+    rng_replicas: int = Field(1, ge=1, le=32, description="rng processes `dockercoins up` starts.")
+    rng_mode: RngMode = Field("blocking", description="rng mode: blocking or buffered.")
+    rng_port: int = Field(50051, ge=0, le=65535, description="Port of the (first) rng.")
+    hasher_port: int = Field(50052, ge=0, le=65535, description="Port of the hasher.")
+    webui_port: int = Field(8000, ge=0, le=65535, description="Port of the web UI.")
+    redis_url: str | None = Field(
+        None, description="Redis to use; unset: `dockercoins up` starts an embedded redis-server."
+    )
+    redis_port: int = Field(
+        0, ge=0, le=65535, description="Port of the embedded redis-server (0: any free one)."
+    )
+    data_dir: Path = Field(
+        Path(".dockercoins"),
+        description="Where `dockercoins up` keeps the embedded Redis's data and its control socket.",
+    )
+    fresh: bool = Field(False, description="Empty the embedded Redis's data before starting.")
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM if the launcher dies, so nothing is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Console:
+    """The launcher's own output: child lines prefixed with their name, as compose does."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self.width = 10
+
+    def line(self, name: str, text: str) -> None:
+        self.out.write(f"{name:<{self.width}}| {text}\n")
+        self.out.flush()
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+class ManagedProcess:
+    """One child process, its log pump, and a restart policy like Kubernetes' `Always`."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], console: Console
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.console = console
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.stopping = False
+        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self, supervise: bool = True) -> None:
+        """Start the process; with `supervise`, restart it with backoff whenever it dies."""
+        await self._spawn()
+        if supervise:
+            self._watch = asyncio.create_task(self._supervise(), name=f"watch-{self.name}")
+
+    async def _spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._pump = asyncio.create_task(self._pump_lines(self.proc), name=f"log-{self.name}")
+
+    async def _pump_lines(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            self.console.line(self.name, raw.decode(errors="replace").rstrip())
+
+    async def _supervise(self) -> None:
+        delay = 1.0
+        while True:
+            assert self.proc is not None
+            started = time.monotonic()
+            code = await self.proc.wait()
+            if self.stopping:
+                return
+            if time.monotonic() - started > 30:
+                delay = 1.0
+            self.console.line(
+                self.name, f"exited with status {code}; restarting in {delay:.0f} s"
+            )
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            delay = min(delay * 2, 30.0)
+            self.restarts += 1
+            await self._spawn()
+
+    async def stop(self, timeout: float) -> int | None:
+        """SIGTERM, wait up to `timeout` seconds, then SIGKILL. Returns the exit status."""
+        self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.console.line(self.name, f"did not stop within {timeout:.0f} s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pump, 2)
+        return self.proc.returncode
+
+
+async def _wait_until(
+    what: str, check: Callable[[], Awaitable[bool]], process: ManagedProcess | None
+) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        with contextlib.suppress(Exception):
+            if await check():
+                return
+        if process is not None and process.proc is not None and process.proc.returncode is not None:
+            raise DockercoinsError(
+                f"{what} exited with status {process.proc.returncode} before it was ready"
+            )
+        if time.monotonic() > deadline:
+            raise DockercoinsError(f"{what} was not ready within {READY_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+async def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """Whether the gRPC health service at `address` answers SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout
+        )
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def http_ok(host: str, port: int, path: str) -> bool:
+    """Whether GET `path` answers 200."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 2)
+    finally:
+        writer.close()
+    return b" 200 " in status
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+class Stack:
+    """The whole app as processes: start in order, scale, stop in reverse order."""
+
+    def __init__(self, settings: StackSettings, console: Console | None = None) -> None:
+        self.settings = settings
+        self.console = console or Console()
+        self.host = settings.host
+        self.client_host = _connect_host(settings.host)
+        self.redis_url = settings.redis_url or ""
+        self.ports: dict[str, int] = {}
+        self.redis: ManagedProcess | None = None
+        self.rngs: list[ManagedProcess] = []
+        self.hasher: ManagedProcess | None = None
+        self.webui: ManagedProcess | None = None
+        self.workers: list[ManagedProcess] = []
+        self._rng_ports: list[int] = []
+        self._lock = asyncio.Lock()
+
+    # -- environment of the children -------------------------------------------------
+
+    def _env(self, **fields: Any) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env[env_name("host")] = self.host
+        env[env_name("log_level")] = self.settings.log_level
+        env[env_name("grace")] = str(self.settings.grace)
+        for field, value in fields.items():
+            env[env_name(field)] = str(value)
+        return env
+
+    @property
+    def rng_target(self) -> str:
+        """The workers' rng target: one address, or an ipv4: list balanced round-robin."""
+        addresses = [f"{self.client_host}:{port}" for port in self._rng_ports]
+        return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+
+    def _module(self, module: str) -> list[str]:
+        return [sys.executable, "-m", module]
+
+    # -- start -----------------------------------------------------------------------
+
+    def _claim_ports(self) -> None:
+        s = self.settings
+        wanted = [("rng", "rng_port", s.rng_port), ("hasher", "hasher_port", s.hasher_port)]
+        wanted.append(("webui", "webui_port", s.webui_port))
+        if not s.redis_url:
+            wanted.append(("redis", "redis_port", s.redis_port))
+        for what, field, port in wanted:
+            self.ports[what] = ensure_free(f"{what} ({env_name(field)})", self.host, port)
+        self._rng_ports = [self.ports["rng"]]
+
+    async def start(self) -> None:
+        """Start everything in order, each piece healthy before the next."""
+        self._claim_ports()
+        await self._start_redis()
+        for _ in range(self.settings.rng_replicas):
+            await self._add_rng()
+        await self._start_hasher()
+        await self._start_webui()
+        await self.scale_workers(self.settings.workers)
+
+    async def _start_redis(self) -> None:
+        if self.settings.redis_url:
+            self.redis_url = self.settings.redis_url
+        else:
+            data = self.settings.data_dir / "redis"
+            if self.settings.fresh and data.exists():
+                shutil.rmtree(data)
+            port = self.ports["redis"]
+            self.redis = ManagedProcess(
+                "redis", redis_server_argv(self.host, port, data), self._env(), self.console
+            )
+            await self.redis.start()
+            self.redis_url = f"redis://{self.client_host}:{port}/0"
+        client = Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
+            await client.set(schema.RNG_MODE_KEY, self.settings.rng_mode)
+        finally:
+            await client.aclose()
+
+    async def _add_rng(self) -> None:
+        index = len(self.rngs) + 1
+        port = self.ports["rng"] if index == 1 else ensure_free("rng", self.host, 0)
+        name = "rng" if self.settings.rng_replicas == 1 and index == 1 else f"rng.{index}"
+        process = ManagedProcess(
+            name,
+            self._module("rng_svc"),
+            self._env(rng_port=port, rng_mode=self.settings.rng_mode),
+            self.console,
+        )
+        await process.start()
+        address = f"{self.client_host}:{port}"
+        await _wait_until(name, lambda: grpc_serving(address), process)
+        self.rngs.append(process)
+        if index > 1:
+            self._rng_ports.append(port)
+
+    async def _start_hasher(self) -> None:
+        port = self.ports["hasher"]
+        self.hasher = ManagedProcess(
+            "hasher", self._module("hasher_svc"), self._env(hasher_port=port), self.console
+        )
+        await self.hasher.start()
+        address = f"{self.client_host}:{port}"
+        await _wait_until("hasher", lambda: grpc_serving(address), self.hasher)
+
+    async def _start_webui(self) -> None:
+        port = self.ports["webui"]
+        self.webui = ManagedProcess(
+            "webui",
+            self._module("webui"),
+            self._env(webui_port=port, redis_url=self.redis_url),
+            self.console,
+        )
+        await self.webui.start()
+        await _wait_until("webui", lambda: http_ok(self.client_host, port, "/healthz"), self.webui)
+
+    def _worker_env(self) -> dict[str, str]:
+        return self._env(
+            rng_addr=self.rng_target,
+            hasher_addr=f"{self.client_host}:{self.ports['hasher']}",
+            redis_url=self.redis_url,
+        )
+
+    # -- scale -----------------------------------------------------------------------
+
+    async def scale_workers(self, count: int) -> None:
+        """Run exactly `count` workers: start new ones, or stop the newest gracefully."""
+        async with self._lock:
+            while len(self.workers) < count:
+                number = max((int(w.name.split(".")[1]) for w in self.workers), default=0) + 1
+                worker = ManagedProcess(
+                    f"worker.{number}", self._module("worker_svc"), self._worker_env(), self.console
+                )
+                await worker.start()
+                self.workers.append(worker)
+            surplus = self.workers[count:]
+            self.workers = self.workers[:count]
+            await asyncio.gather(*(w.stop(self.settings.grace + 5) for w in surplus))
+
+    async def scale_rng(self, count: int) -> None:
+        """Run exactly `count` rng processes; workers restart to balance over the new set."""
+        async with self._lock:
+            if count < 1:
+                raise ConfigError("rng needs at least one replica")
+            changed = count != len(self.rngs)
+            while len(self.rngs) < count:
+                await self._add_rng()
+            surplus = self.rngs[count:]
+            self.rngs = self.rngs[:count]
+            self._rng_ports = self._rng_ports[:count]
+            if changed:
+                old = self.workers
+                self.workers = []
+                await asyncio.gather(*(w.stop(self.settings.grace + 5) for w in old))
+            await asyncio.gather(*(r.stop(self.settings.grace + 5) for r in surplus))
+        if changed:
+            await self.scale_workers(len(old))
+
+    async def scale(self, service: str, count: int) -> None:
+        """Scale `worker` or `rng` to `count` processes."""
+        if service == "worker":
+            await self.scale_workers(count)
+        elif service == "rng":
+            await self.scale_rng(count)
+        else:
+            raise ConfigError(f"can only scale worker or rng, not {service!r}")
+
+    # -- stop ------------------------------------------------------------------------
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process of the stack, in start order."""
+        started = [self.redis, *self.rngs, self.hasher, self.webui, *self.workers]
+        return [p for p in started if p is not None]
+
+    async def stop(self) -> None:
+        """Stop workers first (they flush), then the web UI, hasher, rng, Redis last."""
+        timeout = self.settings.grace + 5
+        await asyncio.gather(*(w.stop(timeout) for w in self.workers))
+        for process in (self.webui, self.hasher):
+            if process is not None:
+                await process.stop(timeout)
+        await asyncio.gather(*(r.stop(timeout) for r in self.rngs))
+        if self.redis is not None:
+            await self.redis.stop(timeout)
+
+    def describe(self) -> list[str]:
+        """One line per piece: where it listens."""
+        lines = [f"rng {self.client_host}:{port}" for port in self._rng_ports]
+        lines.append(f"hasher {self.client_host}:{self.ports['hasher']}")
+        where = f" (embedded, data in {self.settings.data_dir / 'redis'})" if self.redis else ""
+        lines.append(f"redis {self.redis_url}{where}")
+        lines.append(f"webui http://{self.client_host}:{self.ports['webui']}")
+        lines.append(f"workers {len(self.workers)}, rng mode {self.settings.rng_mode}")
+        return lines
+
+
+class ControlServer:
+    """A Unix socket in the data directory through which `dockercoins scale` reaches the stack."""
+
+    def __init__(self, stack: Stack, path: Path) -> None:
+        self.stack = stack
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            for service, count in request.get("scale", {}).items():
+                await self.stack.scale(service, int(count))
+            reply: dict[str, Any] = {"ok": True, "status": self.status()}
+        except (DockercoinsError, ValueError, TypeError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    def status(self) -> dict[str, Any]:
+        """Counts and addresses of the running stack."""
+        return {
+            "worker": len(self.stack.workers),
+            "rng": len(self.stack.rngs),
+            "redis_url": self.stack.redis_url,
+            "webui": f"http://{self.stack.client_host}:{self.stack.ports.get('webui')}",
+        }
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+async def send_control(data_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the stack running with `data_dir`; its reply."""
+    path = data_dir / CONTROL_SOCKET
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConfigError(
+            f"no running `dockercoins up` found (no control socket at {path}; "
+            f"set {env_name('data_dir')} to the one it uses)"
+        ) from None
+    writer.write(json.dumps(request).encode() + b"\n")
+    await writer.drain()
+    reply: dict[str, Any] = json.loads(await reader.readline())
+    writer.close()
+    return reply
+
+
+async def serve(settings: StackSettings) -> None:
+    """Start the stack, print where everything listens, run until SIGTERM or SIGINT."""
+    stop = stop_event_on_signals()
+    stack = Stack(settings)
+    control = ControlServer(stack, settings.data_dir / CONTROL_SOCKET)
+    try:
+        starting = asyncio.create_task(stack.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()
+            await control.start()
+            for line in stack.describe():
+                stack.console.say(line)
+            stack.console.say("dockercoins up: ready; Ctrl-C stops everything")
+            await stopped
+        stack.console.say("dockercoins up: stopping")
+    finally:
+        await control.stop()
+        await stack.stop()
+        stopped.cancel()
+    stack.console.say("dockercoins up: stopped")

@@ -1,0 +1,116 @@
+"""rng over real gRPC: the blocking bottleneck pinned, the buffered fix, health under load, bad input."""
+
+import asyncio
+import statistics
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+
+READ_COST = 0.02  # scaled down: at most 50 reads/s
+
+
+async def _hammer(address: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """`clients` concurrent callers for `seconds`: calls per second in total, and latencies."""
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rng_pb2_grpc.RngStub(channel)
+        await stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=10)
+        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                began = time.perf_counter()
+                reply = await stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=10)
+                assert len(reply.data) == 32
+                latencies.append(time.perf_counter() - began)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies
+
+
+async def test_blocking_rng_plateaus_whatever_the_number_of_clients(servers) -> None:
+    address = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
+    one_rate, one_latencies = await _hammer(address, 1, 1.5)
+    ten_rate, ten_latencies = await _hammer(address, 10, 1.5)
+    ceiling = 1 / READ_COST
+    assert 0.5 * ceiling < one_rate <= 1.1 * ceiling
+    # Ten clients share the same ceiling: no more calls, each one waiting in the queue.
+    assert ten_rate <= 1.1 * ceiling
+    assert ten_rate < 1.3 * one_rate
+    assert statistics.median(ten_latencies) > 5 * statistics.median(one_latencies)
+
+
+async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
+    address = await servers.rng(rng_mode="buffered", rng_read_cost=READ_COST)
+    blocking = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
+    buffered_rate, latencies = await _hammer(address, 10, 1.5)
+    blocking_rate, _ = await _hammer(blocking, 10, 1.5)
+    assert buffered_rate > 5 * blocking_rate
+    assert statistics.median(latencies) < READ_COST
+
+
+async def test_health_answers_at_once_while_the_lock_has_a_queue(servers) -> None:
+    address = await servers.rng(rng_mode="blocking", rng_read_cost=0.1)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rng_pb2_grpc.RngStub(channel)
+        queue = [
+            asyncio.ensure_future(stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=30))
+            for _ in range(20)
+        ]
+        await asyncio.sleep(0.2)
+        began = time.perf_counter()
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="dockercoins.v1.Rng"), timeout=5
+        )
+        waited = time.perf_counter() - began
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert waited < 0.5  # the queue ahead holds the lock for about 2 s
+        assert not all(call.done() for call in queue)
+        for call in queue:
+            call.cancel()
+
+
+async def test_a_batch_is_count_blocks_of_size_bytes(servers) -> None:
+    address = await servers.rng(rng_read_cost=0)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rng_pb2_grpc.RngStub(channel)
+        reply = await stub.GetRandom(rng_pb2.RandomRequest(size=32, count=100), timeout=5)
+        assert reply.size == 32
+        assert len(reply.data) == 3200
+        stream = stub.StreamRandom(rng_pb2.StreamRandomRequest(size=32, count=10, messages=3))
+        replies = [r async for r in stream]
+        assert [len(r.data) for r in replies] == [320, 320, 320]
+
+
+@pytest.mark.parametrize(
+    ("size", "count", "words"),
+    [
+        (0, 0, "size must be at least 1"),
+        (-5, 0, "size must be at least 1"),
+        (32, -1, "count must be 0"),
+        (2_000_000, 0, "largest request"),
+        (32, 100_000, "largest request"),
+    ],
+)
+async def test_bad_requests_get_invalid_argument_and_the_server_stays_up(
+    servers, size: int, count: int, words: str
+) -> None:
+    address = await servers.rng(rng_read_cost=0, rng_max_request=1 << 20)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rng_pb2_grpc.RngStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetRandom(rng_pb2.RandomRequest(size=size, count=count), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in caught.value.details()
+        stream = stub.StreamRandom(rng_pb2.StreamRandomRequest(size=size, count=count))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reply = await stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=5)
+        assert len(reply.data) == 32

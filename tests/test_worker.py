@@ -1,0 +1,121 @@
+"""The worker as a real process against real rng, hasher and Redis."""
+
+import asyncio
+import hashlib
+import re
+import signal
+from pathlib import Path
+
+import redis
+
+from dockercoins.net import free_port
+from tests.conftest import service_env
+
+FAST = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
+
+
+async def start_worker(log: Path, **fields: object) -> asyncio.subprocess.Process:
+    """`python -m worker_svc` with these settings, its log in `log`."""
+    import sys
+
+    handle = log.open("wb")
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker_svc",
+        env=service_env(**{**FAST, **fields}),
+        stdout=handle,
+        stderr=handle,
+    )
+
+
+async def wait_for(condition, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
+    servers, redis_url, tmp_path
+) -> None:
+    rng = await servers.rng(rng_read_cost=0.002)
+    hasher = await servers.hasher(hasher_latency=0.002)
+    client = redis.Redis.from_url(redis_url)
+    log = tmp_path / "worker.log"
+    worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=redis_url)
+    await wait_for(lambda: int(client.get("hashes") or 0) > 100 and client.hlen("wallet") > 0)
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker.wait(), 15) == 0
+
+    wallet = client.hgetall("wallet")
+    assert wallet
+    for digest, block in wallet.items():
+        assert len(block) == 32
+        assert digest.decode() == hashlib.sha256(block).hexdigest()
+        assert digest.startswith(b"0")
+    text = log.read_text()
+    reported = re.search(r"worker stopped: (\d+) hashes, (\d+) coins, 0 hashes unflushed", text)
+    assert reported, text
+    assert int(reported.group(1)) == int(client.get("hashes"))
+    assert int(reported.group(2)) == len(wallet)
+    # Coins are about one hash in 16.
+    assert 1 / 40 < len(wallet) / int(client.get("hashes")) < 1 / 6
+    assert not client.keys("dockercoins:worker:*"), "the heartbeat is withdrawn on exit"
+
+
+async def test_worker_logs_an_outage_once_and_resumes_by_itself(
+    servers, redis_url, tmp_path
+) -> None:
+    rng_port = free_port()
+    hasher = await servers.hasher(hasher_latency=0)
+    client = redis.Redis.from_url(redis_url)
+    log = tmp_path / "worker.log"
+    worker = await start_worker(
+        log, rng_addr=f"127.0.0.1:{rng_port}", hasher_addr=hasher, redis_url=redis_url
+    )
+    await asyncio.sleep(2.5)  # many retries against nothing
+    await servers.rng(port=rng_port, rng_read_cost=0)
+    await wait_for(lambda: int(client.get("hashes") or 0) > 20)
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker.wait(), 15) == 0
+    text = log.read_text()
+    assert text.count("rng unreachable") == 1, text
+    assert text.count("rng is back") == 1, text
+
+
+async def test_worker_keeps_counts_while_redis_is_down(servers, tmp_path) -> None:
+    rng = await servers.rng(rng_read_cost=0)
+    hasher = await servers.hasher(hasher_latency=0)
+    redis_port = free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    log = tmp_path / "worker.log"
+    worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=url)
+    await asyncio.sleep(2)
+    from dockercoins.embedded_redis import redis_server_argv
+
+    server = await asyncio.create_subprocess_exec(
+        *redis_server_argv("127.0.0.1", redis_port, None),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis.from_url(url)
+        await wait_for(lambda: _safe_int(client, "hashes") > 50)
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 15) == 0
+        text = log.read_text()
+        assert text.count("redis unreachable") == 1, text
+        reported = re.search(r"worker stopped: (\d+) hashes, (\d+) coins", text)
+        assert reported
+        assert int(reported.group(1)) == int(client.get("hashes"))
+        assert int(reported.group(2)) == client.hlen("wallet")
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+def _safe_int(client: redis.Redis, key: str) -> int:
+    try:
+        return int(client.get(key) or 0)
+    except redis.ConnectionError:
+        return 0
