@@ -14,8 +14,8 @@ class ConfigError(DockercoinsError):
 class PortInUseError(ConfigError):
     """A configured port is taken by another program."""
 
-    def __init__(self, what: str, host: str, port: int) -> None:
-        super().__init__(f"{what}: port {port} on {host} is already in use")
+    def __init__(self, setting: str, host: str, port: int) -> None:
+        super().__init__(f"port {port} on {host} is already in use ({setting})")
         self.port = port
 
 

@@ -8,6 +8,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dockercoins.errors import PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.net import ensure_free
 from dockercoins.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,16 @@ class GrpcServer:
         enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         self.port = 0
 
-    def bind(self, host: str, port: int) -> int:
+    def bind(self, host: str, port: int, setting: str) -> int:
         """Listen on host:port (port 0: any free one); a busy port raises PortInUseError."""
+        if port:
+            ensure_free(setting, host, port)  # before gRPC core logs its own error
         try:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:
             self.port = 0
         if not self.port:
-            raise PortInUseError(self.name, host, port)
+            raise PortInUseError(setting, host, port)
         return self.port
 
     async def start(self) -> None:

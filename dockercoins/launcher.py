@@ -257,7 +257,7 @@ class Stack:
         if not s.redis_url:
             wanted.append(("redis", "redis_port", s.redis_port))
         for what, field, port in wanted:
-            self.ports[what] = ensure_free(f"{what} ({env_name(field)})", self.host, port)
+            self.ports[what] = ensure_free(env_name(field), self.host, port)
         self._rng_ports = [self.ports["rng"]]
 
     async def start(self) -> None:
@@ -292,7 +292,7 @@ class Stack:
 
     async def _add_rng(self) -> None:
         index = len(self.rngs) + 1
-        port = self.ports["rng"] if index == 1 else ensure_free("rng", self.host, 0)
+        port = self.ports["rng"] if index == 1 else ensure_free(env_name("rng_port"), self.host, 0)
         name = "rng" if self.settings.rng_replicas == 1 and index == 1 else f"rng.{index}"
         process = ManagedProcess(
             name,

@@ -12,7 +12,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_free(what: str, host: str, port: int) -> int:
+def ensure_free(setting: str, host: str, port: int) -> int:
     """`port` if it can be bound on `host`, a free one if it is 0; else PortInUseError."""
     if port == 0:
         return free_port(host)
@@ -20,5 +20,5 @@ def ensure_free(what: str, host: str, port: int) -> int:
         try:
             sock.bind((host, port))
         except OSError:
-            raise PortInUseError(what, host, port) from None
+            raise PortInUseError(setting, host, port) from None
     return port

@@ -17,7 +17,7 @@ def build_server(settings: HasherSettings) -> GrpcServer:
     server = GrpcServer("hasher", [SERVICE_NAME], settings.max_connection_age)
     servicer = HasherServicer(settings.hasher_latency, settings.hasher_max_request)
     hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)
-    server.bind(settings.host, settings.hasher_port)
+    server.bind(settings.host, settings.hasher_port, "DOCKERCOINS_HASHER_PORT")
     return server
 
 

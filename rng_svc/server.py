@@ -28,7 +28,7 @@ def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     rng_pb2_grpc.add_RngServicer_to_server(
         RngServicer(source, settings.rng_max_request), server.server
     )
-    server.bind(settings.host, settings.rng_port)
+    server.bind(settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT")
     return server
 
 

