@@ -1,0 +1,193 @@
+"""The web UI's HTTP server: /json, /events (Server-Sent Events), the page, and probes."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from dockercoins.errors import PortInUseError
+from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.schema import read_totals
+from dockercoins.settings import env_name
+from webui.config import WebuiSettings
+from webui.service import READ_TIMEOUT, SpeedMonitor, redis_reason
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+REDIS_SOCKET_TIMEOUT = 1.0
+"""Seconds a Redis connect or reply may take: a dead Redis must give a 503, not a hang."""
+
+BACKLOG = 128
+"""Connections the listening socket queues before the app accepts them."""
+
+SSE_RETRY_MS = 1000
+"""How soon a page's EventSource reconnects after losing the stream."""
+
+SSE_KEEPALIVE = 2.0
+"""Seconds after which a stream sends a state even without a new chart point."""
+
+
+def connect_redis(url: str) -> Redis:
+    """A Redis client that fails fast: short timeouts, no retries (the sampler retries)."""
+    return Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def unavailable(reason: str) -> JSONResponse:
+    """503 with the reason, the answer of every endpoint that needs Redis while it is away."""
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+
+def create_app(settings: WebuiSettings) -> FastAPI:
+    """The web UI application; Redis is connected when the app starts, not before."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.stopping = asyncio.Event()
+        redis = connect_redis(settings.redis_url)
+        monitor = SpeedMonitor(redis)
+        app.state.redis = redis
+        app.state.monitor = monitor
+        sampler = asyncio.create_task(monitor.run(app.state.stopping), name="webui-sampler")
+        try:
+            yield
+        finally:
+            app.state.stopping.set()
+            await sampler
+            await redis.aclose()
+
+    app = FastAPI(title="DockerCoins web UI", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.stopping = asyncio.Event()
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers; no I/O."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz(request: Request) -> dict[str, str] | JSONResponse:
+        """Readiness: Redis answers a PING."""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                await request.app.state.redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            return unavailable(redis_reason(exc))
+        return {"status": "ready"}
+
+    @app.get("/json", response_model=None)
+    async def totals(request: Request) -> dict[str, object] | JSONResponse:
+        """The original's numbers (`coins`, `hashes`, `now`), plus the windowed speed."""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                read = await read_totals(request.app.state.redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return unavailable(redis_reason(exc))
+        monitor: SpeedMonitor = request.app.state.monitor
+        return {
+            "coins": read.coins,
+            "hashes": read.hashes,
+            "now": read.now,
+            "hashes_per_second": monitor.rate.per_second if monitor.rate else None,
+            "workers": monitor.workers,
+            "rng_mode": monitor.rng_mode,
+        }
+
+    @app.get("/events")
+    async def events(request: Request) -> StreamingResponse:
+        """Server-Sent Events: the full history first, then what is new about once a second."""
+        monitor: SpeedMonitor = request.app.state.monitor
+        stopping: asyncio.Event = request.app.state.stopping
+
+        async def stream() -> AsyncIterator[str]:
+            yield f"retry: {SSE_RETRY_MS}\n\n"
+            after = 0
+            while not stopping.is_set():
+                state = monitor.snapshot(after)
+                after = state["seq"]
+                yield f"event: state\ndata: {json.dumps(state)}\n\n"
+                waiting = asyncio.ensure_future(monitor.next_point())
+                stopped = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait(
+                    {waiting, stopped}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiting.cancel()
+                stopped.cancel()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: any free port); PortInUseError if it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise PortInUseError(env_name("webui_port"), host, port) from None
+    sock.listen(BACKLOG)  # connections queue from now on, while the app starts
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: serve() owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: WebuiSettings) -> None:
+    """Run the web UI until SIGTERM or SIGINT; PortInUseError if the port is taken."""
+    sock = bind_listener(settings.host, settings.webui_port)
+    port = sock.getsockname()[1]
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.grace)),
+    )
+    server = _Server(config)
+    stop = stop_event_on_signals()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("webui listening on http://%s:%d", host, port)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    app.state.stopping.set()
+    server.should_exit = True
+    await serving
+    sock.close()

@@ -1,0 +1,182 @@
+"""The web UI's logic: sample the counters from Redis, keep a rolling history, fit the rate."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from dockercoins.rate import DEFAULT_WINDOW, Rate, Sample, window_rate
+from dockercoins.schema import RNG_MODE_KEY, Totals, live_workers, read_totals
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 0.25
+"""Seconds between two readings of Redis: four per flush keeps the fitted rate within a few %."""
+
+POINT_INTERVAL = 1.0
+"""Seconds between two points of the chart (and two pushes to the page)."""
+
+HISTORY = 300.0
+"""Seconds of chart the server keeps and sends to a page that connects."""
+
+READ_TIMEOUT = 2.0
+"""Seconds one reading of Redis may take before Redis counts as unreachable."""
+
+
+def redis_reason(exc: BaseException) -> str:
+    """One line saying why Redis could not be read."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"Redis unreachable: {detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChartPoint:
+    """One point of the speed chart: Redis time, hashes/s (None: a gap, Redis was down)."""
+
+    seq: int
+    time: float
+    rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMark:
+    """Where the number of live workers changed, and to what."""
+
+    seq: int
+    time: float
+    workers: int
+
+
+class SpeedMonitor:
+    """Reads Redis every `sample_interval` seconds and keeps what the page draws.
+
+    Samples are timestamped by Redis `TIME`, so the rate is the same whichever
+    process reads it; the chart gets one point per `point_interval`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        sample_interval: float = SAMPLE_INTERVAL,
+        point_interval: float = POINT_INTERVAL,
+        window: float = DEFAULT_WINDOW,
+        history: float = HISTORY,
+    ) -> None:
+        self.redis = redis
+        self.sample_interval = sample_interval
+        self.point_interval = point_interval
+        self.window = window
+        self.history = history
+        self.samples: deque[Sample] = deque()
+        self.points: deque[ChartPoint] = deque()
+        self.marks: deque[WorkerMark] = deque()
+        self.totals: Totals | None = None
+        self.rate: Rate | None = None
+        self.workers: int | None = None
+        self.rng_mode: str | None = None
+        self.error: str | None = "Redis not read yet"
+        self._seq = 0
+        self._outage = False
+        self._clock_offset = 0.0
+        self._tick = asyncio.Event()
+
+    def redis_now(self) -> float:
+        """The Redis clock as last seen, carried on by the local clock while Redis is away."""
+        return time.time() + self._clock_offset
+
+    async def sample_once(self) -> None:
+        """One reading of Redis; on failure, remember why (never raise a Redis error)."""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                totals = await read_totals(self.redis)
+                workers = await live_workers(self.redis)
+                mode = await self.redis.get(RNG_MODE_KEY)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.error = redis_reason(exc)
+            if not self._outage:
+                log.warning("%s", self.error)
+                self._outage = True
+            return
+        if self._outage:
+            log.info("Redis reachable again")
+            self._outage = False
+        self.error = None
+        self._clock_offset = totals.now - time.time()
+        self.totals = totals
+        self.rng_mode = mode.decode() if isinstance(mode, bytes) else mode
+        if self.workers is not None and workers != self.workers:
+            self._seq += 1
+            self.marks.append(WorkerMark(self._seq, totals.now, workers))
+        self.workers = workers
+        self.samples.append(Sample(totals.now, totals.hashes))
+        while self.samples and self.samples[0].time < totals.now - self.window - 1:
+            self.samples.popleft()
+        self.rate = window_rate(self.samples, self.window)
+
+    def add_point(self) -> ChartPoint:
+        """Close one chart interval: the current rate, or a gap while Redis is unreachable."""
+        self._seq += 1
+        if self.error is None and self.totals is not None:
+            rate = self.rate.per_second if self.rate else None
+            point = ChartPoint(self._seq, self.totals.now, rate)
+        else:
+            point = ChartPoint(self._seq, self.redis_now(), None)
+        self.points.append(point)
+        oldest = point.time - self.history
+        while self.points and self.points[0].time < oldest:
+            self.points.popleft()
+        while self.marks and self.marks[0].time < oldest:
+            self.marks.popleft()
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+        return point
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample until `stop` is set, adding a chart point every `point_interval`."""
+        next_point = time.monotonic() + self.point_interval
+        while not stop.is_set():
+            started = time.monotonic()
+            await self.sample_once()
+            if time.monotonic() >= next_point:
+                self.add_point()
+                next_point += self.point_interval
+                next_point = max(next_point, time.monotonic())
+            pause = max(0.0, self.sample_interval - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+
+    async def next_point(self) -> None:
+        """Wait until the next chart point is added."""
+        await self._tick.wait()
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the newest point or mark."""
+        return self._seq
+
+    def snapshot(self, after: int = 0) -> dict[str, Any]:
+        """What the page needs: current numbers, plus the points and marks newer than `after`."""
+        totals = self.totals
+        return {
+            "status": "live" if self.error is None else "redis-unreachable",
+            "reason": self.error,
+            "hashes": totals.hashes if totals else None,
+            "coins": totals.coins if totals else None,
+            "now": totals.now if totals else None,
+            "speed": self.rate.per_second if self.rate else None,
+            "spread": self.rate.stderr if self.rate else None,
+            "window": self.window,
+            "workers": self.workers,
+            "rng_mode": self.rng_mode,
+            "reset": after == 0,
+            "seq": self._seq,
+            "points": [[p.time, p.rate] for p in self.points if p.seq > after],
+            "marks": [[m.time, m.workers] for m in self.marks if m.seq > after],
+        }

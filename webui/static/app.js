@@ -1,0 +1,178 @@
+// DockerCoins web UI: draws what /events pushes. The speed is fitted on the
+// server over a window of Redis-timestamped samples; the page never divides
+// the difference of two polls.
+"use strict";
+
+const STALE_AFTER_MS = 5000; // no state for this long: the stream is dead, reconnect
+const HISTORY_S = 300;
+
+const els = {
+  status: document.getElementById("status"),
+  speed: document.getElementById("speed"),
+  speedNote: document.getElementById("speed-note"),
+  coins: document.getElementById("coins"),
+  hashes: document.getElementById("hashes"),
+  workers: document.getElementById("workers"),
+  mode: document.getElementById("mode"),
+  chart: document.getElementById("chart"),
+  marks: document.getElementById("marks"),
+};
+
+let xs = [];
+let ys = [];
+let marks = []; // [time, workers]
+let source = null;
+let lastMessage = 0;
+
+const number = new Intl.NumberFormat("en-US");
+
+function formatSpeed(value) {
+  if (value === null || value === undefined) return "–";
+  if (Math.abs(value) >= 100) return number.format(Math.round(value));
+  return value.toFixed(1);
+}
+
+function formatCount(value) {
+  return value === null || value === undefined ? "–" : number.format(value);
+}
+
+function clock(t) {
+  return new Date(t * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function setStatus(kind, text, title) {
+  els.status.className = "status " + kind;
+  els.status.textContent = text;
+  els.status.title = title || "";
+  els.speed.classList.toggle("stale", kind !== "live");
+}
+
+function drawMarks(u) {
+  const ctx = u.ctx;
+  const { left, top, width, height } = u.bbox;
+  const ratio = window.devicePixelRatio || 1;
+  ctx.save();
+  ctx.strokeStyle = "#4cc9f0";
+  ctx.fillStyle = "#4cc9f0";
+  ctx.lineWidth = 2 * ratio;
+  ctx.setLineDash([6 * ratio, 4 * ratio]);
+  ctx.font = `bold ${Math.round(15 * ratio)}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  for (const [t, count] of marks) {
+    const x = u.valToPos(t, "x", true);
+    if (x < left || x > left + width) continue;
+    ctx.beginPath();
+    ctx.moveTo(x, top);
+    ctx.lineTo(x, top + height);
+    ctx.stroke();
+    const label = count === 1 ? "1 worker" : `${count} workers`;
+    const w = ctx.measureText(label).width;
+    const tx = x + 4 * ratio + w > left + width ? x - 4 * ratio - w : x + 4 * ratio;
+    ctx.fillText(label, tx, top + 4 * ratio);
+  }
+  ctx.restore();
+}
+
+function chartSize() {
+  const width = Math.max(280, els.chart.clientWidth || window.innerWidth - 40);
+  const height = Math.max(220, Math.min(520, Math.round(window.innerHeight * 0.42)));
+  return { width, height };
+}
+
+const plot = new uPlot(
+  {
+    ...chartSize(),
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] } },
+    axes: [
+      { stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" }, font: "14px system-ui" },
+      {
+        stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" },
+        font: "14px system-ui", size: 70, values: (u, splits) => splits.map(formatSpeed),
+      },
+    ],
+    series: [
+      { value: (u, v) => (v === null ? "–" : clock(v)) },
+      {
+        label: "hashes/s", stroke: "#ffd23f", width: 3, fill: "rgba(255,210,63,0.12)",
+        spanGaps: false, value: (u, v) => formatSpeed(v),
+      },
+    ],
+    hooks: { draw: [drawMarks] },
+    legend: { show: true },
+  },
+  [xs, ys],
+  els.chart,
+);
+
+window.addEventListener("resize", () => plot.setSize(chartSize()));
+
+function renderMarks() {
+  els.marks.replaceChildren(
+    ...marks.slice(-6).map(([t, count]) => {
+      const li = document.createElement("li");
+      li.textContent = `${clock(t)} → ${count} worker${count === 1 ? "" : "s"}`;
+      return li;
+    }),
+  );
+  els.chart.dataset.marks = String(marks.length);
+  els.chart.dataset.lastMark = marks.length ? String(marks[marks.length - 1][1]) : "";
+}
+
+function apply(state) {
+  if (state.reset) {
+    xs = [];
+    ys = [];
+    marks = [];
+  }
+  for (const [t, rate] of state.points) {
+    xs.push(t);
+    ys.push(rate);
+  }
+  marks.push(...state.marks);
+  const newest = xs.length ? xs[xs.length - 1] : 0;
+  while (xs.length && xs[0] < newest - HISTORY_S) {
+    xs.shift();
+    ys.shift();
+  }
+  marks = marks.filter(([t]) => t >= newest - HISTORY_S);
+  plot.setData([xs, ys]);
+  els.chart.dataset.points = String(ys.filter((y) => y !== null).length);
+  renderMarks();
+
+  els.speed.textContent = formatSpeed(state.speed);
+  els.speed.dataset.value = state.speed === null ? "" : String(state.speed);
+  if (state.speed !== null && state.spread !== null) {
+    els.speedNote.textContent =
+      `± ${formatSpeed(state.spread)} · least-squares fit over ${state.window} s of Redis-timestamped samples`;
+  }
+  els.coins.textContent = formatCount(state.coins);
+  els.hashes.textContent = formatCount(state.hashes);
+  els.workers.textContent = formatCount(state.workers);
+  els.mode.textContent = state.rng_mode || "–";
+
+  if (state.status === "live") setStatus("live", "live");
+  else setStatus("redis-unreachable", "Redis unreachable", state.reason);
+}
+
+function connect() {
+  if (source) source.close();
+  source = new EventSource("/events");
+  lastMessage = Date.now();
+  source.addEventListener("state", (event) => {
+    lastMessage = Date.now();
+    apply(JSON.parse(event.data));
+  });
+  source.onerror = () => {
+    setStatus("disconnected", "disconnected – reconnecting…");
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 1000);
+  };
+}
+
+setInterval(() => {
+  if (Date.now() - lastMessage > STALE_AFTER_MS) {
+    setStatus("disconnected", "disconnected – reconnecting…");
+    connect();
+  }
+}, 1000);
+
+connect();
