@@ -10,10 +10,12 @@ temp copy and show that each kind of check fails.
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -524,6 +526,56 @@ def test_dockerfile_passes_hadolint() -> None:
     for dockerfile in sorted(ROOT.glob("Dockerfile*")):
         result = run([tool("hadolint"), "--failure-threshold", "error", str(dockerfile)])
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def healthcheck_argv(service: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The compose healthcheck of `service` as a local command, aimed at `port` instead."""
+    svc = compose_variant("classic")["services"][service]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
+    env.update({k: str(v) for k, v in svc["environment"].items()})
+    own = f"DOCKERCOINS_{service.upper()}_PORT"
+    compose_port = env[own]
+    env.update({own: str(port), "DOCKERCOINS_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+    form, program, *args = svc["healthcheck"]["test"]
+    assert form == "CMD", "exec form: no shell in the check"
+    local = {"dockercoins": tool("dockercoins"), "python": sys.executable}[program]
+    return [local, *(a.replace(f":{compose_port}", f":{port}") for a in args)], env
+
+
+@pytest.mark.parametrize("service", ["rng", "hasher", "webui"])
+def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(service: str) -> None:
+    """The healthcheck, run as compose runs it, against the service started as compose starts it."""
+    from dockercoins.net import free_port
+
+    port = free_port()
+    check, env = healthcheck_argv(service, port)
+    command = compose_variant("classic")["services"][service]["command"]
+    server = subprocess.Popen(
+        [tool("dockercoins"), *command],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while (result := run(check)).returncode != 0:
+            assert server.poll() is None, f"{service} exited: {server.communicate()[1]}"
+            assert time.monotonic() < deadline, f"{check} never passed: {result.stdout}"
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    assert run(check).returncode != 0, f"{check} passes with {service} stopped"
+
+
+def test_compose_probe_deadline_fits_in_the_healthcheck_timeout() -> None:
+    services = compose_variant("classic")["services"]
+    for name in ("rng", "hasher"):
+        test = services[name]["healthcheck"]["test"]
+        assert "--timeout" in test, f"{name}: the probe's 10 s default outlives compose's timeout"
+        deadline = float(test[test.index("--timeout") + 1])
+        assert SERVICE_COST * 10 <= deadline < seconds(services[name]["healthcheck"]["timeout"])
 
 
 # --- tests: what the variants change -------------------------------------------------------
