@@ -20,6 +20,7 @@ def redis_server_binary() -> str:
 def redis_server_argv(host: str, port: int, data_dir: Path | None) -> list[str]:
     """Command line of a redis-server on host:port; with `data_dir`, an append-only file there."""
     argv = [redis_server_binary(), "--bind", host, "--port", str(port), "--save", ""]
+    argv += ["--loglevel", "warning"]
     if data_dir is None:
         argv += ["--appendonly", "no"]
     else:

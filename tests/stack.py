@@ -1,0 +1,124 @@
+"""Drive `dockercoins up` as a real process, as a user's terminal would."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import dockercoins_cmd, service_env
+
+FAST_COSTS = {
+    "rng_read_cost": 0.01,
+    "hasher_latency": 0.01,
+    "worker_think_time": 0.01,
+    "worker_flush_interval": 0.5,
+}
+
+
+class RunningStack:
+    """`dockercoins up` in a child process, its output collected, its URLs parsed."""
+
+    def __init__(self, data_dir: Path, args: tuple[str, ...] = (), **settings: Any) -> None:
+        fields = {
+            "rng_port": 0,
+            "hasher_port": 0,
+            "webui_port": 0,
+            "data_dir": data_dir,
+            **FAST_COSTS,
+            **settings,
+        }
+        self.proc = subprocess.Popen(
+            dockercoins_cmd("up", *args),
+            env=service_env(**fields),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.env = service_env(data_dir=data_dir)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """The first output line matching `pattern`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
+
+    def ready(self) -> str:
+        """Wait until the stack says it is ready; the web UI's URL."""
+        self.wait_for_line(r"^dockercoins up: ready")
+        return self.wait_for_line(r"^webui (http://\S+)").group(1)
+
+    def children(self) -> set[int]:
+        """Pids of the launcher's direct children."""
+        found: set[int] = set()
+        task_dir = Path(f"/proc/{self.proc.pid}/task")
+        for task in task_dir.iterdir():
+            text = (task / "children").read_text()
+            found.update(int(pid) for pid in text.split())
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def get_json(url: str, timeout: float = 5) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        data: dict[str, Any] = json.loads(reply.read())
+        return data
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def scale(data_dir: Path, *counts: str) -> subprocess.CompletedProcess[str]:
+    """`dockercoins scale worker=N ...` against the stack using `data_dir`."""
+    return subprocess.run(
+        dockercoins_cmd("scale", *counts),
+        env=service_env(data_dir=data_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
