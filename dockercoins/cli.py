@@ -140,6 +140,7 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between calls")
     probe.add_argument("--timeout", type=float, default=10.0, help="deadline of each call")
     probe.add_argument("--health", action="store_true", help="call the health service only")
+    commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
 
 
 def run_scale(options: dict[str, Any]) -> int:
@@ -193,7 +194,47 @@ def run_probe(options: dict[str, Any]) -> int:
     return 1 if result.errors else 0
 
 
-TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {"scale": run_scale, "probe": run_probe}
+SETTINGS_CLASSES = (
+    ("rng", "rng_svc.config:RngSettings"),
+    ("hasher", "hasher_svc.config:HasherSettings"),
+    ("worker", "worker_svc.config:WorkerSettings"),
+    ("webui", "webui.config:WebuiSettings"),
+    ("up", "dockercoins.launcher:StackSettings"),
+)
+
+
+def settings_table() -> str:
+    """Every setting of every service as a Markdown table: variable, default, who reads it, meaning."""
+    from dockercoins.settings import env_name
+
+    rows: dict[str, dict[str, Any]] = {}
+    for service, path in SETTINGS_CLASSES:
+        for name, info in _load(path).model_fields.items():
+            row = rows.setdefault(env_name(name), {"default": info.default, "readers": {}})
+            row["readers"][service] = info.description or ""
+    lines = ["| variable | default | read by | meaning |", "|---|---|---|---|"]
+    for variable, row in rows.items():
+        readers: dict[str, str] = row["readers"]
+        if len(set(readers.values())) == 1:
+            meaning = next(iter(readers.values()))
+        else:
+            meaning = " ".join(f"*{service}*: {text}" for service, text in readers.items())
+        default = "(unset)" if row["default"] is None else row["default"]
+        lines.append(f"| `{variable}` | `{default}` | {', '.join(readers)} | {meaning} |")
+    return "\n".join(lines)
+
+
+def run_settings(options: dict[str, Any]) -> int:
+    """`dockercoins settings`: print the settings table."""
+    print(settings_table())
+    return 0
+
+
+TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "scale": run_scale,
+    "probe": run_probe,
+    "settings": run_settings,
+}
 
 
 def run_service(name: str, options: dict[str, Any]) -> int:

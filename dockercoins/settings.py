@@ -27,6 +27,11 @@ class BaseServiceSettings(BaseSettings):
     grace: float = Field(
         5.0, ge=0, le=120, description="Seconds a stopping server lets in-flight calls finish."
     )
+
+
+class GrpcServerSettings(BaseServiceSettings):
+    """Fields of the services that are gRPC servers."""
+
     max_connection_age: float = Field(
         0,
         ge=0,

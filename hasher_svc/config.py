@@ -2,10 +2,10 @@
 
 from pydantic import Field
 
-from dockercoins.settings import BaseServiceSettings
+from dockercoins.settings import GrpcServerSettings
 
 
-class HasherSettings(BaseServiceSettings):
+class HasherSettings(GrpcServerSettings):
     """DOCKERCOINS_HASHER_* settings; defaults are the original's costs."""
 
     hasher_port: int = Field(

@@ -4,12 +4,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dockercoins.settings import BaseServiceSettings
+from dockercoins.settings import GrpcServerSettings
 
 RngMode = Literal["blocking", "buffered"]
 
 
-class RngSettings(BaseServiceSettings):
+class RngSettings(GrpcServerSettings):
     """DOCKERCOINS_RNG_* settings; defaults are the original's costs."""
 
     rng_port: int = Field(50051, ge=0, le=65535, description="Port rng listens on (0: any free).")
