@@ -569,6 +569,83 @@ def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(ser
     assert run(check).returncode != 0, f"{check} passes with {service} stopped"
 
 
+def kubelet_probe(probe: dict[str, Any], container: dict[str, Any], ports: dict[int, int]) -> str:
+    """Run one probe as the kubelet would, against local ports; '' when it passes."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    timeout = probe.get("timeoutSeconds", 1)
+    port = ports[container_port(container, probe_port(probe) or 0) or 0]
+    if "grpc" in probe:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", ""))
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                return f"grpc {exc.code().name}"
+            return "" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not SERVING"
+    url = f"http://127.0.0.1:{port}{probe['httpGet']['path']}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return "" if 200 <= reply.status < 400 else f"HTTP {reply.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(exc)
+
+
+def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace(
+    redis_url: str,
+) -> None:
+    """Each app container of the base started with its own env (ports moved to free ones, Redis
+    the test's): its probes pass as the kubelet would run them, and SIGTERM stops it in time."""
+    from dockercoins.net import free_port
+
+    started = []
+    try:
+        for w in workloads(rendered("base")):
+            (c,) = w.containers
+            command = command_of(c)
+            if command is None:
+                continue
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
+            env.update(env_of(c))
+            ports = {}
+            for name, value in env_of(c).items():
+                if name.endswith("_PORT"):
+                    ports[int(value)] = free_port()
+                    env[name] = str(ports[int(value)])
+            env.update({"DOCKERCOINS_HOST": "127.0.0.1", "DOCKERCOINS_REDIS_URL": redis_url})
+            proc = subprocess.Popen(
+                [tool("dockercoins"), *c["args"]],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            started.append((w, c, ports, proc))
+        assert {command_of(c) for _, c, _, _ in started} == set(SERVICES)
+        deadline = time.monotonic() + 20
+        for w, c, ports, proc in started:
+            for kind, probe in probes(c):
+                while failure := kubelet_probe(probe, c, ports):
+                    assert proc.poll() is None, f"{w.name} exited with {proc.returncode}"
+                    assert time.monotonic() < deadline, f"{w.name} {kind}: {failure}"
+                    time.sleep(0.2)
+        for _, _, _, proc in started:
+            proc.terminate()
+        stopping = time.monotonic()
+        for w, _, _, proc in started:
+            limit = w.pod["spec"]["terminationGracePeriodSeconds"]
+            proc.wait(timeout=max(0.1, limit - (time.monotonic() - stopping)))
+            assert proc.returncode == 0, f"{w.name} exited {proc.returncode} on SIGTERM"
+    finally:
+        for _, _, _, proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_compose_probe_deadline_fits_in_the_healthcheck_timeout() -> None:
     services = compose_variant("classic")["services"]
     for name in ("rng", "hasher"):
