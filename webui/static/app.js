@@ -58,6 +58,8 @@ function drawMarks(u) {
   ctx.setLineDash([6 * ratio, 4 * ratio]);
   ctx.font = `bold ${Math.round(15 * ratio)}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
+  const lineHeight = 19 * ratio;
+  const taken = []; // [x0, x1, row] of labels drawn, so that close marks stack their labels
   for (const [t, count] of marks) {
     const x = u.valToPos(t, "x", true);
     if (x < left || x > left + width) continue;
@@ -67,15 +69,20 @@ function drawMarks(u) {
     ctx.stroke();
     const label = count === 1 ? "1 worker" : `${count} workers`;
     const w = ctx.measureText(label).width;
-    const tx = x + 4 * ratio + w > left + width ? x - 4 * ratio - w : x + 4 * ratio;
-    ctx.fillText(label, tx, top + 4 * ratio);
+    const x0 = x + 4 * ratio + w > left + width ? x - 4 * ratio - w : x + 4 * ratio;
+    let row = 0;
+    while (taken.some(([a, b, r]) => r === row && x0 < b + 6 * ratio && a < x0 + w + 6 * ratio)) row++;
+    taken.push([x0, x0 + w, row]);
+    ctx.fillText(label, x0, top + 4 * ratio + row * lineHeight);
   }
   ctx.restore();
 }
 
 function chartSize() {
-  const width = Math.max(280, els.chart.clientWidth || window.innerWidth - 40);
-  const height = Math.max(220, Math.min(520, Math.round(window.innerHeight * 0.42)));
+  // The chart takes the width of its box and the rest of the screen's height.
+  const width = Math.max(240, els.chart.parentElement.clientWidth - 12);
+  const below = window.innerHeight - els.chart.getBoundingClientRect().top - window.scrollY;
+  const height = Math.max(220, Math.min(640, Math.round(below - 70)));
   return { width, height };
 }
 
@@ -84,27 +91,38 @@ const plot = new uPlot(
     ...chartSize(),
     scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] } },
     axes: [
-      { stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" }, font: "14px system-ui" },
       {
         stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" },
-        font: "14px system-ui", size: 70, values: (u, splits) => splits.map(formatSpeed),
+        font: "14px system-ui", space: 90, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600],
+        values: (u, splits) => splits.map(clock),
+      },
+      {
+        stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" },
+        font: "14px system-ui", size: 70, values: (u, splits) => splits.map((v) => number.format(v)),
       },
     ],
     series: [
       { value: (u, v) => (v === null ? "–" : clock(v)) },
       {
         label: "hashes/s", stroke: "#ffd23f", width: 3, fill: "rgba(255,210,63,0.12)",
-        spanGaps: false, value: (u, v) => formatSpeed(v),
+        spanGaps: false, points: { show: false }, value: (u, v) => formatSpeed(v),
       },
     ],
     hooks: { draw: [drawMarks] },
-    legend: { show: true },
+    legend: { show: false },
   },
   [xs, ys],
   els.chart,
 );
 
-window.addEventListener("resize", () => plot.setSize(chartSize()));
+let resizing = 0;
+window.addEventListener("resize", () => {
+  cancelAnimationFrame(resizing);
+  resizing = requestAnimationFrame(() => {
+    plot.setSize({ width: 240, height: 220 }); // let the box shrink first, then measure it
+    plot.setSize(chartSize());
+  });
+});
 
 function renderMarks() {
   els.marks.replaceChildren(
@@ -120,9 +138,20 @@ function renderMarks() {
 
 function apply(state) {
   if (state.reset) {
-    xs = [];
-    ys = [];
-    marks = [];
+    // A (re)connected server sends its whole history; keep what this page saw
+    // before it (a restarted server starts with none), with a gap in between.
+    const first = state.points.length ? state.points[0][0] : Infinity;
+    const keep = xs.findIndex((t) => t >= first);
+    if (keep >= 0) {
+      xs = xs.slice(0, keep);
+      ys = ys.slice(0, keep);
+    }
+    const last = xs.length ? xs[xs.length - 1] : null;
+    if (last !== null && ys[ys.length - 1] !== null && last + 0.001 < first) {
+      xs.push(last + 0.001);
+      ys.push(null);
+    }
+    marks = marks.filter(([t]) => t < first);
   }
   for (const [t, rate] of state.points) {
     xs.push(t);

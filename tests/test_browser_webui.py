@@ -1,0 +1,215 @@
+"""The page in a real headless Chromium, over a real stack of processes with scaled-down costs."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import redis
+
+from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.net import free_port
+from dockercoins.schema import RNG_MODE_KEY
+from tests.conftest import ROOT, service_env
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = ROOT / "test-artifacts"
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 20.0) -> T:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # the page or a server may be between states
+            last_error = exc
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
+
+
+class Stack:
+    """Real processes started by this test, stopped by pid at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def log_tail(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n" + path.read_text(errors="replace")[-1500:]
+            for path in sorted(self.logs.glob("*.log"))
+        )
+
+
+def python_m(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's chromium, headless, driven through Debian's chromedriver (nothing downloaded)."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing:
+        pytest.fail(
+            f"missing {', '.join(missing)}: install Debian's chromium and chromium-driver "
+            "(apt-get install -y chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="dockercoins-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,860",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    redis_port, rng_port, hasher_port, webui_port = (free_port() for _ in range(4))
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_argv = [*redis_server_argv("127.0.0.1", redis_port, None), "--dir", str(tmp_path)]
+    env = service_env(
+        rng_port=rng_port,
+        hasher_port=hasher_port,
+        rng_read_cost=0.01,
+        hasher_latency=0.01,
+        worker_think_time=0.01,
+        worker_flush_interval=0.5,
+        rng_addr=f"127.0.0.1:{rng_port}",
+        hasher_addr=f"127.0.0.1:{hasher_port}",
+        redis_url=redis_url,
+        webui_port=webui_port,
+    )
+    url = f"http://127.0.0.1:{webui_port}"
+    stack = Stack(tmp_path)
+
+    def redis_up() -> bool:
+        return bool(redis.Redis.from_url(redis_url, socket_timeout=1).ping())
+
+    def text(element_id: str) -> str:
+        return str(browser.find_element(By.ID, element_id).text)
+
+    def chart(attribute: str) -> str:
+        return str(browser.find_element(By.ID, "chart").get_attribute(attribute) or "")
+
+    def speed() -> float:
+        value = browser.find_element(By.ID, "speed").get_attribute("data-value")
+        return float(value) if value else 0.0
+
+    def status() -> str:
+        return text("status").lower()
+
+    def screenshot(name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / name))
+
+    try:
+        stack.start("redis", redis_argv)
+        wait_for("redis-server", redis_up, 10)
+        redis.Redis.from_url(redis_url).set(RNG_MODE_KEY, "blocking")  # as the launcher does
+        stack.start("rng", python_m("rng_svc"), env)
+        stack.start("hasher", python_m("hasher_svc"), env)
+        stack.start("worker-1", python_m("worker_svc"), env)
+        stack.start("webui", python_m("webui"), env)
+        wait_for("webui /healthz", lambda: httpx.get(f"{url}/healthz").status_code == 200)
+
+        browser.get(url)
+        wait_for("the live state", lambda: status() == "live")
+        wait_for("chart points and a speed above 0", lambda: int(chart("data-points")) >= 3)
+        wait_for("a speed above 0", lambda: speed() > 0)
+        assert text("workers") == "1"
+        assert text("mode") == "blocking"
+        assert int(text("hashes").replace(",", "")) > 0
+        one_worker = speed()
+
+        stack.start("worker-2", python_m("worker_svc"), env)
+        wait_for("2 workers", lambda: text("workers") == "2")
+        wait_for("a mark at 2 workers", lambda: chart("data-last-mark") == "2")
+        assert int(chart("data-marks")) >= 1
+        assert "2 workers" in text("marks")
+        wait_for("the chart to move on", lambda: int(chart("data-points")) >= 8)
+        screenshot("webui.png")
+        assert one_worker > 0
+
+        stack.stop("redis", signal.SIGKILL)
+        wait_for("the Redis-unreachable state", lambda: "redis unreachable" in status())
+        assert "stale" in (browser.find_element(By.ID, "speed").get_attribute("class") or "")
+        screenshot("webui-redis-down.png")
+        stack.start("redis", redis_argv)
+        wait_for("redis-server again", redis_up, 10)
+        wait_for("recovery after Redis", lambda: status() == "live")
+        wait_for("the workers back in Redis", lambda: text("workers") == "2", 15)
+        wait_for("speed after Redis came back", lambda: speed() > 0, 25)
+
+        stack.stop("webui")
+        wait_for("the disconnected state", lambda: "disconnected" in status())
+        points_before = int(chart("data-points"))
+        stack.start("webui", python_m("webui"), env)
+        wait_for("recovery after the web UI", lambda: status() == "live", 25)
+        wait_for(
+            "new points from the restarted web UI, after the ones the page kept",
+            lambda: int(chart("data-points")) > points_before + 2,
+        )
+
+        browser.set_window_size(390, 844)
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth"
+        )
+        assert overflow <= 0, f"the page scrolls sideways on a phone ({overflow} px)"
+        screenshot("webui-phone.png")
+    except AssertionError as exc:
+        screenshot("webui-failure.png")
+        raise AssertionError(f"{exc}\n{stack.log_tail()}") from None
+    finally:
+        stack.stop_all()
