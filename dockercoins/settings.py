@@ -1,8 +1,8 @@
 """The settings base every service shares: DOCKERCOINS_ environment, frozen, one-line errors."""
 
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dockercoins.errors import ConfigError
@@ -10,6 +10,7 @@ from dockercoins.errors import ConfigError
 ENV_PREFIX = "DOCKERCOINS_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Profile = Literal["classic", "turbo"]
 
 
 class BaseServiceSettings(BaseSettings):
@@ -19,6 +20,14 @@ class BaseServiceSettings(BaseSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False
     )
 
+    TURBO_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    """Defaults that the turbo profile changes; a value set explicitly always wins."""
+
+    profile: Profile = Field(
+        "classic",
+        description="classic: the original's simulated costs; turbo: costs off, streams, "
+        "batches and pools (each turbo default can still be overridden).",
+    )
     log_level: LogLevel = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
     host: str = Field(
         "127.0.0.1",
@@ -27,6 +36,15 @@ class BaseServiceSettings(BaseSettings):
     grace: float = Field(
         5.0, ge=0, le=120, description="Seconds a stopping server lets in-flight calls finish."
     )
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and str(data.get("profile", "")).lower() == "turbo":
+            for field, value in cls.TURBO_DEFAULTS.items():
+                data.setdefault(field, value)
+        return data
 
 
 class GrpcServerSettings(BaseServiceSettings):

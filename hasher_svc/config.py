@@ -8,6 +8,8 @@ from dockercoins.settings import GrpcServerSettings
 class HasherSettings(GrpcServerSettings):
     """DOCKERCOINS_HASHER_* settings; defaults are the original's costs."""
 
+    TURBO_DEFAULTS = {"hasher_latency": 0.0}
+
     hasher_port: int = Field(
         50052, ge=0, le=65535, description="Port hasher listens on (0: any free)."
     )

@@ -12,6 +12,8 @@ RngMode = Literal["blocking", "buffered"]
 class RngSettings(GrpcServerSettings):
     """DOCKERCOINS_RNG_* settings; defaults are the original's costs."""
 
+    TURBO_DEFAULTS = {"rng_read_cost": 0.0}
+
     rng_port: int = Field(50051, ge=0, le=65535, description="Port rng listens on (0: any free).")
     rng_mode: RngMode = Field(
         "blocking",

@@ -28,16 +28,19 @@ async def serve(settings: WorkerSettings) -> None:
         health = GrpcServer("worker", [])
         health.bind(settings.host, settings.worker_health_port, "DOCKERCOINS_WORKER_HEALTH_PORT")
         await health.start()
-    rng = ChannelPool(settings.rng_addr)
-    hasher = ChannelPool(settings.hasher_addr)
+    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size)
+    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size)
     redis = connect_redis(settings.redis_url)
     miner = Miner(settings, rng, hasher, redis)
     log.info(
-        "worker %s mining: rng %s, hasher %s, %d loop(s)",
+        "worker %s mining: rng %s, hasher %s, %d loop(s), batch %d, %d channel(s), %s",
         miner.worker_id,
         rng.target,
         hasher.target,
         settings.worker_loops,
+        settings.worker_batch,
+        settings.worker_pool_size,
+        "streaming" if settings.worker_streaming else "unary calls",
     )
     running = asyncio.create_task(miner.run())
     stopped = asyncio.create_task(stop.wait())

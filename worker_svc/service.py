@@ -4,8 +4,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from redis.asyncio import Redis
@@ -23,6 +24,9 @@ BLOCK_SIZE = 32
 """Bytes of randomness per hash, as in the original."""
 
 DIGEST_SIZE = 32
+
+STREAM_WINDOW = 4
+"""Messages a streaming loop keeps in flight at the hasher."""
 
 Reply = TypeVar("Reply")
 
@@ -98,8 +102,9 @@ class Miner:
     async def run(self) -> None:
         """Mine until `stopping` is set, then flush everything and withdraw the heartbeat."""
         flusher = asyncio.create_task(self._flush_periodically(), name="flusher")
+        loop = self._stream_loop if self.settings.worker_streaming else self._unary_loop
         loops = [
-            asyncio.create_task(self._mine_loop(), name=f"loop-{n}")
+            asyncio.create_task(loop(n), name=f"loop-{n}")
             for n in range(self.settings.worker_loops)
         ]
         await asyncio.gather(*loops)
@@ -107,27 +112,30 @@ class Miner:
         await asyncio.gather(flusher, return_exceptions=True)
         await self._final_flush()
 
-    async def _mine_loop(self) -> None:
-        while not self.stopping.is_set():
-            if self.settings.worker_think_time:
-                try:
-                    await asyncio.wait_for(
-                        self.stopping.wait(), timeout=self.settings.worker_think_time
-                    )
-                    return  # stopped while thinking: no unit in hand
-                except TimeoutError:
-                    pass
+    async def _think(self) -> bool:
+        """Sleep the think time; False if the worker was told to stop meanwhile."""
+        if not self.settings.worker_think_time:
+            return not self.stopping.is_set()
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.worker_think_time)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _unary_loop(self, index: int) -> None:
+        """The original's loop: think, then one unary call to rng and one to hasher."""
+        while await self._think():
             try:
                 await self.mine_once()
             except _Abandoned:
                 return
 
     async def mine_once(self) -> None:
-        """One unit of work: 32 random bytes from rng, their hash, the coin check."""
+        """One unit of work: random bytes from rng, their hashes, the coin check."""
         random = await self._call(
             "rng",
             lambda: rng_pb2_grpc.RngStub(self.rng.next()).GetRandom(
-                rng_pb2.RandomRequest(size=BLOCK_SIZE, count=1),
+                rng_pb2.RandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch),
                 timeout=self.settings.rpc_timeout,
             ),
         )
@@ -142,6 +150,99 @@ class Miner:
         for digest in coins:
             log.info("coin found: %s...", digest[:8])
         self.ledger.add(len(random.data) // BLOCK_SIZE, coins)
+
+    async def _stream_loop(self, index: int) -> None:
+        """The fast path: an rng stream feeding a hasher stream; reopened whenever one ends."""
+        backoff = Backoff()
+        broken_in_a_row = 0
+        while not self.stopping.is_set():
+            done_before = self.ledger.total_hashes
+            try:
+                await self._stream_session(index, backoff)
+            except _StreamBroken as broken:
+                if self.ledger.total_hashes > done_before:
+                    broken_in_a_row = 0
+                broken_in_a_row += 1
+                if broken_in_a_row == 1:
+                    # A stream that worked and then ended (a server going away, a connection
+                    # reaching its maximum age) is reopened at once, without an outage.
+                    log.debug("stream to %s ended: %s; reopening", broken.upstream, broken.reason)
+                    continue
+                self.outages.failed(broken.upstream, broken.reason)
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=backoff.next_delay())
+                except TimeoutError:
+                    continue
+
+    async def _stream_session(self, index: int, backoff: Backoff) -> None:
+        """One pair of streams: a writer sends rng's batches to hasher, a reader takes the digests.
+
+        Returns when the worker stops (after the batches in flight are answered) or when
+        rng ends its stream cleanly; raises _StreamBroken when a stream fails.
+        """
+        timeout = self.settings.rpc_timeout
+        rng_call = rng_pb2_grpc.RngStub(self.rng.channels[index % len(self.rng.channels)])
+        hasher_stub = hasher_pb2_grpc.HasherStub(
+            self.hasher.channels[index % len(self.hasher.channels)]
+        )
+        randoms = rng_call.StreamRandom(
+            rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch)
+        )
+        hashes = hasher_stub.HashStream()
+        in_flight: deque[bytes] = deque()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def write() -> None:
+            try:
+                while True:
+                    await window.acquire()
+                    if not await self._think():
+                        break
+                    reply = await _read(randoms, "rng", timeout)
+                    if reply is None:
+                        break  # rng ended the stream (e.g. max connection age): reopen
+                    in_flight.append(reply.data)
+                    try:
+                        await hashes.write(
+                            hasher_pb2.HashRequest(
+                                data=reply.data, block_size=BLOCK_SIZE, raw=True
+                            )
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        raise _StreamBroken("hasher", exc) from None
+                    self.outages.recovered("rng")
+                await hashes.done_writing()
+            except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                raise _StreamBroken("hasher", exc) from None
+
+        async def read() -> None:
+            while True:
+                reply = await _read(hashes, "hasher", timeout if in_flight else None)
+                if reply is None:
+                    return
+                data = in_flight.popleft()
+                self.ledger.add(
+                    len(data) // BLOCK_SIZE,
+                    find_coins(data, reply.digests, self.settings.difficulty),
+                )
+                self.outages.recovered("hasher")
+                backoff.reset()
+                window.release()
+
+        writer = asyncio.create_task(write())
+        reader = asyncio.create_task(read())
+        try:
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+            await reader
+            await writer
+        finally:
+            for task in (writer, reader):
+                task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+            randoms.cancel()
+            hashes.cancel()
 
     async def _call(self, name: str, attempt: Callable[[], Awaitable[Reply]]) -> Reply:
         """Call until it succeeds, backing off; give up only when stopping."""
@@ -209,3 +310,27 @@ class Miner:
 
 class _Abandoned(Exception):
     """The unit in hand was given up because the worker is stopping during an outage."""
+
+
+class _StreamBroken(Exception):
+    """A stream to `upstream` failed; the loop reopens both streams with backoff."""
+
+    def __init__(self, upstream: str, cause: BaseException) -> None:
+        if isinstance(cause, grpc.aio.AioRpcError):
+            reason = f"{cause.code().name}: {cause.details()}"
+        else:
+            reason = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"{upstream}: {reason}")
+        self.upstream = upstream
+        self.reason = reason
+
+
+async def _read(call: Any, upstream: str, deadline: float | None) -> Any:
+    """The next message of a stream, None at its end; failures become _StreamBroken."""
+    try:
+        reply = await asyncio.wait_for(call.read(), deadline)
+    except grpc.aio.AioRpcError as exc:
+        raise _StreamBroken(upstream, exc) from None
+    except TimeoutError as exc:
+        raise _StreamBroken(upstream, TimeoutError("no reply within the deadline")) from exc
+    return None if reply is grpc.aio.EOF else reply
