@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import grpc
 
 from dockercoins.grpcserver import MAX_MESSAGE_BYTES
+from dockercoins.tls import open_channel
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
 
@@ -24,11 +25,15 @@ class ChannelPool:
     grpcio shares one connection between channels with identical options; a local
     subchannel pool per channel makes the pool real. Every channel balances
     round-robin over all the addresses its target resolves to (a headless Service's
-    pods with `dns:///`, or an `ipv4:` list).
+    pods with `dns:///`, or an `ipv4:` list). With `credentials`, every channel is TLS.
     """
 
     def __init__(
-        self, target: str, size: int = 1, options: Sequence[tuple[str, str | int]] = ()
+        self,
+        target: str,
+        size: int = 1,
+        options: Sequence[tuple[str, str | int]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"pool size must be at least 1, got {size}")
@@ -41,7 +46,7 @@ class ChannelPool:
             *options,
         ]
         self.channels = [
-            grpc.aio.insecure_channel(self.target, options=channel_options) for _ in range(size)
+            open_channel(self.target, credentials, channel_options) for _ in range(size)
         ]
         self._turn = itertools.cycle(self.channels)
 

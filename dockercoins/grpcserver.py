@@ -26,7 +26,11 @@ class GrpcServer:
     """A grpc.aio server with health and reflection, bound to one address."""
 
     def __init__(
-        self, name: str, service_names: Sequence[str], max_connection_age: float = 0
+        self,
+        name: str,
+        service_names: Sequence[str],
+        max_connection_age: float = 0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
@@ -37,18 +41,31 @@ class GrpcServer:
                 ("grpc.max_connection_age_ms", age_ms),
                 ("grpc.max_connection_age_grace_ms", age_ms),
             ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         self.port = 0
 
-    def bind(self, host: str, port: int, setting: str) -> int:
-        """Listen on host:port (port 0: any free one); a busy port raises PortInUseError."""
+    def bind(
+        self,
+        host: str,
+        port: int,
+        setting: str,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> int:
+        """Listen on host:port (port 0: any free one), over TLS with `credentials`.
+
+        A busy port raises PortInUseError.
+        """
         if port:
             ensure_free(setting, host, port)  # before gRPC core logs its own error
+        address = f"{host}:{port}"
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if not self.port:

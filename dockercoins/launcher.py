@@ -24,7 +24,9 @@ from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.net import ensure_free
+from dockercoins.redaction import redact_url
 from dockercoins.settings import BaseServiceSettings, env_name
+from dockercoins.tls import channel_credentials, open_channel
 from rng_svc.config import RngMode
 
 log = logging.getLogger(__name__)
@@ -184,9 +186,11 @@ async def _wait_until(
         await asyncio.sleep(0.1)
 
 
-async def grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    """Whether the gRPC health service at `address` answers SERVING."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def grpc_serving(
+    address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """Whether the gRPC health at `address` answers SERVING (over TLS with `credentials`)."""
+    async with open_channel(address, credentials) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=timeout
         )
@@ -232,6 +236,7 @@ class Stack:
     def _env(self, **fields: Any) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        self.credentials = channel_credentials(settings)
         env[env_name("host")] = self.host
         env[env_name("log_level")] = self.settings.log_level
         env[env_name("grace")] = str(self.settings.grace)
@@ -302,7 +307,9 @@ class Stack:
         )
         await process.start()
         address = f"{self.client_host}:{port}"
-        await _wait_until(name, lambda: grpc_serving(address), process)
+        await _wait_until(
+            name, lambda: grpc_serving(address, credentials=self.credentials), process
+        )
         self.rngs.append(process)
         if index > 1:
             self._rng_ports.append(port)
@@ -314,7 +321,9 @@ class Stack:
         )
         await self.hasher.start()
         address = f"{self.client_host}:{port}"
-        await _wait_until("hasher", lambda: grpc_serving(address), self.hasher)
+        await _wait_until(
+            "hasher", lambda: grpc_serving(address, credentials=self.credentials), self.hasher
+        )
 
     async def _start_webui(self) -> None:
         port = self.ports["webui"]
@@ -401,7 +410,7 @@ class Stack:
         lines = [f"rng {self.client_host}:{port}" for port in self._rng_ports]
         lines.append(f"hasher {self.client_host}:{self.ports['hasher']}")
         where = f" (embedded, data in {self.settings.data_dir / 'redis'})" if self.redis else ""
-        lines.append(f"redis {self.redis_url}{where}")
+        lines.append(f"redis {redact_url(self.redis_url)}{where}")
         lines.append(f"webui http://{self.client_host}:{self.ports['webui']}")
         lines.append(f"workers {len(self.workers)}, rng mode {self.settings.rng_mode}")
         return lines
@@ -438,7 +447,7 @@ class ControlServer:
         return {
             "worker": len(self.stack.workers),
             "rng": len(self.stack.rngs),
-            "redis_url": self.stack.redis_url,
+            "redis_url": redact_url(self.stack.redis_url),
             "webui": f"http://{self.stack.client_host}:{self.stack.ports.get('webui')}",
         }
 

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.channels import normalize_target
+from dockercoins.tls import open_channel
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 
 SERVICE_NAMES = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher"}
@@ -62,13 +63,17 @@ async def probe(
     timeout: float,
     health: bool,
     out: TextIO,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ProbeResult:
-    """Call `service` at `address` `count` times, one line each, then the summary."""
+    """Call `service` at `address` `count` times, one line each, then the summary.
+
+    With `credentials` the calls go over TLS.
+    """
     if service not in SERVICE_NAMES:
         raise ValueError(f"can only probe {' or '.join(SERVICE_NAMES)}, not {service!r}")
     result = ProbeResult()
     what = f"{service} health" if health else service
-    async with grpc.aio.insecure_channel(normalize_target(address)) as channel:
+    async with open_channel(normalize_target(address), credentials) as channel:
         call = _call_for(service, channel, health)
         for seq in range(1, count + 1):
             started = time.perf_counter()
