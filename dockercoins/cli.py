@@ -141,6 +141,16 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument("--timeout", type=float, default=10.0, help="deadline of each call")
     probe.add_argument("--health", action="store_true", help="call the health service only")
     commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
+    from dockercoins.experiment import add_arguments
+
+    add_arguments(
+        commands.add_parser(
+            "experiment",
+            help="sweep rng modes x worker counts, measure the rate, chart it against the model",
+            description="For each point: scale, wait for the workers, warm up, fit the rate of "
+            "the Redis counter over a window. Writes experiment.json, .csv and .png.",
+        )
+    )
 
 
 def run_scale(options: dict[str, Any]) -> int:
@@ -230,7 +240,15 @@ def run_settings(options: dict[str, Any]) -> int:
     return 0
 
 
+def run_experiment(options: dict[str, Any]) -> int:
+    """`dockercoins experiment`."""
+    from dockercoins.experiment import run
+
+    return run(options)
+
+
 TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "experiment": run_experiment,
     "scale": run_scale,
     "probe": run_probe,
     "settings": run_settings,

@@ -216,9 +216,15 @@ def _connect_host(host: str) -> str:
 class Stack:
     """The whole app as processes: start in order, scale, stop in reverse order."""
 
-    def __init__(self, settings: StackSettings, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        settings: StackSettings,
+        console: Console | None = None,
+        child_env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.console = console or Console()
+        self.child_env = dict(child_env or {})
         self.host = settings.host
         self.client_host = _connect_host(settings.host)
         self.redis_url = settings.redis_url or ""
@@ -235,6 +241,7 @@ class Stack:
 
     def _env(self, **fields: Any) -> dict[str, str]:
         env = dict(os.environ)
+        env.update(self.child_env)  # e.g. the experiment's costs, over the caller's environment
         env["PYTHONUNBUFFERED"] = "1"
         self.credentials = channel_credentials(settings)
         env[env_name("host")] = self.host

@@ -1,0 +1,726 @@
+"""`dockercoins experiment`: scale workers and rng, measure the honest rate, compare with the model.
+
+One code path drives every backend: for each point of the sweep it sets the rng
+mode and replicas, scales the workers, waits until that many workers are really
+mining, waits a warm-up, then samples the `hashes` counter (timestamped by Redis
+`TIME`) over a window and fits a least-squares slope with its standard error
+(`dockercoins.rate`). A backend only decides how to scale and where to read:
+`LocalBackend` runs the stack as local processes, `KubectlBackend` runs
+`kubectl scale` and reads the web UI's `/json`.
+"""
+
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from dockercoins.errors import ConfigError, DockercoinsError
+from dockercoins.rate import Rate, Sample, fit_slope
+from dockercoins.settings import env_name
+
+log = logging.getLogger(__name__)
+
+MODES = ("blocking", "buffered")
+DEFAULT_WORKERS = (1, 2, 3, 5, 10)
+
+
+class ExperimentError(DockercoinsError):
+    """The experiment could not scale, read or wait as it needed to."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The simulated costs the stack runs with (local) or was deployed with (kubectl)."""
+
+    rng_read_cost: float = 0.1
+    hasher_latency: float = 0.1
+    worker_think_time: float = 0.1
+    worker_flush_interval: float = 1.0
+
+    def env(self) -> dict[str, str]:
+        """The DOCKERCOINS_* variables that give the services these costs."""
+        return {env_name(name): str(value) for name, value in asdict(self).items()}
+
+
+PROFILES: dict[str, Costs] = {"classic": Costs()}
+"""Named cost sets for `--profile`; flags override single costs of the chosen profile."""
+
+
+def expected_rate(mode: str, workers: float, rng_replicas: int, costs: Costs) -> float:
+    """The model: hashes/s of `workers` one-loop workers against `rng_replicas` rng processes.
+
+    Blocking: every loop pays think + read + latency, and each rng serves at most
+    1 / read cost requests per second, so the rate is the smaller of the two.
+    Buffered: requests are served from the buffer without waiting, so a loop
+    pays think + latency only (its source is far from being the limit).
+    """
+    if mode == "blocking":
+        loop = costs.worker_think_time + costs.rng_read_cost + costs.hasher_latency
+        ceiling = rng_replicas / costs.rng_read_cost if costs.rng_read_cost else float("inf")
+        return min(workers / loop, ceiling) if loop else ceiling
+    loop = costs.worker_think_time + costs.hasher_latency
+    return workers / loop if loop else float("inf")
+
+
+@dataclass(frozen=True, order=True)
+class Point:
+    """One point of the sweep: rng mode, rng processes, worker processes."""
+
+    mode: str
+    rng_replicas: int
+    workers: int
+
+    def label(self) -> str:
+        return f"{self.mode} rng={self.rng_replicas} workers={self.workers}"
+
+
+def parse_point(text: str) -> Point:
+    """`blocking:worker=10:rng=2` (rng defaults to 1) as a Point."""
+    mode, *parts = text.split(":")
+    counts = {"worker": 0, "rng": 1}
+    for part in parts:
+        name, _, number = part.partition("=")
+        if name not in counts or not number.isdigit() or int(number) < 1:
+            raise ConfigError(f"expected MODE:worker=N[:rng=K], got {text!r}")
+        counts[name] = int(number)
+    if mode not in MODES or not counts["worker"]:
+        raise ConfigError(f"expected MODE:worker=N[:rng=K] with MODE in {MODES}, got {text!r}")
+    return Point(mode, counts["rng"], counts["worker"])
+
+
+def plan(
+    modes: Sequence[str],
+    workers: Sequence[int],
+    rng_replicas: Sequence[int] = (1,),
+    extra: Sequence[Point] = (),
+) -> list[Point]:
+    """Every point, grouped so that rng changes as rarely as possible: modes in the given
+    order, then rng replicas ascending, then workers ascending."""
+    points = {Point(m, k, n) for m in modes for k in rng_replicas for n in workers}
+    points.update(extra)
+    order = {mode: index for index, mode in enumerate(modes)}
+    return sorted(
+        points, key=lambda p: (order.get(p.mode, len(order)), p.mode, p.rng_replicas, p.workers)
+    )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to wait and to measure at each point, in seconds."""
+
+    warmup: float = 5.0
+    window: float = 20.0
+    sample_interval: float = 0.25
+    ready_timeout: float = 60.0
+
+
+@dataclass
+class Measurement:
+    """The measured rate at one point, the model's, and what the measuring machine was doing."""
+
+    point: Point
+    rate: float
+    stderr: float
+    samples: int
+    span: float
+    expected: float
+    redis_time: float
+    ready_seconds: float
+    stack_cpu: float | None = None
+    machine_cpu: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat dict for JSON and CSV."""
+        data = asdict(self)
+        data.update(asdict(self.point))
+        del data["point"]
+        return data
+
+
+CSV_FIELDS = (
+    "mode",
+    "rng_replicas",
+    "workers",
+    "rate",
+    "stderr",
+    "expected",
+    "samples",
+    "span",
+    "redis_time",
+    "ready_seconds",
+    "stack_cpu",
+    "machine_cpu",
+)
+
+
+class Backend(Protocol):
+    """How to scale and where to read: the only part that differs between backends."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def configure(self, mode: str, rng_replicas: int) -> None:
+        """Run rng in `mode` with `rng_replicas` processes (workers may restart)."""
+
+    async def scale_workers(self, count: int) -> None: ...
+
+    async def running_workers(self) -> int:
+        """Workers that are alive and announcing themselves (their heartbeat in Redis)."""
+
+    async def read(self) -> Sample:
+        """The `hashes` counter, timestamped by Redis `TIME`."""
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """CPU seconds used so far by the stack's processes, and by the whole machine."""
+
+    async def close(self) -> None: ...
+
+
+# -- local backend -------------------------------------------------------------------------
+
+
+def _process_cpu(pid: int) -> float:
+    """utime + stime of `pid` in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_cpu() -> float:
+    """CPU seconds the whole machine spent not idle since boot (all cores)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (FileNotFoundError, IndexError):
+        return 0.0
+    ticks = [int(value) for value in first]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class LocalBackend:
+    """The stack as local processes (the launcher's `Stack`), restarted when rng's mode changes."""
+
+    name = "local"
+
+    def __init__(self, costs: Costs, log_out: TextIO) -> None:
+        self.costs = costs
+        self.log_out = log_out
+        self.stack: Any = None
+        self.redis: Any = None
+        self._data_dir: Path | None = None
+
+    async def start(self) -> None:
+        return None
+
+    async def configure(self, mode: str, rng_replicas: int) -> None:
+        if self.stack is not None and self.stack.settings.rng_mode == mode:
+            if len(self.stack.rngs) != rng_replicas:
+                await self.stack.scale("rng", rng_replicas)
+            return
+        await self._stop_stack()
+        await self._start_stack(mode, rng_replicas)
+
+    async def _start_stack(self, mode: str, rng_replicas: int) -> None:
+        from redis.asyncio import Redis
+
+        from dockercoins.launcher import Console, Stack, StackSettings
+        from dockercoins.settings import load_settings
+
+        self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
+        settings = load_settings(
+            StackSettings,
+            workers=0,
+            rng_mode=mode,
+            rng_replicas=rng_replicas,
+            rng_port=0,
+            hasher_port=0,
+            webui_port=0,
+            redis_port=0,
+            data_dir=self._data_dir,
+            fresh=True,
+        )
+        self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")
+        self.stack = Stack(settings, Console(self.log_out), child_env=self.costs.env())
+        try:
+            await self.stack.start()
+        except BaseException:
+            await self._stop_stack()
+            raise
+        self.redis = Redis.from_url(self.stack.redis_url, socket_timeout=5)
+
+    async def _stop_stack(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        if self.stack is not None:
+            await self.stack.stop()
+            self.stack = None
+        if self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
+            self._data_dir = None
+
+    async def scale_workers(self, count: int) -> None:
+        await self.stack.scale("worker", count)
+
+    async def running_workers(self) -> int:
+        from dockercoins.schema import live_workers
+
+        alive = sum(1 for worker in self.stack.workers if worker.running)
+        return min(alive, await live_workers(self.redis))
+
+    async def read(self) -> Sample:
+        from dockercoins.schema import read_totals
+
+        totals = await read_totals(self.redis)
+        return Sample(totals.now, totals.hashes)
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        if self.stack is None:
+            return None
+        pids = [p.pid for p in self.stack.processes() if p.pid is not None]
+        return sum(_process_cpu(pid) for pid in pids), _machine_busy_cpu()
+
+    async def close(self) -> None:
+        await self._stop_stack()
+
+
+# -- kubectl backend -----------------------------------------------------------------------
+
+
+class KubectlBackend:
+    """A cluster: `kubectl scale deployment/worker`, the counter from the web UI's `/json`."""
+
+    name = "kubectl"
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "default",
+        context: str | None = None,
+        kubectl: str = "kubectl",
+        timeout: float = 120.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.namespace = namespace
+        self.context = context
+        self.kubectl = kubectl
+        self.timeout = timeout
+        self.commands: list[list[str]] = []
+
+    async def run(self, *args: str) -> str:
+        """Run kubectl with these arguments in the namespace (and context); its output."""
+        argv = [self.kubectl, *args, "-n", self.namespace]
+        if self.context:
+            argv += ["--context", self.context]
+        self.commands.append(argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+        except FileNotFoundError:
+            raise ExperimentError(f"{self.kubectl}: not found on PATH") from None
+        out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        if proc.returncode:
+            detail = (err or out).decode(errors="replace").strip().splitlines()
+            raise ExperimentError(
+                f"`{' '.join(argv)}` failed ({proc.returncode}): {detail[-1] if detail else ''}"
+            )
+        return out.decode(errors="replace")
+
+    async def start(self) -> None:
+        await self._json()  # fail early, with the URL in the message, if the web UI is not there
+
+    async def configure(self, mode: str, rng_replicas: int) -> None:
+        # `set env` to the value it already has changes nothing and restarts nothing.
+        await self.run("set", "env", "deployment/rng", f"{env_name('rng_mode')}={mode}")
+        await self.run("scale", "deployment/rng", f"--replicas={rng_replicas}")
+        await self.run("rollout", "status", "deployment/rng", f"--timeout={self.timeout:.0f}s")
+
+    async def scale_workers(self, count: int) -> None:
+        await self.run("scale", "deployment/worker", f"--replicas={count}")
+
+    async def _json(self) -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            with urllib.request.urlopen(self.url + "/json", timeout=5) as reply:
+                data: dict[str, Any] = json.loads(reply.read())
+                return data
+
+        try:
+            return await asyncio.to_thread(fetch)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ExperimentError(f"cannot read {self.url}/json: {exc}") from None
+
+    async def running_workers(self) -> int:
+        return int((await self._json()).get("workers") or 0)
+
+    async def read(self) -> Sample:
+        data = await self._json()
+        return Sample(float(data["now"]), float(data["hashes"]))
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# -- the experiment ------------------------------------------------------------------------
+
+
+class Report:
+    """The live table (one row per point as it is measured) and a progress line on a terminal."""
+
+    HEADER = (
+        f"{'#':>5}  {'mode':<8} {'rng':>3} {'workers':>7} {'h/s':>8} {'±':>6} "
+        f"{'model':>7} {'ratio':>6} {'cpu':>5}"
+    )
+
+    def __init__(self, out: TextIO, total: int, per_point: float) -> None:
+        self.out = out
+        self.total = total
+        self.per_point = per_point
+        self.started = time.monotonic()
+        self.live = out.isatty()
+        self._status = False
+
+    def header(self, lines: Sequence[str]) -> None:
+        for line in lines:
+            self.out.write(line + "\n")
+        self.out.write(self.HEADER + "\n")
+        self.out.flush()
+
+    def progress(self, index: int, point: Point, phase: str, done: float, of: float) -> None:
+        """`[3/11] blocking rng=1 workers=3: measuring 12/20 s, 9.8 h/s so far · ~2 min left`."""
+        if not self.live:
+            return
+        left = (self.total - index) * self.per_point + max(of - done, 0)
+        text = (
+            f"[{index}/{self.total}] {point.label()}: {phase} {done:.0f}/{of:.0f} s"
+            f" · about {left / 60:.0f} min left"
+        )
+        self.out.write("\r\x1b[K" + text)
+        self.out.flush()
+        self._status = True
+
+    def row(self, index: int, m: Measurement) -> None:
+        if self._status:
+            self.out.write("\r\x1b[K")
+            self._status = False
+        ratio = m.rate / m.expected if m.expected else float("nan")
+        cpu = f"{m.stack_cpu:.2f}" if m.stack_cpu is not None else "-"
+        self.out.write(
+            f"{index:>2}/{self.total:<2}  {m.point.mode:<8} {m.point.rng_replicas:>3} "
+            f"{m.point.workers:>7} {m.rate:>8.2f} {m.stderr:>6.2f} {m.expected:>7.2f} "
+            f"{ratio:>6.2f} {cpu:>5}\n"
+        )
+        self.out.flush()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+async def _wait_for_workers(backend: Backend, count: int, limit: float, tick: Any) -> float:
+    """Wait until exactly `count` workers are alive and announcing; seconds it took."""
+    started = time.monotonic()
+    while True:
+        running = await backend.running_workers()
+        if running == count:
+            return time.monotonic() - started
+        waited = time.monotonic() - started
+        if waited > limit:
+            raise ExperimentError(
+                f"{running} workers running instead of {count} after {limit:.0f} s"
+            )
+        tick(waited)
+        await asyncio.sleep(0.2)
+
+
+async def measure_point(
+    backend: Backend,
+    point: Point,
+    costs: Costs,
+    timing: Timing,
+    report: Report,
+    index: int,
+) -> Measurement:
+    """Scale, wait for the workers, warm up, then fit the rate over the window."""
+    await backend.scale_workers(point.workers)
+    ready = await _wait_for_workers(
+        backend,
+        point.workers,
+        timing.ready_timeout,
+        lambda waited: report.progress(index, point, "starting workers", waited, waited),
+    )
+    warm_until = time.monotonic() + timing.warmup
+    while (left := warm_until - time.monotonic()) > 0:
+        report.progress(index, point, "warming up", timing.warmup - left, timing.warmup)
+        await asyncio.sleep(min(left, 0.5))
+    cpu_before = backend.cpu_seconds()
+    samples: list[Sample] = []
+    started = time.monotonic()
+    next_at = started
+    while True:
+        samples.append(await backend.read())
+        elapsed = time.monotonic() - started
+        if elapsed >= timing.window:
+            break
+        so_far = fit_slope(samples)
+        phase = f"measuring ({so_far.per_second:.1f} h/s so far)" if so_far else "measuring"
+        report.progress(index, point, phase, elapsed, timing.window)
+        next_at += timing.sample_interval
+        await asyncio.sleep(max(next_at - time.monotonic(), 0))
+    cpu_after = backend.cpu_seconds()
+    wall = time.monotonic() - started
+    rate: Rate | None = fit_slope(samples)
+    if rate is None:
+        raise ExperimentError(f"{point.label()}: too few readings of the counter")
+    stack_cpu = machine_cpu = None
+    if cpu_before is not None and cpu_after is not None and wall > 0:
+        stack_cpu = (cpu_after[0] - cpu_before[0]) / wall
+        machine_cpu = (cpu_after[1] - cpu_before[1]) / wall
+    return Measurement(
+        point=point,
+        rate=rate.per_second,
+        stderr=rate.stderr,
+        samples=rate.samples,
+        span=rate.span,
+        expected=expected_rate(point.mode, point.workers, point.rng_replicas, costs),
+        redis_time=samples[0].time,
+        ready_seconds=ready,
+        stack_cpu=stack_cpu,
+        machine_cpu=machine_cpu,
+    )
+
+
+@dataclass
+class Experiment:
+    """What to sweep and how; `run` measures every point and writes the result files."""
+
+    backend: Backend
+    points: list[Point]
+    costs: Costs
+    timing: Timing
+    output: Path
+    profile: str = "classic"
+    command: str = ""
+    results: list[Measurement] = field(default_factory=list)
+    started_at: float = 0.0
+    duration: float = 0.0
+
+    async def run(self, out: TextIO) -> list[Measurement]:
+        """Measure every point in order, printing the table and writing files as it goes."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        per_point = self.timing.warmup + self.timing.window + 2 * self.costs.worker_flush_interval
+        report = Report(out, len(self.points), per_point)
+        c = self.costs
+        report.header(
+            [
+                f"dockercoins experiment: {len(self.points)} points, backend {self.backend.name}, "
+                f"profile {self.profile}",
+                f"costs: rng read {c.rng_read_cost} s, hasher {c.hasher_latency} s, "
+                f"think {c.worker_think_time} s, flush every {c.worker_flush_interval} s; "
+                f"warm-up {self.timing.warmup} s, window {self.timing.window} s",
+                f"results in {self.output}/",
+            ]
+        )
+        self.started_at = time.time()
+        await self.backend.start()
+        try:
+            current: tuple[str, int] | None = None
+            for index, point in enumerate(self.points, 1):
+                if current != (point.mode, point.rng_replicas):
+                    report.progress(index, point, "setting up rng", 0, 0)
+                    await self.backend.configure(point.mode, point.rng_replicas)
+                    current = (point.mode, point.rng_replicas)
+                measured = await measure_point(
+                    self.backend, point, self.costs, self.timing, report, index
+                )
+                self.results.append(measured)
+                report.row(index, measured)
+                self.duration = report.elapsed()
+                self.write_files(charts=False)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
+            self.duration = report.elapsed()
+            if self.results:
+                self.write_files(charts=True)
+        out.write(f"done in {self.duration / 60:.1f} min: {', '.join(self.files())}\n")
+        out.flush()
+        return self.results
+
+    def files(self) -> list[str]:
+        return [str(self.output / f"experiment.{ext}") for ext in ("json", "csv", "png")]
+
+    def as_json(self) -> dict[str, Any]:
+        """Everything needed to read the results again without this run."""
+        return {
+            "command": self.command,
+            "backend": self.backend.name,
+            "profile": self.profile,
+            "costs": asdict(self.costs),
+            "timing": asdict(self.timing),
+            "started_at": self.started_at,
+            "duration_seconds": round(self.duration, 1),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "model": {
+                "blocking": "min(workers / (think + read + latency), rng_replicas / read)",
+                "buffered": "workers / (think + latency)",
+            },
+            "points": [m.row() for m in self.results],
+        }
+
+    def write_files(self, charts: bool) -> None:
+        """experiment.json and experiment.csv now; experiment.png too with `charts`."""
+        data = self.as_json()
+        (self.output / "experiment.json").write_text(json.dumps(data, indent=2) + "\n")
+        with (self.output / "experiment.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for row in data["points"]:
+                writer.writerow(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                )
+        if charts:
+            from dockercoins.chart import draw_experiment
+
+            draw_experiment(data, self.output / "experiment.png")
+
+
+def costs_from(profile: str, **overrides: float | None) -> Costs:
+    """The profile's costs with single costs overridden (None: keep the profile's)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    given = {name: value for name, value in overrides.items() if value is not None}
+    for name, value in given.items():
+        if value < 0 or (name == "worker_flush_interval" and value <= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return replace(PROFILES[profile], **given)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as a user would type it again."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["dockercoins", *(shlex.quote(a) for a in args)])
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"expected numbers >= 1 separated by commas, got {text!r}")
+    return values
+
+
+def add_arguments(parser: Any) -> None:
+    """The flags of `dockercoins experiment`."""
+    sweep = parser.add_argument_group("the sweep")
+    sweep.add_argument("--modes", default=",".join(MODES), help="rng modes (default: %(default)s)")
+    sweep.add_argument(
+        "--workers",
+        default=",".join(map(str, DEFAULT_WORKERS)),
+        help="worker counts (default: %(default)s)",
+    )
+    sweep.add_argument("--rng-replicas", default="1", help="rng process counts (default: 1)")
+    sweep.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="MODE:worker=N[:rng=K]",
+        help="one more point, e.g. blocking:worker=10:rng=2 (repeatable)",
+    )
+    costs = parser.add_argument_group("costs (the stack's, local; the deployed ones, kubectl)")
+    costs.add_argument(
+        "--profile", default="classic", choices=sorted(PROFILES), help="named set of costs"
+    )
+    costs.add_argument("--read-cost", type=float, dest="rng_read_cost", help="rng read, s")
+    costs.add_argument("--hasher-latency", type=float, dest="hasher_latency", help="s")
+    costs.add_argument("--think-time", type=float, dest="worker_think_time", help="s")
+    costs.add_argument("--flush-interval", type=float, dest="worker_flush_interval", help="s")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--warmup", type=float, default=Timing.warmup, help="s (default 5)")
+    timing.add_argument("--window", type=float, default=Timing.window, help="s (default 20)")
+    timing.add_argument("--sample-interval", type=float, default=Timing.sample_interval)
+    timing.add_argument("--ready-timeout", type=float, default=Timing.ready_timeout)
+    parser.add_argument("--output", "-o", default="experiment-results", help="result directory")
+    parser.add_argument("--backend", choices=["local", "kubectl"], default="local")
+    cluster = parser.add_argument_group("kubectl backend")
+    cluster.add_argument("--url", help="the web UI's URL (its /json is read)")
+    cluster.add_argument("--namespace", "-n", default="default")
+    cluster.add_argument("--context", help="kubectl context (default: the current one)")
+    cluster.add_argument("--kubectl", default="kubectl", help="the kubectl executable")
+
+
+def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
+    """`dockercoins experiment` from parsed options; exit status."""
+    costs = costs_from(
+        options["profile"],
+        **{
+            name: options.get(name)
+            for name in (
+                "rng_read_cost",
+                "hasher_latency",
+                "worker_think_time",
+                "worker_flush_interval",
+            )
+        },
+    )
+    modes = [m.strip() for m in options["modes"].split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise ConfigError(f"--modes: expected some of {', '.join(MODES)}, got {options['modes']!r}")
+    points = plan(
+        modes,
+        _numbers(options["workers"]),
+        _numbers(options["rng_replicas"]),
+        [parse_point(text) for text in options["extra"]],
+    )
+    timing = Timing(
+        options["warmup"], options["window"], options["sample_interval"], options["ready_timeout"]
+    )
+    if timing.window < 2 * timing.sample_interval or timing.warmup < 0:
+        raise ConfigError("--window must hold at least two samples and --warmup be >= 0")
+    output = Path(options["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    backend: Backend
+    with contextlib.ExitStack() as closing:
+        if options["backend"] == "kubectl":
+            if not options.get("url"):
+                raise ConfigError("--backend kubectl needs --url, the web UI's address")
+            backend = KubectlBackend(
+                options["url"], options["namespace"], options.get("context"), options["kubectl"]
+            )
+        else:
+            log_out = closing.enter_context((output / "experiment.log").open("w"))
+            backend = LocalBackend(costs, log_out)
+        experiment = Experiment(
+            backend, points, costs, timing, output, options["profile"], command_line(argv)
+        )
+        try:
+            asyncio.run(experiment.run(sys.stdout))
+        except KeyboardInterrupt:
+            print("\ndockercoins experiment: interrupted", file=sys.stderr)
+            return 130
+        except DockercoinsError as exc:
+            print(f"\ndockercoins experiment: {exc}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,226 @@
+"""`dockercoins experiment`: the sweep's shape on real processes; the kubectl backend's commands."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dockercoins.experiment import (
+    Costs,
+    KubectlBackend,
+    Point,
+    expected_rate,
+    parse_point,
+    plan,
+)
+from tests.conftest import dockercoins_cmd, service_env
+from tests.stack import RunningStack
+
+SCALED_COSTS = (
+    "--read-cost", "0.02", "--hasher-latency", "0.01", "--think-time", "0.01",
+    "--flush-interval", "0.25",
+)  # fmt: skip
+PLATEAU = 1 / 0.02
+"""Requests per second one blocking rng serves with a read cost of 0.02 s."""
+
+
+def test_the_model_gives_the_lesson_numbers() -> None:
+    classic = Costs()
+    blocking = [expected_rate("blocking", n, 1, classic) for n in (1, 2, 3, 5, 10)]
+    assert blocking == pytest.approx([10 / 3, 20 / 3, 10, 10, 10])
+    assert expected_rate("blocking", 10, 2, classic) == pytest.approx(20)
+    assert expected_rate("buffered", 10, 1, classic) == pytest.approx(50)
+
+
+def test_the_plan_changes_rng_as_rarely_as_possible() -> None:
+    points = plan(["blocking", "buffered"], [3, 1], [1], [parse_point("blocking:worker=10:rng=2")])
+    assert points == [
+        Point("blocking", 1, 1),
+        Point("blocking", 1, 3),
+        Point("blocking", 2, 10),
+        Point("buffered", 1, 1),
+        Point("buffered", 1, 3),
+    ]
+
+
+def test_a_wrong_point_or_mode_is_one_line_and_status_2(tmp_path: Path) -> None:
+    for args in (["--extra", "blocking:workers=x"], ["--modes", "fast"], ["--workers", "0"]):
+        result = subprocess.run(
+            dockercoins_cmd("experiment", "--output", str(tmp_path), *args),
+            env=service_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("dockercoins experiment: ")
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _by_point(data: dict) -> dict[tuple[str, int, int], float]:
+    return {(p["mode"], p["rng_replicas"], p["workers"]): p["rate"] for p in data["points"]}
+
+
+def test_local_sweep_blocking_plateaus_buffered_grows_two_rng_double(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        dockercoins_cmd(
+            "experiment",
+            "--workers",
+            "1,4",
+            "--extra",
+            "blocking:worker=8",
+            "--extra",
+            "blocking:worker=8:rng=2",
+            *SCALED_COSTS,
+            "--warmup",
+            "1",
+            "--window",
+            "3",
+            "--output",
+            str(out),
+        ),
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The live table: a header, then one row per point as it is measured.
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\s*\d+/6 ", line)]
+    assert len(rows) == 6, result.stdout
+    assert re.search(r"^\s*#\s+mode\s+rng\s+workers\s+h/s", result.stdout, re.M)
+
+    data = json.loads((out / "experiment.json").read_text())
+    rate = _by_point(data)
+    # Blocking: the plateau is one rng's 1 / read cost whatever the number of workers.
+    for workers in (4, 8):
+        assert 0.6 * PLATEAU < rate["blocking", 1, workers] < 1.15 * PLATEAU, rate
+    assert 0.75 < rate["blocking", 1, 8] / rate["blocking", 1, 4] < 1.3, rate
+    assert rate["blocking", 1, 1] < 0.75 * rate["blocking", 1, 4], rate
+    # Two rng processes double the plateau.
+    assert rate["blocking", 2, 8] > 1.6 * rate["blocking", 1, 8], rate
+    # Buffered grows with the workers, past the blocking plateau.
+    assert rate["buffered", 1, 4] > 2.5 * rate["buffered", 1, 1], rate
+    assert rate["buffered", 1, 4] > 1.5 * rate["blocking", 1, 4], rate
+    for point in data["points"]:
+        assert point["samples"] >= 8 and point["span"] >= 2.5
+        assert 0 <= point["stderr"] < 0.2 * point["rate"]
+        assert point["stack_cpu"] > 0
+
+    with (out / "experiment.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["mode"], r["workers"]) for r in table][:3] == [
+        ("blocking", "1"), ("blocking", "4"), ("blocking", "8"),
+    ]  # fmt: skip
+    assert (out / "experiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["costs"]["rng_read_cost"] == 0.02
+    assert data["command"].startswith("dockercoins experiment --workers 1,4")
+
+
+STAND_IN = """#!{python}
+import json, os, subprocess, sys
+with open({log!r}, "a") as record:
+    record.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+args = sys.argv[1:]
+if args[:1] == ["scale"]:
+    service = {{"deployment/worker": "worker", "deployment/rng": "rng"}}[args[1]]
+    replicas = [a.split("=", 1)[1] for a in args if a.startswith("--replicas=")][0]
+    env = dict(os.environ, DOCKERCOINS_DATA_DIR={data_dir!r})
+    command = [sys.executable, "-m", "dockercoins", "scale", f"{{service}}={{replicas}}"]
+    sys.exit(subprocess.run(command, env=env).returncode)
+"""
+
+
+def _stand_in_kubectl(tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:
+    """A `kubectl` that records its command line and scales the local stack for real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "kubectl.log"
+    script = bin_dir / "kubectl"
+    script.write_text(STAND_IN.format(python=sys.executable, log=str(log), data_dir=str(data_dir)))
+    script.chmod(0o755)
+    return bin_dir, log
+
+
+def _commands(log: Path) -> list[str]:
+    return [" ".join(json.loads(line)) for line in log.read_text().splitlines()]
+
+
+def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    stack = RunningStack(data_dir, ("--workers", "1"), worker_flush_interval=0.25)
+    try:
+        url = stack.ready()
+        bin_dir, log = _stand_in_kubectl(tmp_path, data_dir)
+        env = service_env()
+        env["PATH"] = f"{bin_dir}:{env['PATH']}"
+        result = subprocess.run(
+            dockercoins_cmd(
+                "experiment",
+                "--backend",
+                "kubectl",
+                "--url",
+                url,
+                "-n",
+                "dockercoins",
+                "--modes",
+                "blocking",
+                "--workers",
+                "1,3",
+                "--read-cost",
+                "0.01",
+                "--hasher-latency",
+                "0.01",
+                "--think-time",
+                "0.01",
+                "--flush-interval",
+                "0.25",
+                "--warmup",
+                "1",
+                "--window",
+                "3",
+                "--output",
+                str(tmp_path / "out"),
+            ),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _commands(log) == [
+            "kubectl set env deployment/rng DOCKERCOINS_RNG_MODE=blocking -n dockercoins",
+            "kubectl scale deployment/rng --replicas=1 -n dockercoins",
+            "kubectl rollout status deployment/rng --timeout=120s -n dockercoins",
+            "kubectl scale deployment/worker --replicas=1 -n dockercoins",
+            "kubectl scale deployment/worker --replicas=3 -n dockercoins",
+        ]
+        # The stand-in really scaled: 3 workers run (plus redis, rng, hasher, webui).
+        assert len(stack.children()) == 7
+        data = json.loads((tmp_path / "out" / "experiment.json").read_text())
+        assert data["backend"] == "kubectl"
+        rate = _by_point(data)
+        assert rate["blocking", 1, 3] > 1.5 * rate["blocking", 1, 1] > 0, rate
+    finally:
+        stack.kill()
+
+
+async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
+    tmp_path: Path,
+) -> None:
+    bin_dir, log = _stand_in_kubectl(tmp_path, tmp_path / "no-stack")
+    backend = KubectlBackend(
+        "http://127.0.0.1:9", "ns1", context="kind-lab", kubectl=str(bin_dir / "kubectl")
+    )
+    await backend.run("get", "deployment/worker")
+    assert _commands(log) == ["kubectl get deployment/worker -n ns1 --context kind-lab"]
+    with pytest.raises(Exception, match=r"cannot read http://127\.0\.0\.1:9/json"):
+        await backend.start()
+    missing = KubectlBackend("http://127.0.0.1:9", kubectl=str(tmp_path / "nowhere"))
+    with pytest.raises(Exception, match="not found"):
+        await missing.scale_workers(2)
