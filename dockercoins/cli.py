@@ -177,8 +177,11 @@ def run_scale(options: dict[str, Any]) -> int:
 def run_probe(options: dict[str, Any]) -> int:
     """`dockercoins probe rng|hasher`."""
     from dockercoins.probe import probe
+    from dockercoins.settings import TlsSettings
+    from dockercoins.tls import channel_credentials
     from worker_svc.config import WorkerSettings
 
+    credentials = channel_credentials(load_settings(TlsSettings))
     address = options.get("addr")
     if not address:
         settings = load_settings(WorkerSettings)
@@ -197,6 +200,7 @@ def run_probe(options: dict[str, Any]) -> int:
                 options["timeout"],
                 options["health"],
                 sys.stdout,
+                credentials=credentials,
             )
         )
     except KeyboardInterrupt:

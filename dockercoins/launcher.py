@@ -25,7 +25,7 @@ from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
-from dockercoins.settings import BaseServiceSettings, env_name
+from dockercoins.settings import MetricsSettings, TlsSettings, env_name
 from dockercoins.tls import channel_credentials, open_channel
 from rng_svc.config import RngMode
 
@@ -35,7 +35,7 @@ READY_TIMEOUT = 30.0
 CONTROL_SOCKET = "control.sock"
 
 
-class StackSettings(BaseServiceSettings):
+class StackSettings(TlsSettings, MetricsSettings):
     """What `dockercoins up` starts and where; the services read their own settings too."""
 
     workers: int = Field(1, ge=0, le=200, description="Worker processes `dockercoins up` starts.")
@@ -55,6 +55,13 @@ class StackSettings(BaseServiceSettings):
         description="Where `dockercoins up` keeps the embedded Redis's data and its control socket.",
     )
     fresh: bool = Field(False, description="Empty the embedded Redis's data before starting.")
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Not 0: rng, hasher and each worker serve /metrics, each on a free port "
+        "listed at start (the web UI serves /metrics on its own port); 0: off.",
+    )
 
 
 def _die_with_parent() -> None:
@@ -236,6 +243,8 @@ class Stack:
         self.workers: list[ManagedProcess] = []
         self._rng_ports: list[int] = []
         self._lock = asyncio.Lock()
+        self.credentials = channel_credentials(settings)
+        self.metrics_ports: dict[str, int] = {}
 
     # -- environment of the children -------------------------------------------------
 
@@ -243,13 +252,21 @@ class Stack:
         env = dict(os.environ)
         env.update(self.child_env)  # e.g. the experiment's costs, over the caller's environment
         env["PYTHONUNBUFFERED"] = "1"
-        self.credentials = channel_credentials(settings)
         env[env_name("host")] = self.host
         env[env_name("log_level")] = self.settings.log_level
         env[env_name("grace")] = str(self.settings.grace)
+        env[env_name("metrics_port")] = "0"  # one port per process: see _metrics()
         for field, value in fields.items():
             env[env_name(field)] = str(value)
         return env
+
+    def _metrics(self, name: str) -> dict[str, int]:
+        """With metrics on, a /metrics port of its own for process `name` (kept across restarts)."""
+        if not self.settings.metrics_port:
+            return {}
+        if name not in self.metrics_ports:
+            self.metrics_ports[name] = ensure_free(env_name("metrics_port"), self.host, 0)
+        return {"metrics_port": self.metrics_ports[name]}
 
     @property
     def rng_target(self) -> str:
@@ -309,7 +326,7 @@ class Stack:
         process = ManagedProcess(
             name,
             self._module("rng_svc"),
-            self._env(rng_port=port, rng_mode=self.settings.rng_mode),
+            self._env(rng_port=port, rng_mode=self.settings.rng_mode, **self._metrics(name)),
             self.console,
         )
         await process.start()
@@ -324,7 +341,10 @@ class Stack:
     async def _start_hasher(self) -> None:
         port = self.ports["hasher"]
         self.hasher = ManagedProcess(
-            "hasher", self._module("hasher_svc"), self._env(hasher_port=port), self.console
+            "hasher",
+            self._module("hasher_svc"),
+            self._env(hasher_port=port, **self._metrics("hasher")),
+            self.console,
         )
         await self.hasher.start()
         address = f"{self.client_host}:{port}"
@@ -343,8 +363,9 @@ class Stack:
         await self.webui.start()
         await _wait_until("webui", lambda: http_ok(self.client_host, port, "/healthz"), self.webui)
 
-    def _worker_env(self) -> dict[str, str]:
+    def _worker_env(self, name: str = "") -> dict[str, str]:
         return self._env(
+            **(self._metrics(name) if name else {}),
             rng_addr=self.rng_target,
             hasher_addr=f"{self.client_host}:{self.ports['hasher']}",
             redis_url=self.redis_url,
@@ -358,7 +379,10 @@ class Stack:
             while len(self.workers) < count:
                 number = max((int(w.name.split(".")[1]) for w in self.workers), default=0) + 1
                 worker = ManagedProcess(
-                    f"worker.{number}", self._module("worker_svc"), self._worker_env(), self.console
+                    f"worker.{number}",
+                    self._module("worker_svc"),
+                    self._worker_env(f"worker.{number}"),
+                    self.console,
                 )
                 await worker.start()
                 self.workers.append(worker)
@@ -420,6 +444,8 @@ class Stack:
         lines.append(f"redis {redact_url(self.redis_url)}{where}")
         lines.append(f"webui http://{self.client_host}:{self.ports['webui']}")
         lines.append(f"workers {len(self.workers)}, rng mode {self.settings.rng_mode}")
+        for name, port in self.metrics_ports.items():
+            lines.append(f"metrics {name} http://{self.client_host}:{port}/metrics")
         return lines
 
 

@@ -185,6 +185,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def server_interceptors(settings: Any) -> list[grpc.aio.ServerInterceptor]:
+    """The metrics interceptor when the settings turn metrics on, else none (no cost)."""
+    return [ServerMetricsInterceptor()] if getattr(settings, "metrics_port", 0) else []
+
+
 class RngBufferCollector(Collector):
     """rng's source as Prometheus sees it, read at scrape time: reads, buffer level, refills."""
 

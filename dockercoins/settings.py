@@ -2,7 +2,7 @@
 
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, FilePath, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dockercoins.errors import ConfigError
@@ -37,7 +37,6 @@ class BaseServiceSettings(BaseSettings):
         5.0, ge=0, le=120, description="Seconds a stopping server lets in-flight calls finish."
     )
 
-
     @model_validator(mode="before")
     @classmethod
     def _apply_profile(cls, data: Any) -> Any:
@@ -47,7 +46,46 @@ class BaseServiceSettings(BaseSettings):
         return data
 
 
-class GrpcServerSettings(BaseServiceSettings):
+class TlsSettings(BaseServiceSettings):
+    """TLS of the gRPC hops: plaintext unless a certificate (servers) or a CA (clients) is set."""
+
+    tls_cert: FilePath | None = Field(
+        None,
+        description="PEM certificate this process presents: gRPC servers serve TLS with it, "
+        "gRPC clients present it to servers that ask (mutual TLS). Unset: plaintext.",
+    )
+    tls_key: FilePath | None = Field(
+        None, description="PEM private key of DOCKERCOINS_TLS_CERT (set both or neither)."
+    )
+    tls_ca: FilePath | None = Field(
+        None,
+        description="PEM CA bundle: gRPC clients use TLS and verify servers against it; gRPC "
+        "servers require client certificates signed by it (mutual TLS).",
+    )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "TlsSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "DOCKERCOINS_TLS_KEY" if self.tls_key is None else "DOCKERCOINS_TLS_CERT"
+            raise ValueError(
+                f"{missing}: DOCKERCOINS_TLS_CERT and DOCKERCOINS_TLS_KEY go together, "
+                "set both or neither"
+            )
+        return self
+
+
+class MetricsSettings(BaseServiceSettings):
+    """The Prometheus endpoint of a service."""
+
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint, on DOCKERCOINS_HOST (0: off).",
+    )
+
+
+class GrpcServerSettings(TlsSettings, MetricsSettings):
     """Fields of the services that are gRPC servers."""
 
     max_connection_age: float = Field(
@@ -77,6 +115,8 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         return cls(**given)
     except ValidationError as exc:
         error = exc.errors()[0]
+        if not error["loc"]:  # a check across fields: its message names the variables
+            raise ConfigError(str(error["msg"]).removeprefix("Value error, ")) from None
         field = str(error["loc"][0]) if error["loc"] else "?"
         value = error.get("input")
         got = f" (got {value!r})" if not isinstance(value, dict) else ""

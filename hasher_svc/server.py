@@ -3,6 +3,8 @@
 import logging
 
 from dockercoins.grpcserver import GrpcServer
+from dockercoins.metrics import server_interceptors, start_metrics_endpoint
+from dockercoins.tls import server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.config import HasherSettings
 from hasher_svc.service import HasherServicer
@@ -14,16 +16,24 @@ SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
 
 def build_server(settings: HasherSettings) -> GrpcServer:
     """A hasher server bound to the configured address, not yet started."""
-    server = GrpcServer("hasher", [SERVICE_NAME], settings.max_connection_age)
+    server = GrpcServer(
+        "hasher", [SERVICE_NAME], settings.max_connection_age, server_interceptors(settings)
+    )
     servicer = HasherServicer(settings.hasher_latency, settings.hasher_max_request)
     hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)
-    server.bind(settings.host, settings.hasher_port, "DOCKERCOINS_HASHER_PORT")
+    server.bind(
+        settings.host,
+        settings.hasher_port,
+        "DOCKERCOINS_HASHER_PORT",
+        server_credentials(settings),
+    )
     return server
 
 
 async def serve(settings: HasherSettings) -> None:
     """Run hasher until SIGTERM or SIGINT."""
     server = build_server(settings)
+    start_metrics_endpoint(settings.host, settings.metrics_port)
     log.info(
         "hasher listening on %s:%d (latency %.3f s)",
         settings.host,

@@ -3,6 +3,8 @@
 import logging
 
 from dockercoins.grpcserver import GrpcServer
+from dockercoins.metrics import server_interceptors, start_metrics_endpoint, watch_rng_source
+from dockercoins.tls import server_credentials
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
 from rng_svc.service import BlockingRng, BufferedRng, RandomSource, RngServicer, SlowEntropySource
@@ -24,11 +26,15 @@ def build_source(settings: RngSettings) -> RandomSource:
 
 def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
-    server = GrpcServer("rng", [SERVICE_NAME], settings.max_connection_age)
+    server = GrpcServer(
+        "rng", [SERVICE_NAME], settings.max_connection_age, server_interceptors(settings)
+    )
     rng_pb2_grpc.add_RngServicer_to_server(
         RngServicer(source, settings.rng_max_request), server.server
     )
-    server.bind(settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT")
+    server.bind(
+        settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT", server_credentials(settings)
+    )
     return server
 
 
@@ -36,6 +42,9 @@ async def serve(settings: RngSettings) -> None:
     """Run rng until SIGTERM or SIGINT."""
     source = build_source(settings)
     server = build_server(settings, source)
+    metrics = start_metrics_endpoint(settings.host, settings.metrics_port)
+    if metrics is not None:
+        watch_rng_source(source)
     log.info(
         "rng listening on %s:%d (mode %s, read cost %.3f s)",
         settings.host,

@@ -2,10 +2,10 @@
 
 from pydantic import Field
 
-from dockercoins.settings import BaseServiceSettings
+from dockercoins.settings import MetricsSettings, TlsSettings
 
 
-class WorkerSettings(BaseServiceSettings):
+class WorkerSettings(TlsSettings, MetricsSettings):
     """DOCKERCOINS_WORKER_* settings plus the addresses of rng, hasher and Redis."""
 
     TURBO_DEFAULTS = {

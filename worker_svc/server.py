@@ -9,6 +9,8 @@ from redis.asyncio import Redis
 from dockercoins.channels import ChannelPool
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.metrics import start_metrics_endpoint
+from dockercoins.tls import channel_credentials, server_credentials
 from worker_svc.config import WorkerSettings
 from worker_svc.service import Miner
 
@@ -26,10 +28,17 @@ async def serve(settings: WorkerSettings) -> None:
     health: GrpcServer | None = None
     if settings.worker_health_port:
         health = GrpcServer("worker", [])
-        health.bind(settings.host, settings.worker_health_port, "DOCKERCOINS_WORKER_HEALTH_PORT")
+        health.bind(
+            settings.host,
+            settings.worker_health_port,
+            "DOCKERCOINS_WORKER_HEALTH_PORT",
+            server_credentials(settings),
+        )
         await health.start()
-    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size)
-    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size)
+    start_metrics_endpoint(settings.host, settings.metrics_port)
+    credentials = channel_credentials(settings)
+    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, credentials=credentials)
+    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, credentials=credentials)
     redis = connect_redis(settings.redis_url)
     miner = Miner(settings, rng, hasher, redis)
     log.info(

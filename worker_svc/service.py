@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from redis.exceptions import RedisError
 from dockercoins import schema
 from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
+from dockercoins.metrics import WORKER_COINS, WORKER_ERRORS, WORKER_HASHES, WORKER_RPC_SECONDS
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from worker_svc.config import WorkerSettings
 
@@ -64,6 +66,9 @@ class Ledger:
         self.total_coins += len(coins)
         self.pending_hashes += hashes
         self.pending_coins.update(coins)
+        WORKER_HASHES.inc(hashes)
+        if coins:
+            WORKER_COINS.inc(len(coins))
 
     async def flush(self, redis: Redis) -> None:
         """Write what is pending in one round trip; on error it stays pending."""
@@ -160,6 +165,7 @@ class Miner:
             try:
                 await self._stream_session(index, backoff)
             except _StreamBroken as broken:
+                WORKER_ERRORS.labels(broken.upstream, broken.reason.split(":")[0]).inc()
                 if self.ledger.total_hashes > done_before:
                     broken_in_a_row = 0
                 broken_in_a_row += 1
@@ -189,7 +195,7 @@ class Miner:
             rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch)
         )
         hashes = hasher_stub.HashStream()
-        in_flight: deque[bytes] = deque()
+        in_flight: deque[tuple[bytes, float]] = deque()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def write() -> None:
@@ -198,10 +204,13 @@ class Miner:
                     await window.acquire()
                     if not await self._think():
                         break
+                    asked = time.perf_counter()
                     reply = await _read(randoms, "rng", timeout)
                     if reply is None:
                         break  # rng ended the stream (e.g. max connection age): reopen
-                    in_flight.append(reply.data)
+                    sent = time.perf_counter()
+                    WORKER_RPC_SECONDS.labels("rng").observe(sent - asked)
+                    in_flight.append((reply.data, sent))
                     try:
                         await hashes.write(
                             hasher_pb2.HashRequest(
@@ -220,7 +229,8 @@ class Miner:
                 reply = await _read(hashes, "hasher", timeout if in_flight else None)
                 if reply is None:
                     return
-                data = in_flight.popleft()
+                data, sent = in_flight.popleft()
+                WORKER_RPC_SECONDS.labels("hasher").observe(time.perf_counter() - sent)
                 self.ledger.add(
                     len(data) // BLOCK_SIZE,
                     find_coins(data, reply.digests, self.settings.difficulty),
@@ -248,9 +258,11 @@ class Miner:
         """Call until it succeeds, backing off; give up only when stopping."""
         backoff = Backoff()
         while True:
+            started = time.perf_counter()
             try:
                 reply = await attempt()
             except grpc.aio.AioRpcError as exc:
+                WORKER_ERRORS.labels(name, exc.code().name).inc()
                 self.outages.failed(name, f"{exc.code().name}: {exc.details()}")
                 if self.stopping.is_set():
                     raise _Abandoned from None
@@ -259,6 +271,7 @@ class Miner:
                     raise _Abandoned
                 except TimeoutError:
                     continue
+            WORKER_RPC_SECONDS.labels(name).observe(time.perf_counter() - started)
             self.outages.recovered(name)
             return reply
 
@@ -274,6 +287,7 @@ class Miner:
                 ttl,
             )
         except (RedisError, OSError) as exc:
+            WORKER_ERRORS.labels("redis", type(exc).__name__).inc()
             self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
             return
         self.outages.recovered("redis")
