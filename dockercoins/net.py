@@ -17,6 +17,9 @@ def ensure_free(setting: str, host: str, port: int) -> int:
     if port == 0:
         return free_port(host)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers bind (gRPC, uvicorn and Redis all set it): connections of a crashed
+        # predecessor in TIME_WAIT do not make the port busy, a listening socket still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -65,8 +65,10 @@ def test_every_service_exports_its_metrics(stack) -> None:
     assert value(rng, "grpc_server_handling_seconds_count", **method) > 10
     assert value(rng, "dockercoins_rng_refills_total") >= 1
     assert value(rng, "dockercoins_rng_entropy_reads_total") >= 1
-    assert 0 <= value(rng, "dockercoins_rng_buffer_bytes") <= value(
-        rng, "dockercoins_rng_buffer_capacity_bytes"
+    assert (
+        0
+        <= value(rng, "dockercoins_rng_buffer_bytes")
+        <= value(rng, "dockercoins_rng_buffer_capacity_bytes")
     )
     assert ("dockercoins_rng_underruns_total", frozenset()) in rng
 

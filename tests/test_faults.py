@@ -1,0 +1,179 @@
+"""Faults injected for real into a running `dockercoins up`: kill -9 rng, hasher, then Redis.
+
+The launcher's supervision restarts each; the workers log each outage once, resume, and
+lose nothing: every coin a worker found is in `wallet`, and `hashes` equals the totals the
+workers report at exit. The embedded Redis's append-only file is read back after the run.
+"""
+
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.net import free_port
+from tests.stack import RunningStack, alive, get_json
+
+WORKERS = 2
+RECOVERY_BOUND = 10.0
+"""Seconds from a kill -9 to every worker mining again: the launcher waits 1 s before a
+restart, the service starts in about a second, the workers' backoff is at most 2 s."""
+
+
+def pids_by_name(stack: RunningStack) -> dict[str, int]:
+    """The launcher's children by service: rng, hasher, redis, webui, worker."""
+    found: dict[str, int] = {}
+    for pid in stack.children():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        text = " ".join(part.decode(errors="replace") for part in argv)
+        for name in ("rng_svc", "hasher_svc", "webui", "redis-server"):
+            if name in text:
+                found[name.removesuffix("_svc").removesuffix("-server")] = pid
+    return found
+
+
+def count(stack: RunningStack, pattern: str) -> int:
+    return sum(1 for line in list(stack.lines) if re.search(pattern, line))
+
+
+def wait_until(predicate, timeout: float, what: str, stack: RunningStack | None = None) -> float:
+    """Seconds until `predicate()` holds; fails after `timeout`, with the stack's output."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            output = "\n".join(stack.lines[-60:]) if stack is not None else ""
+            raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def kill_and_recover(stack: RunningStack, service: str, upstream: str) -> float:
+    """kill -9 `service`; seconds until every worker says `upstream` is back."""
+    pid = pids_by_name(stack)[service]
+    back_before = count(stack, rf"^worker\.\d+\s*\|.* {upstream} is back after")
+    down_before = count(stack, rf"^worker\.\d+\s*\|.* {upstream} unreachable")
+    killed_at = time.monotonic()
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    wait_until(lambda: not alive(pid), 5, f"{service} dying")
+    stack.wait_for_line(rf"^{service}\s*\| exited with status -9; restarting in 1 s", 10)
+    wait_until(
+        lambda: (
+            count(stack, rf"^worker\.\d+\s*\|.* {upstream} is back after") >= back_before + WORKERS
+        ),
+        RECOVERY_BOUND + 5,
+        f"every worker reconnecting to {upstream}",
+        stack,
+    )
+    recovered = time.monotonic() - killed_at
+    # One "unreachable" line per worker for the whole outage, however many retries.
+    assert count(stack, rf"^worker\.\d+\s*\|.* {upstream} unreachable") == down_before + WORKERS
+    new_pid = pids_by_name(stack)[service]
+    assert new_pid != pid
+    return recovered
+
+
+def read_data_dir(data: Path) -> tuple[int, int]:
+    """`hashes` and the wallet's size, read from the append-only file by a fresh redis-server."""
+    port = free_port()
+    proc = subprocess.Popen(
+        redis_server_argv("127.0.0.1", port, data),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        wait_until(lambda: _pings(client), 10, "redis-server reading the data directory")
+        return int(client.get("hashes") or 0), int(client.hlen("wallet"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` now (as servers do, despite TIME_WAIT)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def stack(tmp_path):
+    running = RunningStack(
+        tmp_path / "data",
+        ("--workers", str(WORKERS), "--fresh"),
+        grace=2,
+        redis_port=free_port(),
+    )
+    yield running
+    running.kill()
+
+
+def test_kill_9_rng_hasher_redis_loses_nothing(stack, tmp_path, record_property) -> None:
+    webui = stack.ready()
+    redis_url = stack.wait_for_line(r"^redis (redis://\S+)").group(1)
+    ports = [int(stack.wait_for_line(rf"^{name} \S+:(\d+)").group(1)) for name in ("rng", "hasher")]
+    ports.append(int(webui.rsplit(":", 1)[1]))
+    ports.append(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    wait_until(lambda: int(client.get("hashes") or 0) > 20, 20, "mining")
+    children = stack.children()
+
+    figures = {}
+    figures["rng"] = kill_and_recover(stack, "rng", "rng")
+    figures["hasher"] = kill_and_recover(stack, "hasher", "hasher")
+
+    before = int(client.get("hashes") or 0)
+    figures["redis"] = kill_and_recover(stack, "redis", "redis")
+    after = int(client.get("hashes") or 0)
+    assert after >= before, "the hashes counter went backwards across a Redis crash"
+    # The web UI noticed the outage, said why, and came back by itself.
+    stack.wait_for_line(r"^webui\s*\|.*Redis reachable again", 15)
+    assert get_json(webui + "/json")["hashes"] >= after
+
+    # Mining goes on after all three.
+    wait_until(lambda: int(client.get("hashes") or 0) > after + 20, 20, "mining after the faults")
+    assert not [line for line in stack.lines if re.match(r"^worker\.\d+\s*\| exited", line)]
+    client.close()
+
+    assert stack.stop() == 0
+    totals = [
+        tuple(int(n) for n in found.groups())
+        for found in (
+            re.search(r"worker stopped: (\d+) hashes, (\d+) coins, (\d+) hashes unflushed", line)
+            for line in stack.lines
+        )
+        if found
+    ]
+    assert len(totals) == WORKERS, stack.output
+    assert all(unflushed == 0 for _, _, unflushed in totals)
+    hashes, coins = read_data_dir(tmp_path / "data" / "redis")
+    assert hashes == sum(h for h, _, _ in totals), stack.output
+    assert coins == sum(c for _, c, _ in totals)
+    assert coins == count(stack, r"^worker\.\d+\s*\|.*coin found: ")
+    # SIGTERM to `up` left nothing behind: no process, no port.
+    assert [pid for pid in children if alive(pid)] == []
+    assert [port for port in ports if not port_is_free(port)] == []
+
+    for name, seconds in figures.items():
+        record_property(f"recovery_{name}_s", round(seconds, 2))
+    record_property("hashes", hashes)
+    record_property("coins", coins)
+    print(f"recovery (s): {figures}; hashes {hashes}, coins {coins}, lost 0")
