@@ -43,6 +43,8 @@ class ChannelPool:
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Without this, window growth lets a fast server stream park megabytes per stream.
+            ("grpc.http2.bdp_probe", 0),
             *options,
         ]
         self.channels = [

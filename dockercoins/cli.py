@@ -141,6 +141,15 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument("--timeout", type=float, default=10.0, help="deadline of each call")
     probe.add_argument("--health", action="store_true", help="call the health service only")
     commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark: in-process ceiling, turbo pipeline grid, latency overhead, soak",
+        description="Writes bench.json (and the stack's log) to --out.",
+    )
+    bench.add_argument("--out", default="bench-results", help="output directory")
+    bench.add_argument("--window", type=float, help="seconds measured per configuration (10)")
+    bench.add_argument("--soak", type=float, help="seconds of the turbo soak (60; 0: none)")
+    bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
     from dockercoins.experiment import add_arguments
 
     add_arguments(
@@ -218,7 +227,7 @@ SETTINGS_CLASSES = (
 
 
 def settings_table() -> str:
-    """Every setting of every service as a Markdown table: variable, default, who reads it, meaning."""
+    """Every setting of every service as a Markdown table: variable, default, readers, meaning."""
     from dockercoins.settings import env_name
 
     rows: dict[str, dict[str, Any]] = {}
@@ -236,6 +245,23 @@ def settings_table() -> str:
         default = "(unset)" if row["default"] is None else row["default"]
         lines.append(f"| `{variable}` | `{default}` | {', '.join(readers)} | {meaning} |")
     return "\n".join(lines)
+
+
+def run_bench(options: dict[str, Any]) -> int:
+    """`dockercoins bench`."""
+    import dataclasses
+    from pathlib import Path
+
+    from dockercoins import bench
+
+    chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
+    if options["window"] is not None:
+        chosen = dataclasses.replace(chosen, window=options["window"])
+    if options["soak"] is not None:
+        chosen = dataclasses.replace(chosen, soak_seconds=options["soak"])
+    configure_logging("WARNING")
+    asyncio.run(bench.run_bench(chosen, Path(options["out"])))
+    return 0
 
 
 def run_settings(options: dict[str, Any]) -> int:
@@ -256,6 +282,7 @@ TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {
     "scale": run_scale,
     "probe": run_probe,
     "settings": run_settings,
+    "bench": run_bench,
 }
 
 

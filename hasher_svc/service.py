@@ -18,7 +18,9 @@ def hash_blocks(data: bytes, block_size: int) -> bytes:
         return hashlib.sha256(data).digest()
     sha256 = hashlib.sha256
     view = memoryview(data)
-    return b"".join([sha256(view[i : i + block_size]).digest() for i in range(0, len(data), block_size)])
+    return b"".join(
+        [sha256(view[i : i + block_size]).digest() for i in range(0, len(data), block_size)]
+    )
 
 
 def hex_digests(digests: bytes) -> list[str]:

@@ -1,6 +1,7 @@
 """The rng servicer and its two random sources over one slow entropy source."""
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -99,10 +100,8 @@ class BufferedRng:
     async def close(self) -> None:
         if self._producer is not None:
             self._producer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._producer
-            except asyncio.CancelledError:
-                pass
 
 
 def check_request(size: int, count: int, max_request: int) -> int:

@@ -1,6 +1,7 @@
 """The miner: think, fetch random bytes, hash them, keep coins, count hashes in Redis."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -29,6 +30,9 @@ DIGEST_SIZE = 32
 
 STREAM_WINDOW = 4
 """Messages a streaming loop keeps in flight at the hasher."""
+
+COIN_BATCH = 2000
+"""Coins held before they are written ahead of the next flush, to keep the worker small."""
 
 Reply = TypeVar("Reply")
 
@@ -70,12 +74,14 @@ class Ledger:
         if coins:
             WORKER_COINS.inc(len(coins))
 
-    async def flush(self, redis: Redis) -> None:
+    async def flush(self, redis: Redis, coins_only: bool = False) -> None:
         """Write what is pending in one round trip; on error it stays pending."""
-        hashes, coins = self.pending_hashes, self.pending_coins
+        hashes = 0 if coins_only else self.pending_hashes
+        coins = self.pending_coins
         if not hashes and not coins:
             return
-        self.pending_hashes, self.pending_coins = 0, {}
+        self.pending_hashes -= hashes
+        self.pending_coins = {}
         try:
             await schema.record(redis, hashes, coins)
         except BaseException:
@@ -103,6 +109,7 @@ class Miner:
         self.ledger = Ledger()
         self.outages = OutageLog(log)
         self.stopping = asyncio.Event()
+        self._coins_waiting = asyncio.Event()
 
     async def run(self) -> None:
         """Mine until `stopping` is set, then flush everything and withdraw the heartbeat."""
@@ -184,38 +191,43 @@ class Miner:
         """One pair of streams: a writer sends rng's batches to hasher, a reader takes the digests.
 
         Returns when the worker stops (after the batches in flight are answered) or when
-        rng ends its stream cleanly; raises _StreamBroken when a stream fails.
+        rng ends its stream cleanly; raises _StreamBroken when a stream fails or stalls for
+        longer than the RPC deadline (a watchdog, rather than a timer per message).
         """
-        timeout = self.settings.rpc_timeout
-        rng_call = rng_pb2_grpc.RngStub(self.rng.channels[index % len(self.rng.channels)])
+        rng_stub = rng_pb2_grpc.RngStub(self.rng.channels[index % len(self.rng.channels)])
         hasher_stub = hasher_pb2_grpc.HasherStub(
             self.hasher.channels[index % len(self.hasher.channels)]
         )
-        randoms = rng_call.StreamRandom(
+        randoms = rng_stub.StreamRandom(
             rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch)
         )
         hashes = hasher_stub.HashStream()
         in_flight: deque[tuple[bytes, float]] = deque()
         window = asyncio.Semaphore(STREAM_WINDOW)
+        progress = 0
+        stalled: list[str] = []
+        rng_seconds = WORKER_RPC_SECONDS.labels("rng")
+        hasher_seconds = WORKER_RPC_SECONDS.labels("hasher")
+        clock = time.perf_counter
 
         async def write() -> None:
+            nonlocal progress
             try:
                 while True:
                     await window.acquire()
                     if not await self._think():
                         break
-                    asked = time.perf_counter()
-                    reply = await _read(randoms, "rng", timeout)
+                    asked = clock()
+                    reply = await _read(randoms, "rng")
                     if reply is None:
                         break  # rng ended the stream (e.g. max connection age): reopen
-                    sent = time.perf_counter()
-                    WORKER_RPC_SECONDS.labels("rng").observe(sent - asked)
+                    sent = clock()
+                    rng_seconds.observe(sent - asked)
+                    progress += 1
                     in_flight.append((reply.data, sent))
                     try:
                         await hashes.write(
-                            hasher_pb2.HashRequest(
-                                data=reply.data, block_size=BLOCK_SIZE, raw=True
-                            )
+                            hasher_pb2.HashRequest(data=reply.data, block_size=BLOCK_SIZE, raw=True)
                         )
                     except grpc.aio.AioRpcError as exc:
                         raise _StreamBroken("hasher", exc) from None
@@ -225,32 +237,54 @@ class Miner:
                 raise _StreamBroken("hasher", exc) from None
 
         async def read() -> None:
+            nonlocal progress
             while True:
-                reply = await _read(hashes, "hasher", timeout if in_flight else None)
+                reply = await _read(hashes, "hasher")
                 if reply is None:
                     return
                 data, sent = in_flight.popleft()
-                WORKER_RPC_SECONDS.labels("hasher").observe(time.perf_counter() - sent)
+                hasher_seconds.observe(clock() - sent)
+                progress += 1
                 self.ledger.add(
                     len(data) // BLOCK_SIZE,
                     find_coins(data, reply.digests, self.settings.difficulty),
                 )
+                if len(self.ledger.pending_coins) >= COIN_BATCH:
+                    self._coins_waiting.set()
                 self.outages.recovered("hasher")
                 backoff.reset()
                 window.release()
 
+        async def watch() -> None:
+            seen = -1
+            while True:
+                await asyncio.sleep(self.settings.rpc_timeout)
+                if progress == seen and not self.stopping.is_set():
+                    stalled.append("hasher" if in_flight else "rng")
+                    randoms.cancel()
+                    hashes.cancel()
+                    return
+                seen = progress
+
         writer = asyncio.create_task(write())
         reader = asyncio.create_task(read())
+        watchdog = asyncio.create_task(watch())
         try:
             done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
             await reader
             await writer
+        except _StreamBroken:
+            if stalled:
+                raise _StreamBroken(
+                    stalled[0], TimeoutError("no reply within the deadline")
+                ) from None
+            raise
         finally:
-            for task in (writer, reader):
+            for task in (writer, reader, watchdog):
                 task.cancel()
-            await asyncio.gather(writer, reader, return_exceptions=True)
+            await asyncio.gather(writer, reader, watchdog, return_exceptions=True)
             randoms.cancel()
             hashes.cancel()
 
@@ -293,9 +327,21 @@ class Miner:
         self.outages.recovered("redis")
 
     async def _flush_periodically(self) -> None:
+        """The count once per interval; coins also in between when many are waiting."""
+        clock = asyncio.get_running_loop().time
+        due = clock() + self.settings.worker_flush_interval
         while True:
-            await asyncio.sleep(self.settings.worker_flush_interval)
-            await self.flush_counters()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._coins_waiting.wait(), max(0.0, due - clock()))
+            self._coins_waiting.clear()
+            if clock() >= due:
+                due = clock() + self.settings.worker_flush_interval
+                await self.flush_counters()
+            elif not self.outages.is_down("redis"):
+                try:
+                    await self.ledger.flush(self.redis, coins_only=True)
+                except (RedisError, OSError) as exc:
+                    self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
 
     async def _final_flush(self) -> None:
         deadline = asyncio.get_running_loop().time() + max(self.settings.grace, 1.0)
@@ -339,12 +385,10 @@ class _StreamBroken(Exception):
         self.reason = reason
 
 
-async def _read(call: Any, upstream: str, deadline: float | None) -> Any:
+async def _read(call: Any, upstream: str) -> Any:
     """The next message of a stream, None at its end; failures become _StreamBroken."""
     try:
-        reply = await asyncio.wait_for(call.read(), deadline)
+        reply = await call.read()
     except grpc.aio.AioRpcError as exc:
         raise _StreamBroken(upstream, exc) from None
-    except TimeoutError as exc:
-        raise _StreamBroken(upstream, TimeoutError("no reply within the deadline")) from exc
     return None if reply is grpc.aio.EOF else reply
