@@ -1,0 +1,131 @@
+"""Redis with a password, over TLS (rediss://): it works, and the password shows nowhere."""
+
+import contextlib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+import redis
+import trustme
+
+from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.net import free_port
+from dockercoins.redaction import redact_url
+from tests.stack import RunningStack, get_json, scale
+
+PASSWORD = "s3cret-Pa55word"
+
+
+class TlsTerminator:
+    """A TLS front for a plaintext Redis, as a cloud Redis or stunnel would be."""
+
+    def __init__(self, backend_port: int, context: ssl.SSLContext) -> None:
+        self.backend_port = backend_port
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            client = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        self.handshakes += 1
+        backend = socket.create_connection(("127.0.0.1", self.backend_port))
+        threading.Thread(target=_pump, args=(backend, client), daemon=True).start()
+        _pump(client, backend)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def secured_redis(tmp_path):
+    """A redis-server that wants a password, behind TLS; yields the rediss:// URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*redis_server_argv("127.0.0.1", port, None), "--requirepass", PASSWORD],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    front = TlsTerminator(port, context)
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{front.port}/0?ssl_ca_certs={ca_file}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    yield url, front
+    front.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_redact_url_masks_every_form_of_password() -> None:
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("rediss://default:pw@h:6380/0") == "rediss://default:***@h:6380/0"
+    assert redact_url("redis://pw@h/0") == "redis://***@h/0"
+    assert redact_url("redis://h/0?password=pw&db=1") == "redis://h/0?password=***&db=1"
+    assert redact_url("redis://u:p@ss@h/0") == "redis://u:***@h/0"
+
+
+def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, tmp_path) -> None:
+    url, front = secured_redis
+    # Plaintext or no password: refused, so the stack below really uses both.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=front.port, socket_timeout=2).ping()
+    plain = url.replace("rediss://", "redis://").split("?")[0]
+    with pytest.raises(redis.RedisError):
+        redis.Redis.from_url(plain.replace(PASSWORD, "wrong"), socket_timeout=2).ping()
+
+    stack = RunningStack(tmp_path / "data", ("--workers", "2", "--redis", url))
+    try:
+        webui = stack.ready()
+        first = get_json(webui + "/json")
+        time.sleep(3)
+        second = get_json(webui + "/json")
+        assert second["hashes"] > first["hashes"]
+        assert front.handshakes >= 3  # the launcher, the web UI and the workers, all over TLS
+        listed = scale(tmp_path / "data", "worker=2")
+        assert listed.returncode == 0, listed.stderr
+        assert stack.stop() == 0
+        assert "redis rediss://***@127.0.0.1:" in stack.output
+        for shown in (stack.output, str(first), str(second), listed.stdout, listed.stderr):
+            assert PASSWORD not in shown
+    finally:
+        stack.kill()
