@@ -86,6 +86,7 @@ SERVICES: dict[str, Command] = {
         (
             Flag("--workers", "workers", int, "number of worker processes (default 1)"),
             Flag("--rng-mode", "rng_mode", help="blocking or buffered"),
+            Flag("--profile", "profile", help="classic (the lesson's costs) or turbo (fast)"),
             Flag("--redis", "redis_url", help="use this Redis instead of starting one"),
             Flag("--data-dir", "data_dir", help="where the embedded Redis keeps its data"),
         ),

@@ -250,6 +250,7 @@ class Stack:
 
     def _env(self, **fields: Any) -> dict[str, str]:
         env = dict(os.environ)
+        env[env_name("profile")] = self.settings.profile
         env.update(self.child_env)  # e.g. the experiment's costs, over the caller's environment
         env["PYTHONUNBUFFERED"] = "1"
         env[env_name("host")] = self.host
@@ -443,7 +444,10 @@ class Stack:
         where = f" (embedded, data in {self.settings.data_dir / 'redis'})" if self.redis else ""
         lines.append(f"redis {redact_url(self.redis_url)}{where}")
         lines.append(f"webui http://{self.client_host}:{self.ports['webui']}")
-        lines.append(f"workers {len(self.workers)}, rng mode {self.settings.rng_mode}")
+        lines.append(
+            f"workers {len(self.workers)}, rng mode {self.settings.rng_mode}, "
+            f"profile {self.settings.profile}"
+        )
         for name, port in self.metrics_ports.items():
             lines.append(f"metrics {name} http://{self.client_host}:{port}/metrics")
         return lines

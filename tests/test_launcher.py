@@ -87,3 +87,16 @@ def test_scale_without_a_running_stack_says_so(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "no running `dockercoins up` found" in result.stderr
+
+
+def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
+    running = stack("--profile", "turbo", "--workers", "1")
+    url = running.ready()
+    running.wait_for_line(r"^workers 1, rng mode blocking, profile turbo")
+    first = get_json(url + "/json")
+    time.sleep(3)
+    second = get_json(url + "/json")
+    # Classic costs allow 3.3 hashes/s per worker; turbo is orders of magnitude above.
+    assert (second["hashes"] - first["hashes"]) / (second["now"] - first["now"]) > 1000
+    running.wait_for_line(r"batch 1000, 2 channel\(s\), streaming")
+    assert running.stop() == 0
