@@ -1,5 +1,8 @@
 """TLS on every gRPC hop, with certificates this test generates: plain TLS and mutual TLS."""
 
+import socket
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +19,8 @@ from dockercoins.tls import channel_credentials, server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.server import SERVICE_NAME
 from hasher_svc.service import HasherServicer
+from tests.conftest import dockercoins_cmd, service_env
+from tests.stack import RunningStack, get_json
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +120,85 @@ def test_no_tls_settings_means_plaintext() -> None:
     assert server_credentials(object()) is None
     assert channel_credentials(object()) is None
     assert channel_credentials(tls(ca=None)) is None
+
+
+def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
+    cert = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_ca": pki.ca}
+    stack = RunningStack(tmp_path / "data", ("--workers", "1"), **cert)
+    try:
+        webui = stack.ready()  # the launcher's readiness checks went over mutual TLS
+        rng = stack.wait_for_line(r"^rng (\S+)").group(1)
+        first = get_json(webui + "/json")
+        time.sleep(2)
+        assert get_json(webui + "/json")["hashes"] > first["hashes"]
+        probe = subprocess.run(
+            dockercoins_cmd("probe", "rng", "--addr", rng, "--count", "2", "--interval", "0"),
+            env=service_env(**cert),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        assert "2 calls, 2 ok, 0 failed" in probe.stdout
+        plaintext = subprocess.run(
+            dockercoins_cmd("probe", "rng", "--addr", rng, "--count", "1", "--timeout", "2"),
+            env=service_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert plaintext.returncode == 1
+        assert "UNAVAILABLE" in plaintext.stdout
+        assert stack.stop() == 0
+    finally:
+        stack.kill()
+
+
+def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> None:
+    result = subprocess.run(
+        dockercoins_cmd("rng", "--port", "0"),
+        env=service_env(tls_cert=pki.server_cert),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "dockercoins rng: DOCKERCOINS_TLS_KEY: DOCKERCOINS_TLS_CERT and DOCKERCOINS_TLS_KEY "
+        "go together, set both or neither"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "settings", "line"),
+    [
+        ("hasher", {"tls_ca": "/nonexistent/ca.pem"}, "DOCKERCOINS_TLS_CA: Path does not point"),
+        ("rng", {"tls_cert": "JUNK", "tls_key": "JUNK"}, "DOCKERCOINS_TLS_KEY: "),
+        ("worker", {"metrics_port": 70000}, "DOCKERCOINS_METRICS_PORT: Input should be less"),
+        ("hasher", {"metrics_port": "BUSY"}, "DOCKERCOINS_METRICS_PORT)"),
+    ],
+)
+def test_bad_tls_or_metrics_settings_are_one_line(command, settings, line, tmp_path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not PEM\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {
+            key: {"JUNK": junk, "BUSY": busy.getsockname()[1]}.get(value, value)
+            for key, value in settings.items()
+        }
+        result = subprocess.run(
+            dockercoins_cmd(command, "--port", "0")
+            if command != "worker"
+            else dockercoins_cmd(command),
+            env=service_env(**values),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"dockercoins {command}: ")
+    assert line in lines[0]
