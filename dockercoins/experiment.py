@@ -383,6 +383,10 @@ class KubectlBackend:
 # -- the experiment ------------------------------------------------------------------------
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 class Report:
     """The live table (one row per point as it is measured) and a progress line on a terminal."""
 
@@ -405,15 +409,12 @@ class Report:
         self.out.write(self.HEADER + "\n")
         self.out.flush()
 
-    def progress(self, index: int, point: Point, phase: str, done: float, of: float) -> None:
-        """`[3/11] blocking rng=1 workers=3: measuring 12/20 s, 9.8 h/s so far · ~2 min left`."""
+    def progress(self, index: int, point: Point, phase: str, left_here: float = 0.0) -> None:
+        """`[3/11] blocking rng=1 workers=3: measuring, 12 s left (9.8 h/s so far); all: ~4 min`."""
         if not self.live:
             return
-        left = (self.total - index) * self.per_point + max(of - done, 0)
-        text = (
-            f"[{index}/{self.total}] {point.label()}: {phase} {done:.0f}/{of:.0f} s"
-            f" · about {left / 60:.0f} min left"
-        )
+        left = (self.total - index) * self.per_point + max(left_here, 0)
+        text = f"[{index}/{self.total}] {point.label()}: {phase}; all done in ~{_duration(left)}"
         self.out.write("\r\x1b[K" + text)
         self.out.flush()
         self._status = True
@@ -447,7 +448,7 @@ async def _wait_for_workers(backend: Backend, count: int, limit: float, tick: An
             raise ExperimentError(
                 f"{running} workers running instead of {count} after {limit:.0f} s"
             )
-        tick(waited)
+        tick(running)
         await asyncio.sleep(0.2)
 
 
@@ -465,11 +466,16 @@ async def measure_point(
         backend,
         point.workers,
         timing.ready_timeout,
-        lambda waited: report.progress(index, point, "starting workers", waited, waited),
+        lambda running: report.progress(
+            index,
+            point,
+            f"waiting for workers ({running} of {point.workers} running)",
+            timing.warmup + timing.window,
+        ),
     )
     warm_until = time.monotonic() + timing.warmup
     while (left := warm_until - time.monotonic()) > 0:
-        report.progress(index, point, "warming up", timing.warmup - left, timing.warmup)
+        report.progress(index, point, f"warming up, {left:.0f} s left", left + timing.window)
         await asyncio.sleep(min(left, 0.5))
     cpu_before = backend.cpu_seconds()
     samples: list[Sample] = []
@@ -481,8 +487,10 @@ async def measure_point(
         if elapsed >= timing.window:
             break
         so_far = fit_slope(samples)
-        phase = f"measuring ({so_far.per_second:.1f} h/s so far)" if so_far else "measuring"
-        report.progress(index, point, phase, elapsed, timing.window)
+        phase = f"measuring, {timing.window - elapsed:.0f} s left"
+        if so_far:
+            phase += f" ({so_far.per_second:.1f} h/s so far)"
+        report.progress(index, point, phase, timing.window - elapsed)
         next_at += timing.sample_interval
         await asyncio.sleep(max(next_at - time.monotonic(), 0))
     cpu_after = backend.cpu_seconds()
@@ -545,7 +553,7 @@ class Experiment:
             current: tuple[str, int] | None = None
             for index, point in enumerate(self.points, 1):
                 if current != (point.mode, point.rng_replicas):
-                    report.progress(index, point, "setting up rng", 0, 0)
+                    report.progress(index, point, f"starting rng ({point.mode})", per_point)
                     await self.backend.configure(point.mode, point.rng_replicas)
                     current = (point.mode, point.rng_replicas)
                 measured = await measure_point(

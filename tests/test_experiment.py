@@ -224,3 +224,21 @@ async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     missing = KubectlBackend("http://127.0.0.1:9", kubectl=str(tmp_path / "nowhere"))
     with pytest.raises(Exception, match="not found"):
         await missing.scale_workers(2)
+
+
+def test_the_documented_run_is_the_one_in_its_files() -> None:
+    from tests.conftest import ROOT
+
+    data = json.loads((ROOT / "docs/experiment/experiment.json").read_text())
+    page = (ROOT / "docs/experiment.md").read_text()
+    assert f"\n{data['command']}\n" in page
+    assert f"{data['duration_seconds']} s" in page
+    for index, point in enumerate(data["points"], 1):
+        row = (
+            f"{index:>2}/{len(data['points']):<2}  {point['mode']:<8} {point['rng_replicas']:>3} "
+            f"{point['workers']:>7} {point['rate']:>8.2f} {point['stderr']:>6.2f}"
+        )
+        assert row in page, row
+    with (ROOT / "docs/experiment/experiment.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(data["points"])
+    assert (ROOT / "docs/experiment/experiment.png").read_bytes()[:4] == b"\x89PNG"

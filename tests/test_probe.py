@@ -1,0 +1,85 @@
+"""`dockercoins probe`: httping-style lines and summary against a real, loaded stack."""
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import dockercoins_cmd, service_env
+from tests.stack import RunningStack, get_json
+
+LINE = r"^{what} {addr}: seq={seq} time=(\d+\.\d) ms$"
+SUMMARY = r"^4 calls, 4 ok, 0 failed, round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms$"
+
+
+def probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        dockercoins_cmd("probe", *args),
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def check_output(result: subprocess.CompletedProcess[str], what: str, addr: str) -> list[float]:
+    """The httping shape: 4 numbered lines, a `---` line, the summary; the min/avg/max in ms."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6, result.stdout
+    times = []
+    for seq, line in enumerate(lines[:4], 1):
+        found = re.match(LINE.format(what=re.escape(what), addr=re.escape(addr), seq=seq), line)
+        assert found, line
+        times.append(float(found.group(1)))
+    assert lines[4] == f"--- {what} {addr} ---"
+    summary = re.match(SUMMARY, lines[5])
+    assert summary, lines[5]
+    low, mean, high = (float(value) for value in summary.groups())
+    assert low == pytest.approx(min(times), abs=0.1)
+    assert high == pytest.approx(max(times), abs=0.1)
+    assert mean == pytest.approx(sum(times) / 4, abs=0.1)
+    return [low, mean, high]
+
+
+def test_probe_finds_the_bottleneck_and_health_stays_fast(tmp_path: Path) -> None:
+    # 8 workers against one blocking rng (read 0.02 s): rng's queue is the bottleneck.
+    stack = RunningStack(tmp_path / "data", ("--workers", "8"), rng_read_cost=0.02)
+    try:
+        rng = stack.wait_for_line(r"^rng (\S+)$").group(1)
+        hasher = stack.wait_for_line(r"^hasher (\S+)$").group(1)
+        url = stack.ready()
+        deadline = time.monotonic() + 30
+        while get_json(url + "/json").get("workers") != 8:  # every worker is mining
+            assert time.monotonic() < deadline, "8 workers did not start"
+            time.sleep(0.2)
+        common = ("--count", "4", "--interval", "0.1")
+        rng_ms = check_output(probe("rng", "--addr", rng, *common), "rng", rng)
+        hasher_ms = check_output(probe("hasher", "--addr", hasher, *common), "hasher", hasher)
+        health_ms = check_output(
+            probe("rng", "--addr", rng, "--health", *common), "rng health", rng
+        )
+    finally:
+        stack.kill()
+    # rng waits behind the other workers' reads (~7 x 20 ms); hasher only pays its 10 ms.
+    assert rng_ms[1] > 60, rng_ms
+    assert hasher_ms[1] < 60, hasher_ms
+    assert rng_ms[1] > 2 * hasher_ms[1], (rng_ms, hasher_ms)
+    # Health never waits behind the rng lock, however long its queue.
+    assert health_ms[2] < 100, health_ms
+    assert health_ms[1] < rng_ms[1] / 3, (health_ms, rng_ms)
+
+
+def test_probe_of_a_dead_address_prints_the_error_and_fails(tmp_path: Path) -> None:
+    from dockercoins.net import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    result = probe("hasher", "--addr", addr, "--count", "2", "--interval", "0", "--timeout", "1")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert re.match(
+        rf"^hasher {re.escape(addr)}: seq=1 error (UNAVAILABLE|DEADLINE_EXCEEDED)", lines[0]
+    )
+    assert lines[-1] == "2 calls, 0 ok, 2 failed"
