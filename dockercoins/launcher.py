@@ -52,7 +52,7 @@ class StackSettings(TlsSettings, MetricsSettings):
     )
     data_dir: Path = Field(
         Path(".dockercoins"),
-        description="Where `dockercoins up` keeps the embedded Redis's data and its control socket.",
+        description="Where `dockercoins up` keeps the embedded Redis's data and control socket.",
     )
     fresh: bool = Field(False, description="Empty the embedded Redis's data before starting.")
     metrics_port: int = Field(
@@ -243,6 +243,7 @@ class Stack:
         self.workers: list[ManagedProcess] = []
         self._rng_ports: list[int] = []
         self._lock = asyncio.Lock()
+        self._announcer: asyncio.Task[None] | None = None
         self.credentials = channel_credentials(settings)
         self.metrics_ports: dict[str, int] = {}
 
@@ -316,7 +317,18 @@ class Stack:
         client = Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
         try:
             await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
-            await client.set(schema.RNG_MODE_KEY, self.settings.rng_mode)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._announcer = asyncio.create_task(self._announce_mode(client), name="announce-mode")
+
+    async def _announce_mode(self, client: Redis) -> None:
+        """Keep the rng mode in Redis for the web UI, also after Redis lost its data."""
+        try:
+            while True:
+                with contextlib.suppress(Exception):
+                    await client.set(schema.RNG_MODE_KEY, self.settings.rng_mode, ex=15)
+                await asyncio.sleep(5)
         finally:
             await client.aclose()
 
@@ -428,6 +440,10 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop workers first (they flush), then the web UI, hasher, rng, Redis last."""
+        if self._announcer is not None:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcer
         timeout = self.settings.grace + 5
         await asyncio.gather(*(w.stop(timeout) for w in self.workers))
         for process in (self.webui, self.hasher):
