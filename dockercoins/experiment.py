@@ -49,29 +49,45 @@ class Costs:
     hasher_latency: float = 0.1
     worker_think_time: float = 0.1
     worker_flush_interval: float = 1.0
+    rng_latency: float | None = None
+    profile: str = "classic"
+
+    @property
+    def rng_request(self) -> float:
+        """Least time of an rng request: rng_latency, or the read cost when unset."""
+        return self.rng_read_cost if self.rng_latency is None else self.rng_latency
 
     def env(self) -> dict[str, str]:
         """The DOCKERCOINS_* variables that give the services these costs."""
-        return {env_name(name): str(value) for name, value in asdict(self).items()}
+        return {
+            env_name(name): str(value)
+            for name, value in asdict(self).items()
+            if value is not None
+        }
 
 
-PROFILES: dict[str, Costs] = {"classic": Costs()}
+PROFILES: dict[str, Costs] = {
+    "classic": Costs(),
+    "turbo": Costs(0.0, 0.0, 0.0, 1.0, 0.0, profile="turbo"),
+}
 """Named cost sets for `--profile`; flags override single costs of the chosen profile."""
 
 
 def expected_rate(mode: str, workers: float, rng_replicas: int, costs: Costs) -> float:
     """The model: hashes/s of `workers` one-loop workers against `rng_replicas` rng processes.
 
-    Blocking: every loop pays think + read + latency, and each rng serves at most
-    1 / read cost requests per second, so the rate is the smaller of the two.
-    Buffered: requests are served from the buffer without waiting, so a loop
-    pays think + latency only (its source is far from being the limit).
+    A loop pays think + rng's time per request + hasher's latency; rng answers no
+    sooner than its request time (by default its read cost), concurrently.
+    Blocking: each request also does its own read under one lock, so each rng serves
+    at most 1 / read cost requests per second: the rate is the smaller of the two.
+    Buffered: requests are served from the buffer, so nothing queues and the rate
+    grows with the workers (its source is far from being the limit).
     """
+    rng_request = max(costs.rng_request, costs.rng_read_cost if mode == "blocking" else 0.0)
+    loop = costs.worker_think_time + rng_request + costs.hasher_latency
     if mode == "blocking":
-        loop = costs.worker_think_time + costs.rng_read_cost + costs.hasher_latency
         ceiling = rng_replicas / costs.rng_read_cost if costs.rng_read_cost else float("inf")
         return min(workers / loop, ceiling) if loop else ceiling
-    loop = costs.worker_think_time + costs.hasher_latency
     return workers / loop if loop else float("inf")
 
 
@@ -588,8 +604,9 @@ class Experiment:
             "duration_seconds": round(self.duration, 1),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "model": {
-                "blocking": "min(workers / (think + read + latency), rng_replicas / read)",
-                "buffered": "workers / (think + latency)",
+                "blocking": "min(workers / (think + max(rng request, read) + hasher), "
+                "rng_replicas / read)",
+                "buffered": "workers / (think + rng request + hasher)",
             },
             "points": [m.row() for m in self.results],
         }
@@ -662,6 +679,9 @@ def add_arguments(parser: Any) -> None:
         "--profile", default="classic", choices=sorted(PROFILES), help="named set of costs"
     )
     costs.add_argument("--read-cost", type=float, dest="rng_read_cost", help="rng read, s")
+    costs.add_argument(
+        "--rng-latency", type=float, dest="rng_latency", help="rng time per request, s"
+    )
     costs.add_argument("--hasher-latency", type=float, dest="hasher_latency", help="s")
     costs.add_argument("--think-time", type=float, dest="worker_think_time", help="s")
     costs.add_argument("--flush-interval", type=float, dest="worker_flush_interval", help="s")
@@ -687,6 +707,7 @@ def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
             name: options.get(name)
             for name in (
                 "rng_read_cost",
+                "rng_latency",
                 "hasher_latency",
                 "worker_think_time",
                 "worker_flush_interval",

@@ -23,6 +23,13 @@ class RngSettings(GrpcServerSettings):
     rng_read_cost: float = Field(
         0.1, ge=0, le=60, description="Seconds every read of the entropy source costs."
     )
+    rng_latency: float | None = Field(
+        None,
+        ge=0,
+        le=60,
+        description="Least seconds between a request and its answer, spent concurrently "
+        "(the original's time per request); unset: the same as DOCKERCOINS_RNG_READ_COST.",
+    )
     rng_block_size: int = Field(
         65536, ge=1, le=64 << 20, description="Bytes the buffered producer reads per source read."
     )
@@ -35,6 +42,11 @@ class RngSettings(GrpcServerSettings):
         le=64 << 20,
         description="Largest request in bytes (size x count); larger ones get INVALID_ARGUMENT.",
     )
+
+    @property
+    def request_latency(self) -> float:
+        """rng_latency, or the read cost when it is unset."""
+        return self.rng_read_cost if self.rng_latency is None else self.rng_latency
 
     @model_validator(mode="after")
     def _request_fits_buffer(self) -> "RngSettings":

@@ -30,7 +30,7 @@ def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
         "rng", [SERVICE_NAME], settings.max_connection_age, server_interceptors(settings)
     )
     rng_pb2_grpc.add_RngServicer_to_server(
-        RngServicer(source, settings.rng_max_request), server.server
+        RngServicer(source, settings.rng_max_request, settings.request_latency), server.server
     )
     server.bind(
         settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT", server_credentials(settings)
@@ -46,10 +46,11 @@ async def serve(settings: RngSettings) -> None:
     if metrics is not None:
         watch_rng_source(source)
     log.info(
-        "rng listening on %s:%d (mode %s, read cost %.3f s)",
+        "rng listening on %s:%d (mode %s, read cost %.3f s, %.3f s per request)",
         settings.host,
         server.port,
         settings.rng_mode,
         settings.rng_read_cost,
+        settings.request_latency,
     )
     await server.serve_until_signalled(settings.grace, on_stop=source.close)

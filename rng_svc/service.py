@@ -120,15 +120,30 @@ def check_request(size: int, count: int, max_request: int) -> int:
 
 
 class RngServicer(rng_pb2_grpc.RngServicer):
-    """Answers GetRandom and StreamRandom from an injected RandomSource."""
+    """Answers GetRandom and StreamRandom from an injected RandomSource.
 
-    def __init__(self, source: RandomSource, max_request: int) -> None:
+    A reply never leaves sooner than `latency` seconds after its request arrived: the
+    original's time per request, spent concurrently (not under the source's lock).
+    In blocking mode the read under the lock usually covers it; in buffered mode it
+    is all a request costs while the buffer holds bytes.
+    """
+
+    def __init__(self, source: RandomSource, max_request: int, latency: float = 0.0) -> None:
         self.source = source
         self.max_request = max_request
+        self.latency = latency
 
     async def _reply(self, size: int, count: int) -> rng_pb2.RandomReply:
         blocks = check_request(size, count, self.max_request)
-        return rng_pb2.RandomReply(data=await self.source.take(size * blocks), size=size)
+        if not self.latency:
+            return rng_pb2.RandomReply(data=await self.source.take(size * blocks), size=size)
+        loop = asyncio.get_running_loop()
+        answer_at = loop.time() + self.latency
+        data = await self.source.take(size * blocks)
+        remaining = answer_at - loop.time()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        return rng_pb2.RandomReply(data=data, size=size)
 
     async def GetRandom(
         self, request: rng_pb2.RandomRequest, context: grpc.aio.ServicerContext

@@ -33,7 +33,8 @@ def test_the_model_gives_the_lesson_numbers() -> None:
     blocking = [expected_rate("blocking", n, 1, classic) for n in (1, 2, 3, 5, 10)]
     assert blocking == pytest.approx([10 / 3, 20 / 3, 10, 10, 10])
     assert expected_rate("blocking", 10, 2, classic) == pytest.approx(20)
-    assert expected_rate("buffered", 10, 1, classic) == pytest.approx(50)
+    buffered = [expected_rate("buffered", n, 1, classic) for n in (1, 2, 3, 5, 10)]
+    assert buffered == pytest.approx([10 / 3, 20 / 3, 10, 50 / 3, 100 / 3])
 
 
 def test_the_plan_changes_rng_as_rarely_as_possible() -> None:

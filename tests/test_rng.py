@@ -50,9 +50,23 @@ async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
     address = await servers.rng(rng_mode="buffered", rng_read_cost=READ_COST)
     blocking = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
     buffered_rate, latencies = await _hammer(address, 10, 1.5)
-    blocking_rate, _ = await _hammer(blocking, 10, 1.5)
+    blocking_rate, blocked = await _hammer(blocking, 10, 1.5)
     assert buffered_rate > 5 * blocking_rate
-    assert statistics.median(latencies) < READ_COST
+    # Each request still takes its time per request (by default the read cost), side by
+    # side: nobody waits in a queue, while blocking clients wait for nine others.
+    assert READ_COST <= statistics.median(latencies) < 2.5 * READ_COST
+    assert statistics.median(blocked) > 5 * READ_COST
+
+
+async def test_rng_latency_is_the_least_time_of_a_request_never_a_queue(servers) -> None:
+    address = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0.05)
+    instant = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0)
+    rate, latencies = await _hammer(address, 10, 1.5)
+    assert 0.05 <= min(latencies)
+    assert statistics.median(latencies) < 0.1
+    assert rate > 0.5 * 10 / 0.05  # ten at a time, not one
+    _, fast = await _hammer(instant, 10, 1.0)
+    assert statistics.median(fast) < 0.05
 
 
 async def test_health_answers_at_once_while_the_lock_has_a_queue(servers) -> None:
