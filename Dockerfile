@@ -40,7 +40,6 @@ LABEL org.opencontainers.image.title="dockercoins" \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MPLCONFIGDIR=/tmp/matplotlib \
     DOCKERCOINS_HOST=0.0.0.0
 RUN groupadd --system --gid 10001 dockercoins \
  && useradd --system --uid 10001 --gid dockercoins --no-create-home --home-dir /nonexistent \

@@ -623,9 +623,15 @@ class Experiment:
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
                 )
         if charts:
-            from dockercoins.chart import draw_experiment
+            try:
+                from dockercoins.chart import draw_experiment
 
-            draw_experiment(data, self.output / "experiment.png")
+                draw_experiment(data, self.output / "experiment.png")
+            except ImportError:
+                log.warning(
+                    "no chart: matplotlib is not installed "
+                    "(pip install 'dockercoins-grpc[experiment]'); JSON and CSV are written"
+                )
 
 
 def costs_from(profile: str, **overrides: float | None) -> Costs:
