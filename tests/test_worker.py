@@ -6,6 +6,7 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
 import redis
 
 from dockercoins.net import free_port
@@ -135,8 +136,9 @@ def established_connections(port: int) -> int:
     return count
 
 
+@pytest.mark.parametrize("pool_size", [1, 3])
 async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connections(
-    servers, redis_url, tmp_path
+    servers, redis_url, tmp_path, pool_size: int
 ) -> None:
     rng = await servers.rng(rng_read_cost=0)
     hasher = await servers.hasher(hasher_latency=0)
@@ -149,13 +151,14 @@ async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connect
         worker_streaming=True,
         worker_batch=100,
         worker_loops=3,
-        worker_pool_size=3,
+        worker_pool_size=pool_size,
         worker_think_time=0,
     )
     await wait_for(lambda: int(client.get("hashes") or 0) > 20_000, timeout=30)
+    # Three loops share the pool: one connection per channel, whatever the loop count.
     rng_port, hasher_port = int(rng.rsplit(":", 1)[1]), int(hasher.rsplit(":", 1)[1])
-    assert established_connections(rng_port) == 3
-    assert established_connections(hasher_port) == 3
+    assert established_connections(rng_port) == pool_size
+    assert established_connections(hasher_port) == pool_size
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(worker.wait(), 15) == 0
     text = (tmp_path / "worker.log").read_text()
@@ -167,27 +170,6 @@ async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connect
     for digest, block in client.hscan_iter("wallet", count=1000):
         assert digest.decode() == hashlib.sha256(block).hexdigest()
         assert digest.startswith(b"0")
-
-
-async def test_one_channel_carries_every_loop_on_one_connection(servers, redis_url, tmp_path):
-    rng = await servers.rng(rng_read_cost=0)
-    hasher = await servers.hasher(hasher_latency=0)
-    client = redis.Redis.from_url(redis_url)
-    worker = await start_worker(
-        tmp_path / "worker.log",
-        rng_addr=rng,
-        hasher_addr=hasher,
-        redis_url=redis_url,
-        worker_streaming=True,
-        worker_batch=10,
-        worker_loops=3,
-        worker_pool_size=1,
-        worker_think_time=0,
-    )
-    await wait_for(lambda: int(client.get("hashes") or 0) > 1000, timeout=30)
-    assert established_connections(int(rng.rsplit(":", 1)[1])) == 1
-    worker.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(worker.wait(), 15) == 0
 
 
 async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url, tmp_path):
