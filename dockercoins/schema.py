@@ -1,4 +1,4 @@
-"""Redis keys, compatible with the original DockerCoins, and the few DockerCoins adds beside them."""
+"""Redis keys, compatible with the original DockerCoins, and the few added beside them."""
 
 import json
 from dataclasses import dataclass
@@ -38,12 +38,34 @@ async def read_totals(redis: Redis) -> Totals:
     return Totals(hashes=int(hashes or 0), coins=int(coins), now=seconds + micros / 1e6)
 
 
-async def record(redis: Redis, hashes: int, coins: dict[str, bytes]) -> None:
-    """Write coins and add `hashes` to the counter in one round trip."""
+FLUSHED_KEY_PREFIX = "dockercoins:flushed:"
+"""String per worker: the sequence number of its last count that reached `hashes`."""
+
+_ADD_ONCE = """
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+async def record(
+    redis: Redis, hashes: int, coins: dict[str, bytes], writer: str = "", sequence: int = 0
+) -> None:
+    """Write coins and add `hashes` to the counter in one round trip.
+
+    With a `writer` and its increasing `sequence`, a count is added at most once: a
+    retry after a reply lost on the way back (Redis applied it, then went away) is
+    recognised and skipped. Coins need no such care: HSET of the same coin is a no-op.
+    """
     async with redis.pipeline(transaction=False) as pipe:
         if coins:
             pipe.hset(WALLET_KEY, mapping=coins)  # type: ignore[arg-type]
-        if hashes:
+        if hashes and writer:
+            keys = [HASHES_KEY, FLUSHED_KEY_PREFIX + writer]
+            pipe.eval(_ADD_ONCE, 2, *keys, hashes, sequence, 86400)
+        elif hashes:
             pipe.incrby(HASHES_KEY, hashes)
         await pipe.execute()
 

@@ -167,5 +167,8 @@ class RngServicer(rng_pb2_grpc.RngServicer):
             await context.abort(exc.code, str(exc))
         sent = 0
         while not request.messages or sent < request.messages:
-            yield await self._reply(request.size, request.count)
+            reply = await self._reply(request.size, request.count)
+            if context.done():
+                return  # the client went away meanwhile: nobody to write to
+            yield reply
             sent += 1

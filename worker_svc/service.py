@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import deque
@@ -56,13 +57,22 @@ def find_coins(data: bytes, digests: bytes, difficulty: int = 1) -> dict[str, by
 
 
 class Ledger:
-    """Hashes and coins found, kept in memory until Redis has them: nothing is lost."""
+    """Hashes and coins found, kept in memory until Redis has them: nothing lost, nothing twice."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: str = "") -> None:
+        self.writer = writer
         self.total_hashes = 0
         self.total_coins = 0
         self.pending_hashes = 0
         self.pending_coins: dict[str, bytes] = {}
+        self._sequence = 0
+        self._in_doubt: tuple[int, int] | None = None
+        """A count sent whose fate is unknown: (sequence, hashes), resent as it was."""
+
+    @property
+    def unflushed_hashes(self) -> int:
+        """Hashes not known to be in Redis."""
+        return self.pending_hashes + (self._in_doubt[1] if self._in_doubt else 0)
 
     def add(self, hashes: int, coins: dict[str, bytes]) -> None:
         """Record a finished unit of work."""
@@ -75,17 +85,28 @@ class Ledger:
             WORKER_COINS.inc(len(coins))
 
     async def flush(self, redis: Redis, coins_only: bool = False) -> None:
-        """Write what is pending in one round trip; on error it stays pending."""
+        """Write what is pending in one round trip; on error it stays pending.
+
+        A count whose reply was lost is resent with its own sequence number, which
+        Redis recognises if it did apply it: the counter never counts it twice.
+        """
+        if self._in_doubt is not None:
+            sequence, doubtful = self._in_doubt
+            await schema.record(redis, doubtful, {}, self.writer, sequence)
+            self._in_doubt = None
         hashes = 0 if coins_only else self.pending_hashes
         coins = self.pending_coins
         if not hashes and not coins:
             return
+        if hashes:
+            self._sequence += 1
         self.pending_hashes -= hashes
         self.pending_coins = {}
         try:
-            await schema.record(redis, hashes, coins)
+            await schema.record(redis, hashes, coins, self.writer, self._sequence)
         except BaseException:
-            self.pending_hashes += hashes
+            if hashes:
+                self._in_doubt = (self._sequence, hashes)
             self.pending_coins.update(coins)
             raise
 
@@ -105,8 +126,11 @@ class Miner:
         self.rng = rng
         self.hasher = hasher
         self.redis = redis
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.ledger = Ledger()
+        # Unique per process start: a restarted container keeps its hostname and pid 1.
+        self.worker_id = worker_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        )
+        self.ledger = Ledger(self.worker_id)
         self.outages = OutageLog(log)
         self.stopping = asyncio.Event()
         self._coins_waiting = asyncio.Event()
@@ -354,7 +378,7 @@ class Miner:
                 if asyncio.get_running_loop().time() > deadline:
                     log.error(
                         "could not flush %d hashes and %d coins: %s",
-                        self.ledger.pending_hashes,
+                        self.ledger.unflushed_hashes,
                         len(self.ledger.pending_coins),
                         exc,
                     )
@@ -364,7 +388,7 @@ class Miner:
             "worker stopped: %d hashes, %d coins, %d hashes unflushed",
             self.ledger.total_hashes,
             self.ledger.total_coins,
-            self.ledger.pending_hashes,
+            self.ledger.unflushed_hashes,
         )
 
 

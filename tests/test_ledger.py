@@ -1,0 +1,110 @@
+"""The worker's ledger against a real Redis whose replies can be lost on the way back."""
+
+import asyncio
+import contextlib
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from worker_svc.service import Ledger
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy to Redis that, when armed, lets a command through and drops its reply."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop_next_reply = False
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                if self.drop_next_reply:
+                    self.drop_next_reply = False
+                    client_w.close()  # Redis did the work; the client never hears of it
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        redis_w.close()
+        with contextlib.suppress(Exception):
+            client_w.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_count_whose_reply_was_lost_is_added_once(redis_url) -> None:
+    direct = Redis.from_url(redis_url)
+    proxy = ReplyDroppingProxy(direct.connection_pool.connection_kwargs["port"])
+    await proxy.start()
+    through_proxy = Redis(port=proxy.port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+    ledger = Ledger("worker-under-test")
+    try:
+        ledger.add(100, {"0abc": b"x" * 32})
+        await through_proxy.ping()  # connected: the next reply is the flush's
+        proxy.drop_next_reply = True
+        with pytest.raises((RedisConnectionError, OSError)):
+            await ledger.flush(through_proxy)
+        assert int(await direct.get("hashes")) == 100, "Redis applied it"
+        assert ledger.unflushed_hashes == 100, "the worker cannot know"
+
+        ledger.add(50, {})
+        await ledger.flush(through_proxy)  # resends the 100 as it was, then the 50
+        assert int(await direct.get("hashes")) == 150
+        assert ledger.unflushed_hashes == 0
+        assert await direct.hget("wallet", "0abc") == b"x" * 32
+        assert ledger.total_hashes == 150
+    finally:
+        await through_proxy.aclose()
+        await direct.aclose()
+        await proxy.stop()
+
+
+async def test_the_clients_own_retry_after_a_lost_reply_counts_once(redis_url) -> None:
+    direct = Redis.from_url(redis_url)
+    proxy = ReplyDroppingProxy(direct.connection_pool.connection_kwargs["port"])
+    await proxy.start()
+    through_proxy = Redis(port=proxy.port, socket_timeout=2)  # redis-py retries by itself
+    ledger = Ledger("worker-under-test")
+    try:
+        ledger.add(100, {})
+        await through_proxy.ping()  # connected: the next reply is the flush's
+        proxy.drop_next_reply = True
+        await ledger.flush(through_proxy)
+        assert int(await direct.get("hashes")) == 100  # sent twice, added once
+    finally:
+        await through_proxy.aclose()
+        await direct.aclose()
+        await proxy.stop()
+
+
+async def test_two_writers_never_skip_each_others_counts(redis_url) -> None:
+    redis = Redis.from_url(redis_url)
+    first, second = Ledger("a"), Ledger("b")
+    for ledger in (first, second, first, second):
+        ledger.add(10, {})
+        await ledger.flush(redis)
+    assert int(await redis.get("hashes")) == 40
+    await redis.aclose()
