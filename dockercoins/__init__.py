@@ -1,1 +1,1 @@
-"""Shared pieces of DockerCoins over gRPC: settings, logging, servers, channels, Redis schema, launcher, CLI."""
+"""Shared pieces of DockerCoins: settings, servers, channels, Redis schema, launcher, CLI."""

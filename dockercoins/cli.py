@@ -197,8 +197,10 @@ def run_probe(options: dict[str, Any]) -> int:
         settings = load_settings(WorkerSettings)
         address = settings.rng_addr if options["service"] == "rng" else settings.hasher_addr
     if options["count"] < 1 or options["interval"] < 0 or options["timeout"] <= 0:
-        print("dockercoins probe: --count must be >= 1, --interval >= 0, --timeout > 0",
-              file=sys.stderr)
+        print(
+            "dockercoins probe: --count must be >= 1, --interval >= 0, --timeout > 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         result = asyncio.run(

@@ -25,5 +25,6 @@ def redis_server_argv(host: str, port: int, data_dir: Path | None) -> list[str]:
         argv += ["--appendonly", "no"]
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv += ["--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "everysec"]
+        argv += ["--dir", str(data_dir.resolve()), "--appendonly", "yes"]
+        argv += ["--appendfsync", "everysec"]
     return argv

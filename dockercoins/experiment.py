@@ -60,9 +60,7 @@ class Costs:
     def env(self) -> dict[str, str]:
         """The DOCKERCOINS_* variables that give the services these costs."""
         return {
-            env_name(name): str(value)
-            for name, value in asdict(self).items()
-            if value is not None
+            env_name(name): str(value) for name, value in asdict(self).items() if value is not None
         }
 
 
@@ -638,7 +636,7 @@ def costs_from(profile: str, **overrides: float | None) -> Costs:
     """The profile's costs with single costs overridden (None: keep the profile's)."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    given = {name: value for name, value in overrides.items() if value is not None}
+    given: dict[str, Any] = {name: value for name, value in overrides.items() if value is not None}
     for name, value in given.items():
         if value < 0 or (name == "worker_flush_interval" and value <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")

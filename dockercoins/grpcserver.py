@@ -95,4 +95,3 @@ class GrpcServer:
         if on_stop is not None:
             await on_stop()
         log.info("%s stopped", self.name)
-

@@ -89,9 +89,7 @@ class Console:
 class ManagedProcess:
     """One child process, its log pump, and a restart policy like Kubernetes' `Always`."""
 
-    def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], console: Console
-    ) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], console: Console) -> None:
         self.name = name
         self.argv = argv
         self.env = env
@@ -143,9 +141,7 @@ class ManagedProcess:
                 return
             if time.monotonic() - started > 30:
                 delay = 1.0
-            self.console.line(
-                self.name, f"exited with status {code}; restarting in {delay:.0f} s"
-            )
+            self.console.line(self.name, f"exited with status {code}; restarting in {delay:.0f} s")
             await asyncio.sleep(delay)
             if self.stopping:
                 return

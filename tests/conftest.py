@@ -22,7 +22,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     data_dir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        redis_server_argv("127.0.0.1", port, None) + ["--dir", str(data_dir)],
+        [*redis_server_argv("127.0.0.1", port, None), "--dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

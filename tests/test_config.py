@@ -48,5 +48,6 @@ def test_a_busy_port_is_one_line_naming_the_port() -> None:
         for command, field in (("rng", "rng_port"), ("hasher", "hasher_port")):
             result = run([command], **{field: port})
             assert result.returncode == 2, result.stderr
-            assert f"port {port} on 127.0.0.1 is already in use (DOCKERCOINS_{field.upper()})" in result.stderr
+            expected = f"port {port} on 127.0.0.1 is already in use (DOCKERCOINS_{field.upper()})"
+            assert expected in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr

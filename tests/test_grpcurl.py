@@ -70,10 +70,10 @@ async def test_list_describe_and_call_every_method(servers) -> None:
     assert json.loads(out)["hexdigests"] == [
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     ]
-    code, out = await grpcurl(
-        "-d", '{"data": "aGVsbG8="} {"data": "aGVsbG8="}', hasher, "dockercoins.v1.Hasher/HashStream"
-    )
-    assert code == 0 and out.count("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824") == 2, out
+    two_hellos = '{"data": "aGVsbG8="} {"data": "aGVsbG8="}'
+    code, out = await grpcurl("-d", two_hellos, hasher, "dockercoins.v1.Hasher/HashStream")
+    hello_sha256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert code == 0 and out.count(hello_sha256) == 2, out
 
 
 async def test_grpcurl_shows_the_status_code_of_bad_input(servers) -> None:
