@@ -687,14 +687,28 @@ def test_daemonset_overlay_keeps_the_rng_pod_template() -> None:
 
 
 def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
+    from hasher_svc.config import HasherSettings
+    from rng_svc.config import RngSettings
+    from worker_svc.config import WorkerSettings
+
     k8s = {w.name: env_of(w.containers[0]) for w in workloads(rendered("turbo"))}
     compose = {n: s.get("environment", {}) for n, s in compose_variant("turbo")["services"].items()}
+    def effective(cls: Any, env: dict[str, str]) -> Any:
+        """The settings a container gets from exactly its environment."""
+        fields = {
+            name.removeprefix("DOCKERCOINS_").lower(): value
+            for name, value in env.items()
+            if name.startswith("DOCKERCOINS_")
+        }
+        return cls(**fields)
+
     for env in (k8s, compose):
-        assert env["rng"]["DOCKERCOINS_RNG_MODE"] == "buffered"
-        assert float(env["rng"]["DOCKERCOINS_RNG_READ_COST"]) == 0
-        assert float(env["hasher"]["DOCKERCOINS_HASHER_LATENCY"]) == 0
-        assert float(env["worker"]["DOCKERCOINS_WORKER_THINK_TIME"]) == 0
-        assert int(env["worker"]["DOCKERCOINS_WORKER_LOOPS"]) > 1
+        rng = effective(RngSettings, env["rng"])
+        assert rng.rng_read_cost == 0 and rng.request_latency == 0
+        assert effective(HasherSettings, env["hasher"]).hasher_latency == 0
+        worker = effective(WorkerSettings, env["worker"])
+        assert worker.worker_think_time == 0
+        assert worker.worker_streaming and worker.worker_batch > 1 and worker.worker_loops > 1
 
 
 def test_autoscale_overlay_scales_the_worker_deployment() -> None:
