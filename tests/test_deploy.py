@@ -693,6 +693,7 @@ def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
 
     k8s = {w.name: env_of(w.containers[0]) for w in workloads(rendered("turbo"))}
     compose = {n: s.get("environment", {}) for n, s in compose_variant("turbo")["services"].items()}
+
     def effective(cls: Any, env: dict[str, str]) -> Any:
         """The settings a container gets from exactly its environment."""
         fields = {
