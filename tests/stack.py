@@ -21,29 +21,16 @@ FAST_COSTS = {
 }
 
 
-class RunningStack:
-    """`dockercoins up` in a child process, its output collected, its URLs parsed."""
+class LoggedProcess:
+    """A child process whose output lines (stdout and stderr) are collected as they come."""
 
-    def __init__(self, data_dir: Path, args: tuple[str, ...] = (), **settings: Any) -> None:
-        fields = {
-            "rng_port": 0,
-            "hasher_port": 0,
-            "webui_port": 0,
-            "data_dir": data_dir,
-            **FAST_COSTS,
-            **settings,
-        }
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            dockercoins_cmd("up", *args),
-            env=service_env(**fields),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.env = service_env(data_dir=data_dir)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -67,6 +54,35 @@ class RunningStack:
             time.sleep(0.05)
         raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
 
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send `sig` (SIGTERM) and wait for the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class RunningStack(LoggedProcess):
+    """`dockercoins up` in a child process, its output collected, its URLs parsed."""
+
+    def __init__(self, data_dir: Path, args: tuple[str, ...] = (), **settings: Any) -> None:
+        fields = {
+            "rng_port": 0,
+            "hasher_port": 0,
+            "webui_port": 0,
+            "data_dir": data_dir,
+            **FAST_COSTS,
+            **settings,
+        }
+        super().__init__(dockercoins_cmd("up", *args), service_env(**fields))
+        self.env = service_env(data_dir=data_dir)
+
     def ready(self) -> str:
         """Wait until the stack says it is ready; the web UI's URL."""
         self.wait_for_line(r"^dockercoins up: ready")
@@ -80,18 +96,6 @@ class RunningStack:
             text = (task / "children").read_text()
             found.update(int(pid) for pid in text.split())
         return found
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def get_json(url: str, timeout: float = 5) -> dict[str, Any]:

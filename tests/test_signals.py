@@ -1,7 +1,7 @@
 """SIGTERM to each service as a real process: NOT_SERVING first, in-flight calls finish, exit 0."""
 
+import re
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -14,48 +14,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.conftest import dockercoins_cmd, service_env
+from tests.stack import LoggedProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class Service:
+class Service(LoggedProcess):
     """`dockercoins <command>` as a child process, its log collected."""
 
     def __init__(self, command: str, **settings: object) -> None:
-        self.proc = subprocess.Popen(
-            dockercoins_cmd(command),
-            env=service_env(**settings),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+        super().__init__(dockercoins_cmd(command), service_env(**settings))
 
     def wait_for(self, text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None, "\n".join(self.lines)
-            assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(self.lines)
-            time.sleep(0.05)
+        assert self.proc.poll() is None, self.output
+        self.wait_for_line(re.escape(text), timeout)
 
     def terminate(self, timeout: float = 15) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        return self.stop(signal.SIGTERM, timeout)
 
 
 class HealthWatch:
