@@ -168,7 +168,11 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         sent = 0
         while not request.messages or sent < request.messages:
             reply = await self._reply(request.size, request.count)
-            if context.done():
-                return  # the client went away meanwhile: nobody to write to
-            yield reply
+            try:
+                await context.write(reply)
+            except Exception as exc:  # grpcio raises a private ExecuteBatchError here
+                # A write fails once the client went away (a worker stopping cancels its
+                # stream): nobody is left to answer, so end quietly rather than log an error.
+                log.debug("StreamRandom ended by its client: %s", type(exc).__name__)
+                return
             sent += 1
