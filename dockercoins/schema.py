@@ -50,16 +50,32 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker saying it is alive for `ttl` seconds, with what it has flushed so far."""
+
+    worker: str
+    info: dict[str, Any]
+    ttl: float
+
+
 async def record(
-    redis: Redis, hashes: int, coins: dict[str, bytes], writer: str = "", sequence: int = 0
+    redis: Redis,
+    hashes: int,
+    coins: dict[str, bytes],
+    writer: str = "",
+    sequence: int = 0,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Write coins and add `hashes` to the counter in one round trip.
 
     With a `writer` and its increasing `sequence`, a count is added at most once: a
     retry after a reply lost on the way back (Redis applied it, then went away) is
     recognised and skipped. Coins need no such care: HSET of the same coin is a no-op.
+    A `heartbeat` goes in the same transaction, so what it reports as flushed is exactly
+    what the counter holds from this writer, even if the worker dies right after.
     """
-    async with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=heartbeat is not None) as pipe:
         if coins:
             pipe.hset(WALLET_KEY, mapping=coins)  # type: ignore[arg-type]
         if hashes and writer:
@@ -67,6 +83,12 @@ async def record(
             pipe.eval(_ADD_ONCE, 2, *keys, hashes, sequence, 86400)
         elif hashes:
             pipe.incrby(HASHES_KEY, hashes)
+        if heartbeat is not None:
+            pipe.set(
+                WORKER_KEY_PREFIX + heartbeat.worker,
+                json.dumps(heartbeat.info),
+                px=int(heartbeat.ttl * 1000),
+            )
         await pipe.execute()
 
 

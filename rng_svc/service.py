@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
@@ -156,7 +155,7 @@ class RngServicer(rng_pb2_grpc.RngServicer):
 
     async def StreamRandom(
         self, request: rng_pb2.StreamRandomRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[rng_pb2.RandomReply]:
+    ) -> None:
         try:
             check_request(request.size, request.count, self.max_request)
             if request.messages < 0:

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import json
 import re
 import signal
 from pathlib import Path
@@ -194,3 +195,36 @@ async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(worker.wait(), 15) == 0
     assert "unreachable" not in log.read_text()
+
+
+async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
+    servers, redis_url, tmp_path
+) -> None:
+    rng = await servers.rng(rng_read_cost=0.002)
+    hasher = await servers.hasher(hasher_latency=0.002)
+    client = redis.Redis.from_url(redis_url)
+    steady = await start_worker(
+        tmp_path / "steady.log", rng_addr=rng, hasher_addr=hasher, redis_url=redis_url
+    )
+    doomed = await start_worker(
+        tmp_path / "doomed.log", rng_addr=rng, hasher_addr=hasher, redis_url=redis_url
+    )
+    await wait_for(lambda: len(client.keys("dockercoins:worker:*")) == 2, timeout=30)
+    await asyncio.sleep(2)
+    beats = {key: json.loads(client.get(key)) for key in client.keys("dockercoins:worker:*")}
+    doomed_key = next(k for k, v in beats.items() if v["pid"] == doomed.pid)
+    doomed.kill()  # SIGKILL: no last flush, no goodbye
+    await doomed.wait()
+    # Its last heartbeat was written in the same transaction as its last count.
+    doomed_flushed = json.loads(client.get(doomed_key))["hashes_flushed"]
+    assert doomed_flushed > 0
+
+    steady.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(steady.wait(), 15) == 0
+    reported = re.search(r"worker stopped: (\d+) hashes", (tmp_path / "steady.log").read_text())
+    assert reported
+    # The counter holds exactly what both flushed: the steady one's total, the killed
+    # one's flushed part; the killed one lost only its unflushed work (under a second).
+    assert int(client.get("hashes")) == int(reported.group(1)) + doomed_flushed
+    for digest, block in client.hscan_iter("wallet"):
+        assert digest.decode() == hashlib.sha256(block).hexdigest()

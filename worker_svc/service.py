@@ -65,6 +65,8 @@ class Ledger:
         self.total_coins = 0
         self.pending_hashes = 0
         self.pending_coins: dict[str, bytes] = {}
+        self.flushed_hashes = 0
+        """Hashes known to be in the counter."""
         self._sequence = 0
         self._in_doubt: tuple[int, int] | None = None
         """A count sent whose fate is unknown: (sequence, hashes), resent as it was."""
@@ -84,31 +86,42 @@ class Ledger:
         if coins:
             WORKER_COINS.inc(len(coins))
 
-    async def flush(self, redis: Redis, coins_only: bool = False) -> None:
+    async def flush(
+        self,
+        redis: Redis,
+        coins_only: bool = False,
+        heartbeat: schema.Heartbeat | None = None,
+    ) -> None:
         """Write what is pending in one round trip; on error it stays pending.
 
         A count whose reply was lost is resent with its own sequence number, which
-        Redis recognises if it did apply it: the counter never counts it twice.
+        Redis recognises if it did apply it: the counter never counts it twice. A
+        `heartbeat` is sent with the count and reports `hashes_flushed` as of it.
         """
         if self._in_doubt is not None:
             sequence, doubtful = self._in_doubt
             await schema.record(redis, doubtful, {}, self.writer, sequence)
             self._in_doubt = None
+            self.flushed_hashes += doubtful
         hashes = 0 if coins_only else self.pending_hashes
         coins = self.pending_coins
-        if not hashes and not coins:
+        if not hashes and not coins and heartbeat is None:
             return
         if hashes:
             self._sequence += 1
         self.pending_hashes -= hashes
         self.pending_coins = {}
+        if heartbeat is not None:
+            info = {**heartbeat.info, "hashes_flushed": self.flushed_hashes + hashes}
+            heartbeat = schema.Heartbeat(heartbeat.worker, info, heartbeat.ttl)
         try:
-            await schema.record(redis, hashes, coins, self.writer, self._sequence)
+            await schema.record(redis, hashes, coins, self.writer, self._sequence, heartbeat)
         except BaseException:
             if hashes:
                 self._in_doubt = (self._sequence, hashes)
             self.pending_coins.update(coins)
             raise
+        self.flushed_hashes += hashes
 
 
 class Miner:
@@ -335,15 +348,13 @@ class Miner:
 
     async def flush_counters(self) -> None:
         """Flush pending hashes and coins and renew the heartbeat; log outages once."""
+        heartbeat = schema.Heartbeat(
+            self.worker_id,
+            {"pid": os.getpid(), "loops": self.settings.worker_loops},
+            max(3 * self.settings.worker_flush_interval, 2.0),
+        )
         try:
-            await self.ledger.flush(self.redis)
-            ttl = max(3 * self.settings.worker_flush_interval, 2.0)
-            await schema.announce_worker(
-                self.redis,
-                self.worker_id,
-                {"pid": os.getpid(), "loops": self.settings.worker_loops},
-                ttl,
-            )
+            await self.ledger.flush(self.redis, heartbeat=heartbeat)
         except (RedisError, OSError) as exc:
             WORKER_ERRORS.labels("redis", type(exc).__name__).inc()
             self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
