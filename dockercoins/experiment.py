@@ -329,7 +329,14 @@ class KubectlBackend:
         context: str | None = None,
         kubectl: str = "kubectl",
         timeout: float = 120.0,
+        rng_workload: str = "deployment/rng",
     ) -> None:
+        kind, _, name = rng_workload.partition("/")
+        if kind not in ("deployment", "daemonset") or not name:
+            raise ConfigError(
+                f"--rng-workload: expected deployment/NAME or daemonset/NAME, got {rng_workload!r}"
+            )
+        self.rng_workload = rng_workload
         self.url = url.rstrip("/")
         self.namespace = namespace
         self.context = context
@@ -362,9 +369,13 @@ class KubectlBackend:
 
     async def configure(self, mode: str, rng_replicas: int) -> None:
         # `set env` to the value it already has changes nothing and restarts nothing.
-        await self.run("set", "env", "deployment/rng", f"{env_name('rng_mode')}={mode}")
-        await self.run("scale", "deployment/rng", f"--replicas={rng_replicas}")
-        await self.run("rollout", "status", "deployment/rng", f"--timeout={self.timeout:.0f}s")
+        rng = self.rng_workload
+        await self.run("set", "env", rng, f"{env_name('rng_mode')}={mode}")
+        if rng.startswith("deployment/"):
+            await self.run("scale", rng, f"--replicas={rng_replicas}")
+        # A DaemonSet runs one rng per node (the course's fix): nothing to scale; give the
+        # node count as --rng-replicas so that the model expects the right ceiling.
+        await self.run("rollout", "status", rng, f"--timeout={self.timeout:.0f}s")
 
     async def scale_workers(self, count: int) -> None:
         await self.run("scale", "deployment/worker", f"--replicas={count}")
@@ -701,6 +712,12 @@ def add_arguments(parser: Any) -> None:
     cluster.add_argument("--namespace", "-n", default="default")
     cluster.add_argument("--context", help="kubectl context (default: the current one)")
     cluster.add_argument("--kubectl", default="kubectl", help="the kubectl executable")
+    cluster.add_argument(
+        "--rng-workload",
+        default="deployment/rng",
+        help="deployment/rng (scaled to --rng-replicas) or daemonset/rng (one per node, "
+        "the daemonset overlay)",
+    )
 
 
 def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
@@ -740,7 +757,11 @@ def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
             if not options.get("url"):
                 raise ConfigError("--backend kubectl needs --url, the web UI's address")
             backend = KubectlBackend(
-                options["url"], options["namespace"], options.get("context"), options["kubectl"]
+                options["url"],
+                options["namespace"],
+                options.get("context"),
+                options["kubectl"],
+                rng_workload=options["rng_workload"],
             )
         else:
             log_out = closing.enter_context((output / "experiment.log").open("w"))

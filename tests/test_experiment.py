@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dockercoins.errors import ConfigError
 from dockercoins.experiment import (
     Costs,
     KubectlBackend,
@@ -225,6 +226,20 @@ async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     missing = KubectlBackend("http://127.0.0.1:9", kubectl=str(tmp_path / "nowhere"))
     with pytest.raises(Exception, match="not found"):
         await missing.scale_workers(2)
+
+
+async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -> None:
+    bin_dir, log = _stand_in_kubectl(tmp_path, tmp_path / "no-stack")
+    backend = KubectlBackend(
+        "http://127.0.0.1:9", "ns1", kubectl=str(bin_dir / "kubectl"), rng_workload="daemonset/rng"
+    )
+    await backend.configure("buffered", 3)
+    assert _commands(log) == [
+        "kubectl set env daemonset/rng DOCKERCOINS_RNG_MODE=buffered -n ns1",
+        "kubectl rollout status daemonset/rng --timeout=120s -n ns1",
+    ]
+    with pytest.raises(ConfigError, match="--rng-workload"):
+        KubectlBackend("http://127.0.0.1:9", rng_workload="statefulset/rng")
 
 
 def test_the_documented_run_is_the_one_in_its_files() -> None:
