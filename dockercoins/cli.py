@@ -135,7 +135,7 @@ def _add_tools(commands: Any) -> None:
         help="time real calls against rng or hasher, as httping does",
         description="One line per call and a min/avg/max summary; exit 1 if any call failed.",
     )
-    probe.add_argument("service", choices=["rng", "hasher"])
+    probe.add_argument("service", choices=["rng", "hasher", "worker"])
     probe.add_argument("--addr", help="target (default: DOCKERCOINS_RNG_ADDR / _HASHER_ADDR)")
     probe.add_argument("--count", "-c", type=int, default=5, help="calls to make (default 5)")
     probe.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between calls")
@@ -195,7 +195,16 @@ def run_probe(options: dict[str, Any]) -> int:
     address = options.get("addr")
     if not address:
         settings = load_settings(WorkerSettings)
-        address = settings.rng_addr if options["service"] == "rng" else settings.hasher_addr
+        if options["service"] == "worker":
+            if not settings.worker_health_port:
+                print(
+                    "dockercoins probe: give --addr, or set DOCKERCOINS_WORKER_HEALTH_PORT",
+                    file=sys.stderr,
+                )
+                return 2
+            address = f"127.0.0.1:{settings.worker_health_port}"
+        else:
+            address = settings.rng_addr if options["service"] == "rng" else settings.hasher_addr
     if options["count"] < 1 or options["interval"] < 0 or options["timeout"] <= 0:
         print(
             "dockercoins probe: --count must be >= 1, --interval >= 0, --timeout > 0",
@@ -215,6 +224,9 @@ def run_probe(options: dict[str, Any]) -> int:
                 credentials=credentials,
             )
         )
+    except ValueError as exc:
+        print(f"dockercoins probe: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 1 if result.errors else 0

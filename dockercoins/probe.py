@@ -14,7 +14,8 @@ from dockercoins.channels import normalize_target
 from dockercoins.tls import open_channel
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 
-SERVICE_NAMES = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher"}
+SERVICE_NAMES = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher", "worker": ""}
+"""The health service name each target answers for (the worker: its whole process)."""
 
 
 @dataclass
@@ -70,7 +71,9 @@ async def probe(
     With `credentials` the calls go over TLS.
     """
     if service not in SERVICE_NAMES:
-        raise ValueError(f"can only probe {' or '.join(SERVICE_NAMES)}, not {service!r}")
+        raise ValueError(f"can only probe {', '.join(SERVICE_NAMES)}, not {service!r}")
+    if service == "worker" and not health:
+        raise ValueError("a worker serves health only: probe it with --health")
     result = ProbeResult()
     what = f"{service} health" if health else service
     async with open_channel(normalize_target(address), credentials) as channel:

@@ -228,3 +228,38 @@ async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
     assert int(client.get("hashes")) == int(reported.group(1)) + doomed_flushed
     for digest, block in client.hscan_iter("wallet"):
         assert digest.decode() == hashlib.sha256(block).hexdigest()
+
+
+async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp_path) -> None:
+    rng = await servers.rng(rng_read_cost=0.01)
+    hasher = await servers.hasher(hasher_latency=0.01)
+    port = free_port()
+    worker = await start_worker(
+        tmp_path / "worker.log",
+        rng_addr=rng,
+        hasher_addr=hasher,
+        redis_url=redis_url,
+        worker_health_port=port,
+    )
+
+    async def probe(*args: str) -> tuple[int, str]:
+        import sys
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dockercoins", "probe", "worker", *args,
+            env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while (result := await probe("--health", "-c", "1", "--addr", f"127.0.0.1:{port}"))[0]:
+        assert asyncio.get_running_loop().time() < deadline, result[1]
+        await asyncio.sleep(0.2)
+    assert "1 calls, 1 ok, 0 failed" in result[1]
+    code, out = await probe("-c", "1", "--addr", f"127.0.0.1:{port}")
+    assert code == 2 and "probe it with --health" in out
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker.wait(), 15) == 0
+    code, out = await probe("--health", "-c", "1", "--timeout", "1", "--addr", f"127.0.0.1:{port}")
+    assert code == 1 and "0 ok, 1 failed" in out
