@@ -533,7 +533,7 @@ def healthcheck_argv(service: str, port: int) -> tuple[list[str], dict[str, str]
     svc = compose_variant("classic")["services"][service]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
     env.update({k: str(v) for k, v in svc["environment"].items()})
-    own = f"DOCKERCOINS_{service.upper()}_PORT"
+    own = f"DOCKERCOINS_{service.upper()}_{'HEALTH_PORT' if service == 'worker' else 'PORT'}"
     compose_port = env[own]
     env.update({own: str(port), "DOCKERCOINS_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
     form, program, *args = svc["healthcheck"]["test"]
@@ -542,7 +542,7 @@ def healthcheck_argv(service: str, port: int) -> tuple[list[str], dict[str, str]
     return [local, *(a.replace(f":{compose_port}", f":{port}") for a in args)], env
 
 
-@pytest.mark.parametrize("service", ["rng", "hasher", "webui"])
+@pytest.mark.parametrize("service", ["rng", "hasher", "worker", "webui"])
 def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(service: str) -> None:
     """The healthcheck, run as compose runs it, against the service started as compose starts it."""
     from dockercoins.net import free_port
