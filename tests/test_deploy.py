@@ -879,3 +879,23 @@ def test_a_broken_compose_file_fails_the_checks(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("depends_on:", "depnds_on:", 1))
     result = run([compose_binary(), "-f", "compose.yaml", "config", "-q"], cwd=tmp_path)
     assert result.returncode != 0 and "depnds_on" in result.stderr
+
+
+def test_metrics_overlay_scrapes_ports_the_processes_serve_metrics_on() -> None:
+    scraped = {}
+    for workload in workloads(rendered("metrics")):
+        annotations = workload.pod["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") != "true":
+            continue
+        port = int(annotations["prometheus.io/port"])
+        (container,) = workload.containers
+        assert container_port(container, port) == port, f"{workload.name}: {port} not declared"
+        env = env_of(container)
+        command = command_of(container)
+        # The process listens there: its metrics port, or (webui) its own HTTP port.
+        assert port in (
+            int(env.get("DOCKERCOINS_METRICS_PORT", 0)),
+            int(env.get(f"DOCKERCOINS_{(command or '').upper()}_PORT", 0)),
+        ), workload.name
+        scraped[workload.name] = port
+    assert scraped == {"rng": 9100, "hasher": 9100, "worker": 9100, "webui": 8000}
