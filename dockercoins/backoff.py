@@ -45,7 +45,12 @@ class OutageLog:
             self.log.warning("%s unreachable: %s; retrying with backoff", name, reason)
 
     def recovered(self, name: str) -> None:
-        """Record a success; ends the outage, if any, with one line."""
+        """Record a success; ends the outage, if any, with one line.
+
+        Called after every successful call, so the usual case (no outage) returns at once.
+        """
+        if name not in self._since:
+            return
         started = self._since.pop(name, None)
         failures = self._failures.pop(name, 0)
         if started is not None:

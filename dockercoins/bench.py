@@ -23,11 +23,11 @@ import grpc
 from redis.asyncio import Redis
 
 from dockercoins import schema
-from dockercoins.launcher import Console, Stack, StackSettings
+from dockercoins.launcher import Stack
 from dockercoins.probe import probe
+from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLASSIC_COST = 0.1
 
 
@@ -90,27 +90,6 @@ class PipelineResult:
     processes: dict[str, ProcessFigures] = field(default_factory=dict)
 
 
-# -- /proc readings --------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def memory_mb(pid: int, key: str = "VmHWM") -> float:
-    """A memory figure of `pid` in MB: VmHWM (peak RSS) or VmRSS."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _stack_pids(stack: Stack) -> dict[str, int]:
-    return {p.name: p.pid for p in stack.processes() if p.pid is not None and p.running}
-
-
 # -- (a) the ceiling -------------------------------------------------------------------
 
 
@@ -154,16 +133,7 @@ async def _counter_rate(redis: Redis, seconds: float, every: float = 0.25) -> tu
 
 
 def _stack(data_dir: Path, workers: int, log: TextIO, env: dict[str, str]) -> Stack:
-    settings = StackSettings(
-        workers=workers,
-        rng_port=0,
-        hasher_port=0,
-        webui_port=0,
-        data_dir=data_dir,
-        fresh=True,
-        log_level="WARNING",
-    )
-    return Stack(settings, Console(log), child_env=env)
+    return Stack.on_free_ports(data_dir, log, env, workers=workers, log_level="WARNING")
 
 
 async def measure_pipeline(
@@ -181,7 +151,7 @@ async def measure_pipeline(
         await stack.start()
         redis = Redis.from_url(stack.redis_url)
         await asyncio.sleep(warmup)
-        pids = _stack_pids(stack)
+        pids = stack.pids()
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         rate, stderr = await _counter_rate(redis, window)
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
@@ -303,7 +273,7 @@ async def soak(seconds: float, data_dir: Path, log: TextIO, every: float = 5.0) 
         first = await schema.read_totals(redis)
         end = time.monotonic() + seconds
         while True:
-            for name, pid in _stack_pids(stack).items():
+            for name, pid in stack.pids().items():
                 series.setdefault(name, []).append(round(memory_mb(pid, "VmRSS"), 1))
             if time.monotonic() >= end:
                 break

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from dockercoins.errors import ConfigError, DockercoinsError
+from dockercoins.procstat import cpu_seconds, machine_busy_cpu
 from dockercoins.rate import Rate, Sample, fit_slope
 from dockercoins.settings import env_name
 
@@ -207,26 +208,6 @@ class Backend(Protocol):
 # -- local backend -------------------------------------------------------------------------
 
 
-def _process_cpu(pid: int) -> float:
-    """utime + stime of `pid` in seconds (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_cpu() -> float:
-    """CPU seconds the whole machine spent not idle since boot (all cores)."""
-    try:
-        first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (FileNotFoundError, IndexError):
-        return 0.0
-    ticks = [int(value) for value in first]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 class LocalBackend:
     """The stack as local processes (the launcher's `Stack`), restarted when rng's mode changes."""
 
@@ -253,24 +234,18 @@ class LocalBackend:
     async def _start_stack(self, mode: str, rng_replicas: int) -> None:
         from redis.asyncio import Redis
 
-        from dockercoins.launcher import Console, Stack, StackSettings
-        from dockercoins.settings import load_settings
+        from dockercoins.launcher import Stack
 
         self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
-        settings = load_settings(
-            StackSettings,
+        self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")
+        self.stack = Stack.on_free_ports(
+            self._data_dir,
+            self.log_out,
+            self.costs.env(),
             workers=0,
             rng_mode=mode,
             rng_replicas=rng_replicas,
-            rng_port=0,
-            hasher_port=0,
-            webui_port=0,
-            redis_port=0,
-            data_dir=self._data_dir,
-            fresh=True,
         )
-        self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")
-        self.stack = Stack(settings, Console(self.log_out), child_env=self.costs.env())
         try:
             await self.stack.start()
         except BaseException:
@@ -307,8 +282,8 @@ class LocalBackend:
     def cpu_seconds(self) -> tuple[float, float] | None:
         if self.stack is None:
             return None
-        pids = [p.pid for p in self.stack.processes() if p.pid is not None]
-        return sum(_process_cpu(pid) for pid in pids), _machine_busy_cpu()
+        used = sum(cpu_seconds(pid) for pid in self.stack.pids().values())
+        return used, machine_busy_cpu()
 
     async def close(self) -> None:
         await self._stop_stack()

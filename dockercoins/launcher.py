@@ -25,7 +25,7 @@ from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
-from dockercoins.settings import MetricsSettings, TlsSettings, env_name
+from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
 from dockercoins.tls import channel_credentials, open_channel
 from rng_svc.config import RngMode
 
@@ -429,10 +429,32 @@ class Stack:
 
     # -- stop ------------------------------------------------------------------------
 
+    @classmethod
+    def on_free_ports(
+        cls, data_dir: Path, log: TextIO, child_env: dict[str, str], **fields: Any
+    ) -> "Stack":
+        """A stack for a tool that measures one: free ports, a data directory of its own
+        emptied first, its processes' lines in `log`, `child_env` given to every child."""
+        settings = load_settings(
+            StackSettings,
+            rng_port=0,
+            hasher_port=0,
+            webui_port=0,
+            redis_port=0,
+            data_dir=data_dir,
+            fresh=True,
+            **fields,
+        )
+        return cls(settings, Console(log), child_env=child_env)
+
     def processes(self) -> list[ManagedProcess]:
         """Every process of the stack, in start order."""
         started = [self.redis, *self.rngs, self.hasher, self.webui, *self.workers]
         return [p for p in started if p is not None]
+
+    def pids(self) -> dict[str, int]:
+        """Name -> pid of every process running now."""
+        return {p.name: p.pid for p in self.processes() if p.pid is not None and p.running}
 
     async def stop(self) -> None:
         """Stop workers first (they flush), then the web UI, hasher, rng, Redis last."""

@@ -1,6 +1,7 @@
 """Prometheus metrics: per-method gRPC server metrics, rng's buffer, the worker's work, /metrics."""
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -42,8 +43,6 @@ SERVER_MSG_SENT = Counter(
     "grpc_server_msg_sent_total", "Stream messages sent by the server.", _SERVER_LABELS
 )
 
-WORKER_HASHES = Counter("dockercoins_worker_hashes_total", "Hashes this worker computed.")
-WORKER_COINS = Counter("dockercoins_worker_coins_total", "Coins this worker found.")
 WORKER_ERRORS = Counter(
     "dockercoins_worker_errors_total",
     "Failed calls to an upstream, by upstream and status (gRPC code or Redis error class).",
@@ -66,7 +65,7 @@ def _split_method(full: str) -> tuple[str, str]:
 class _CallMetrics:
     """The label children of one method, resolved once per call."""
 
-    __slots__ = ("handled", "labels", "received", "seconds", "sent", "started_at")
+    __slots__ = ("labels", "received", "sent", "started_at")
 
     def __init__(self, rpc_type: str, service: str, method: str) -> None:
         self.labels = (rpc_type, service, method)
@@ -75,20 +74,46 @@ class _CallMetrics:
         self.sent = SERVER_MSG_SENT.labels(*self.labels)
         self.started_at = time.perf_counter()
 
-    def done(self, context: grpc.aio.ServicerContext, failed: BaseException | None) -> None:
-        if isinstance(failed, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
-        else:
-            code = _code_of(context) or (
-                grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
+    @contextlib.contextmanager
+    def measured(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Count the call as handled, with its status code, and time it, however it ends."""
+        failed: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            if isinstance(failed, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = _code_of(context) or (
+                    grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
+                )
+            SERVER_HANDLED.labels(*self.labels, code.name).inc()
+            SERVER_HANDLING_SECONDS.labels(*self.labels).observe(
+                time.perf_counter() - self.started_at
             )
-        SERVER_HANDLED.labels(*self.labels, code.name).inc()
-        SERVER_HANDLING_SECONDS.labels(*self.labels).observe(time.perf_counter() - self.started_at)
 
     async def count_received(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             self.received.inc()
             yield request
+
+
+class _CountingContext:
+    """A servicer context whose `write` counts sent messages; everything else passes through."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, sent: Any) -> None:
+        self._context = context
+        self._sent = sent
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._sent.inc()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
@@ -104,48 +129,45 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
     return None
 
 
-def _wrap_unary_response(
-    behavior: Callable[..., Any], rpc_type: str, service: str, method: str, streaming_in: bool
+def _wrap(
+    behavior: Callable[..., Any],
+    rpc_type: str,
+    service: str,
+    method: str,
+    streaming_in: bool,
+    streaming_out: bool,
 ) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """`behavior` with its calls counted and timed, and its stream messages counted.
+
+    A streaming handler either yields its replies or writes them with
+    `context.write()` (rng's StreamRandom, the health service's Watch): both are counted.
+    """
+
+    def begin(request: Any, context: Any) -> tuple[_CallMetrics, Any, Any]:
         call = _CallMetrics(rpc_type, service, method)
         if streaming_in:
             request = call.count_received(request)
-        failed: BaseException | None = None
-        try:
-            return await behavior(request, context)
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            call.done(context, failed)
+        if streaming_out:
+            context = _CountingContext(context, call.sent)
+        return call, request, context
 
-    return wrapped
+    if streaming_out and inspect.isasyncgenfunction(behavior):
 
+        async def yielding(request: Any, context: Any) -> AsyncIterator[Any]:
+            call, request, counted = begin(request, context)
+            with call.measured(context):
+                async for reply in behavior(request, counted):
+                    call.sent.inc()
+                    yield reply
 
-def _wrap_stream_response(
-    behavior: Callable[..., Any], rpc_type: str, service: str, method: str, streaming_in: bool
-) -> Callable[..., Any]:
-    if not inspect.isasyncgenfunction(behavior):
-        # Writes with context.write() and returns nothing (the health service's Watch).
-        return _wrap_unary_response(behavior, rpc_type, service, method, streaming_in)
+        return yielding
 
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _CallMetrics(rpc_type, service, method)
-        if streaming_in:
-            request = call.count_received(request)
-        failed: BaseException | None = None
-        try:
-            async for reply in behavior(request, context):
-                call.sent.inc()
-                yield reply
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            call.done(context, failed)
+    async def returning(request: Any, context: Any) -> Any:
+        call, request, counted = begin(request, context)
+        with call.measured(context):
+            return await behavior(request, counted)
 
-    return wrapped
+    return returning
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -165,22 +187,16 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            behavior = _wrap_unary_response(handler.unary_unary, "unary", service, method, False)
+            behavior = _wrap(handler.unary_unary, "unary", service, method, False, False)
             return grpc.unary_unary_rpc_method_handler(behavior, **codec)
         if handler.unary_stream:
-            behavior = _wrap_stream_response(
-                handler.unary_stream, "server_stream", service, method, False
-            )
+            behavior = _wrap(handler.unary_stream, "server_stream", service, method, False, True)
             return grpc.unary_stream_rpc_method_handler(behavior, **codec)
         if handler.stream_unary:
-            behavior = _wrap_unary_response(
-                handler.stream_unary, "client_stream", service, method, True
-            )
+            behavior = _wrap(handler.stream_unary, "client_stream", service, method, True, False)
             return grpc.stream_unary_rpc_method_handler(behavior, **codec)
         if handler.stream_stream:
-            behavior = _wrap_stream_response(
-                handler.stream_stream, "bidi_stream", service, method, True
-            )
+            behavior = _wrap(handler.stream_stream, "bidi_stream", service, method, True, True)
             return grpc.stream_stream_rpc_method_handler(behavior, **codec)
         return handler
 
@@ -226,6 +242,28 @@ class RngBufferCollector(Collector):
             "Requests that found the buffer too empty and had to wait.",
             value=getattr(self.source, "underruns", 0),
         )
+
+
+class LedgerCollector(Collector):
+    """A worker's totals as Prometheus sees them, read from its ledger at scrape time."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "dockercoins_worker_hashes", "Hashes this worker computed.", self.ledger.total_hashes
+        )
+        yield CounterMetricFamily(
+            "dockercoins_worker_coins", "Coins this worker found.", self.ledger.total_coins
+        )
+
+
+def watch_ledger(ledger: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Export a worker's totals; returns the function that stops exporting them."""
+    collector = LedgerCollector(ledger)
+    registry.register(collector)
+    return lambda: registry.unregister(collector)
 
 
 def watch_rng_source(source: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:

@@ -80,9 +80,6 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
     ) -> AsyncIterator[hasher_pb2.HashReply]:
         async for request in request_iterator:
             try:
-                reply = await self._answer(request)
+                yield await self._answer(request)
             except RequestError as exc:
                 await context.abort(exc.code, str(exc))
-            if context.done():
-                return  # the client went away meanwhile: nobody to write to
-            yield reply

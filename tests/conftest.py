@@ -91,6 +91,12 @@ class GrpcServers:
         self._running.append((server, None))
         return f"127.0.0.1:{server.port}"
 
+    async def upstreams(self, cost: float = 0.0, **both: object) -> tuple[str, str]:
+        """rng and hasher whose simulated costs are `cost` each; their addresses."""
+        rng = await self.rng(rng_read_cost=cost, **both)
+        hasher = await self.hasher(hasher_latency=cost, **both)
+        return rng, hasher
+
     async def stop_all(self) -> None:
         for server, source in reversed(self._running):
             await server.stop(0)  # type: ignore[attr-defined]

@@ -55,49 +55,58 @@ class ReplyDroppingProxy:
             self.server.close()
 
 
-async def test_a_count_whose_reply_was_lost_is_added_once(redis_url) -> None:
+@pytest.fixture
+async def lossy(redis_url):
+    """(direct client, proxy, client through the proxy with retries on or off) for a test."""
     direct = Redis.from_url(redis_url)
     proxy = ReplyDroppingProxy(direct.connection_pool.connection_kwargs["port"])
     await proxy.start()
-    through_proxy = Redis(port=proxy.port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+    clients: list[Redis] = []
+
+    def through_proxy(retries: bool) -> Redis:
+        retry = {} if retries else {"retry": Retry(NoBackoff(), 0)}  # redis-py retries by default
+        clients.append(Redis(port=proxy.port, socket_timeout=2, **retry))
+        return clients[-1]
+
+    yield direct, proxy, through_proxy
+    for client in clients:
+        await client.aclose()
+    await direct.aclose()
+    await proxy.stop()
+
+
+async def lose_the_next_reply(proxy: ReplyDroppingProxy, client: Redis) -> None:
+    await client.ping()  # connected: the next reply is the flush's
+    proxy.drop_next_reply = True
+
+
+async def test_a_count_whose_reply_was_lost_is_added_once(lossy) -> None:
+    direct, proxy, through_proxy = lossy
+    client = through_proxy(retries=False)
     ledger = Ledger("worker-under-test")
-    try:
-        ledger.add(100, {"0abc": b"x" * 32})
-        await through_proxy.ping()  # connected: the next reply is the flush's
-        proxy.drop_next_reply = True
-        with pytest.raises((RedisConnectionError, OSError)):
-            await ledger.flush(through_proxy)
-        assert int(await direct.get("hashes")) == 100, "Redis applied it"
-        assert ledger.unflushed_hashes == 100, "the worker cannot know"
+    ledger.add(100, {"0abc": b"x" * 32})
+    await lose_the_next_reply(proxy, client)
+    with pytest.raises((RedisConnectionError, OSError)):
+        await ledger.flush(client)
+    assert int(await direct.get("hashes")) == 100, "Redis applied it"
+    assert ledger.unflushed_hashes == 100, "the worker cannot know"
 
-        ledger.add(50, {})
-        await ledger.flush(through_proxy)  # resends the 100 as it was, then the 50
-        assert int(await direct.get("hashes")) == 150
-        assert ledger.unflushed_hashes == 0
-        assert await direct.hget("wallet", "0abc") == b"x" * 32
-        assert ledger.total_hashes == 150
-    finally:
-        await through_proxy.aclose()
-        await direct.aclose()
-        await proxy.stop()
+    ledger.add(50, {})
+    await ledger.flush(client)  # resends the 100 as it was, then the 50
+    assert int(await direct.get("hashes")) == 150
+    assert ledger.unflushed_hashes == 0
+    assert await direct.hget("wallet", "0abc") == b"x" * 32
+    assert ledger.total_hashes == 150
 
 
-async def test_the_clients_own_retry_after_a_lost_reply_counts_once(redis_url) -> None:
-    direct = Redis.from_url(redis_url)
-    proxy = ReplyDroppingProxy(direct.connection_pool.connection_kwargs["port"])
-    await proxy.start()
-    through_proxy = Redis(port=proxy.port, socket_timeout=2)  # redis-py retries by itself
+async def test_the_clients_own_retry_after_a_lost_reply_counts_once(lossy) -> None:
+    direct, proxy, through_proxy = lossy
+    client = through_proxy(retries=True)
     ledger = Ledger("worker-under-test")
-    try:
-        ledger.add(100, {})
-        await through_proxy.ping()  # connected: the next reply is the flush's
-        proxy.drop_next_reply = True
-        await ledger.flush(through_proxy)
-        assert int(await direct.get("hashes")) == 100  # sent twice, added once
-    finally:
-        await through_proxy.aclose()
-        await direct.aclose()
-        await proxy.stop()
+    ledger.add(100, {})
+    await lose_the_next_reply(proxy, client)
+    await ledger.flush(client)
+    assert int(await direct.get("hashes")) == 100  # sent twice, added once
 
 
 async def test_two_writers_never_skip_each_others_counts(redis_url) -> None:

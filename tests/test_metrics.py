@@ -53,6 +53,10 @@ def test_every_service_exports_its_metrics(stack) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             rng_pb2_grpc.RngStub(channel).GetRandom(rng_pb2.RandomRequest(size=0), timeout=5)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stream = rng_pb2_grpc.RngStub(channel).StreamRandom(
+            rng_pb2.StreamRandomRequest(size=32, messages=3)
+        )
+        assert len(list(stream)) == 3
     time.sleep(2)
 
     rng = scrape(endpoints["rng"])
@@ -71,6 +75,9 @@ def test_every_service_exports_its_metrics(stack) -> None:
         <= value(rng, "dockercoins_rng_buffer_capacity_bytes")
     )
     assert ("dockercoins_rng_underruns_total", frozenset()) in rng
+    streamed = {"grpc_service": "dockercoins.v1.Rng", "grpc_method": "StreamRandom"}
+    assert value(rng, "grpc_server_msg_sent_total", **streamed) == 3  # written, not yielded
+    assert value(rng, "grpc_server_handled_total", grpc_code="OK", **streamed) == 1
 
     hasher = scrape(endpoints["hasher"])
     hashed = value(hasher, "grpc_server_handled_total", grpc_method="Hash", grpc_code="OK")

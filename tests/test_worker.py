@@ -41,8 +41,7 @@ async def wait_for(condition, timeout: float = 15.0) -> None:
 async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
     servers, redis_url, tmp_path
 ) -> None:
-    rng = await servers.rng(rng_read_cost=0.002)
-    hasher = await servers.hasher(hasher_latency=0.002)
+    rng, hasher = await servers.upstreams(0.002)
     client = redis.Redis.from_url(redis_url)
     log = tmp_path / "worker.log"
     worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=redis_url)
@@ -87,8 +86,7 @@ async def test_worker_logs_an_outage_once_and_resumes_by_itself(
 
 
 async def test_worker_keeps_counts_while_redis_is_down(servers, tmp_path) -> None:
-    rng = await servers.rng(rng_read_cost=0)
-    hasher = await servers.hasher(hasher_latency=0)
+    rng, hasher = await servers.upstreams(0)
     redis_port = free_port()
     url = f"redis://127.0.0.1:{redis_port}/0"
     log = tmp_path / "worker.log"
@@ -141,8 +139,7 @@ def established_connections(port: int) -> int:
 async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connections(
     servers, redis_url, tmp_path, pool_size: int
 ) -> None:
-    rng = await servers.rng(rng_read_cost=0)
-    hasher = await servers.hasher(hasher_latency=0)
+    rng, hasher = await servers.upstreams(0)
     client = redis.Redis.from_url(redis_url)
     worker = await start_worker(
         tmp_path / "worker.log",
@@ -174,8 +171,7 @@ async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connect
 
 
 async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url, tmp_path):
-    rng = await servers.rng(rng_read_cost=0, max_connection_age=0.5)
-    hasher = await servers.hasher(hasher_latency=0, max_connection_age=0.5)
+    rng, hasher = await servers.upstreams(0, max_connection_age=0.5)
     client = redis.Redis.from_url(redis_url)
     log = tmp_path / "worker.log"
     worker = await start_worker(
@@ -200,8 +196,7 @@ async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url
 async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
     servers, redis_url, tmp_path
 ) -> None:
-    rng = await servers.rng(rng_read_cost=0.002)
-    hasher = await servers.hasher(hasher_latency=0.002)
+    rng, hasher = await servers.upstreams(0.002)
     client = redis.Redis.from_url(redis_url)
     steady = await start_worker(
         tmp_path / "steady.log", rng_addr=rng, hasher_addr=hasher, redis_url=redis_url
@@ -231,8 +226,7 @@ async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
 
 
 async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp_path) -> None:
-    rng = await servers.rng(rng_read_cost=0.01)
-    hasher = await servers.hasher(hasher_latency=0.01)
+    rng, hasher = await servers.upstreams(0.01)
     port = free_port()
     worker = await start_worker(
         tmp_path / "worker.log",

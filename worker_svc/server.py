@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from dockercoins.channels import ChannelPool
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
-from dockercoins.metrics import start_metrics_endpoint
+from dockercoins.metrics import start_metrics_endpoint, watch_ledger
 from dockercoins.tls import channel_credentials, server_credentials
 from worker_svc.config import WorkerSettings
 from worker_svc.service import Miner
@@ -41,6 +41,8 @@ async def serve(settings: WorkerSettings) -> None:
     hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, credentials=credentials)
     redis = connect_redis(settings.redis_url)
     miner = Miner(settings, rng, hasher, redis)
+    if settings.metrics_port:
+        watch_ledger(miner.ledger)
     log.info(
         "worker %s mining: rng %s, hasher %s, %d loop(s), batch %d, %d channel(s), %s",
         miner.worker_id,
