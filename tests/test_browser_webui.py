@@ -1,5 +1,6 @@
 """The page in a real headless Chromium, over a real stack of processes with scaled-down costs."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -82,10 +83,14 @@ def browser() -> Iterator[Any]:
     """Debian's chromium, headless, driven through Debian's chromedriver (nothing downloaded)."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
     if missing:
-        pytest.fail(
+        # `make test` installs them when it runs as root with apt (scripts/test-prerequisites).
+        reason = (
             f"missing {', '.join(missing)}: install Debian's chromium and chromium-driver "
             "(apt-get install -y chromium chromium-driver)"
         )
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
