@@ -1,6 +1,5 @@
 """The page in a real headless Chromium, over a real stack of processes with scaled-down costs."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import redis
 from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
 from dockercoins.schema import RNG_MODE_KEY
-from tests.conftest import ROOT, service_env
+from tests.conftest import ROOT, service_env, skip_unless_ci
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -84,13 +83,10 @@ def browser() -> Iterator[Any]:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
     if missing:
         # `make test` installs them when it runs as root with apt (scripts/test-prerequisites).
-        reason = (
+        skip_unless_ci(
             f"missing {', '.join(missing)}: install Debian's chromium and chromium-driver "
             "(apt-get install -y chromium chromium-driver)"
         )
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -29,9 +29,9 @@ import yaml
 
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
+from tests.conftest import ROOT, skip_unless_ci
 from tests.test_deploy import compose_binary, tool
 
-ROOT = Path(__file__).resolve().parent.parent
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
 LOOP = 3 * COST
@@ -60,13 +60,10 @@ def engine() -> None:
     reason = engine_answers()
     if not reason:
         return
-    message = (
+    skip_unless_ci(
         f"no Docker engine ({reason}); `make test` prepares one as root with apt "
         "(scripts/test-prerequisites)"
     )
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def docker(*args: str, check: bool = True) -> str:
