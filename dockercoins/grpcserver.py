@@ -30,7 +30,6 @@ BASE_OPTIONS: Sequence[tuple[str, int]] = (
     # Clients may keep a connection alive with pings, calls or not (the worker pings every
     # 10 s at most): allowed down to `min_ping_interval`, strikes beyond.
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.bdp_probe", 0),
 )
 
 

@@ -54,7 +54,9 @@ def tls(cert: Path | None = None, key: Path | None = None, ca: Path | None = Non
 
 async def start_hasher(credentials: grpc.ServerCredentials | None) -> tuple[GrpcServer, str]:
     server = GrpcServer("hasher", [SERVICE_NAME])
-    hasher_pb2_grpc.add_HasherServicer_to_server(HasherServicer(HasherSettings(hasher_latency=0)), server.server)
+    hasher_pb2_grpc.add_HasherServicer_to_server(
+        HasherServicer(HasherSettings(hasher_latency=0)), server.server
+    )
     server.bind("127.0.0.1", 0, "DOCKERCOINS_HASHER_PORT", credentials=credentials)
     await server.start()
     return server, f"127.0.0.1:{server.port}"
