@@ -15,7 +15,7 @@ from hasher_svc.config import HasherSettings
 DIGEST_SIZE = 32
 HEX_ENTRY_BYTES = 2 + 2 * DIGEST_SIZE
 """One hex digest on the wire: a field tag, a length byte and 64 characters."""
-CHUNK_BLOCKS = 4096
+CHUNK_BLOCKS = 1024
 """Blocks hashed between two offers of the GIL, and whose digests are held as separate
 objects at once (a few milliseconds, a few hundred KB)."""
 REQUEST_FRAMING = 32
