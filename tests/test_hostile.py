@@ -54,6 +54,15 @@ def hash_of(data: bytes, address: str) -> str:
     return reply.hexdigests[0]
 
 
+async def open_streams(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
+    """`count` HashStreams, each answered once: open and running on the server."""
+    streams = [stub.HashStream() for _ in range(count)]
+    for stream in streams:
+        await stream.write(hasher_pb2.HashRequest(data=b"open"))
+        await stream.read()
+    return streams
+
+
 @pytest.mark.parametrize(
     ("hasher_process", "blocks", "block_size", "raw"),
     [
@@ -137,10 +146,7 @@ async def test_calls_past_the_concurrency_bound_get_resource_exhausted(servers) 
     address = await servers.hasher(hasher_latency=0, max_concurrent_rpcs=4)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = hasher_pb2_grpc.HasherStub(channel)
-        streams = [stub.HashStream() for _ in range(4)]
-        for stream in streams:
-            await stream.write(hasher_pb2.HashRequest(data=b"open"))
-            await stream.read()
+        streams = await open_streams(stub, 4)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Hash(hasher_pb2.HashRequest(data=b"one too many"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -160,10 +166,7 @@ async def test_a_connection_past_its_stream_bound_waits_others_do_not(servers) -
         grpc.aio.insecure_channel(address, options=local) as other,
     ):
         stub = hasher_pb2_grpc.HasherStub(busy)
-        streams = [stub.HashStream() for _ in range(2)]
-        for stream in streams:
-            await stream.write(hasher_pb2.HashRequest(data=b"open"))
-            await stream.read()
+        streams = await open_streams(stub, 2)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Hash(hasher_pb2.HashRequest(data=b"third"), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -191,9 +194,7 @@ async def test_keepalive_pings_faster_than_allowed_close_the_connection(
         ("grpc.http2.max_pings_without_data", 0),
     ]
     async with grpc.aio.insecure_channel(address, options=pinging) as channel:
-        stream = hasher_pb2_grpc.HasherStub(channel).HashStream()
-        await stream.write(hasher_pb2.HashRequest(data=b"open"))
-        await stream.read()
+        (stream,) = await open_streams(hasher_pb2_grpc.HasherStub(channel), 1)
         silent = asyncio.ensure_future(stream.read())  # nothing comes: only pings go by
         done, _ = await asyncio.wait([silent], timeout=10 if not survives else 3.5)
         if survives:
@@ -211,9 +212,7 @@ async def test_idle_connections_are_closed_and_clients_come_back(servers) -> Non
     address = await servers.hasher(hasher_latency=0, max_connection_idle=0.3)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = hasher_pb2_grpc.HasherStub(channel)
-        stream = stub.HashStream()
-        await stream.write(hasher_pb2.HashRequest(data=b"open"))
-        await stream.read()
+        (stream,) = await open_streams(stub, 1)
         await asyncio.sleep(1)
         assert channel.get_state() == grpc.ChannelConnectivity.READY  # a call in flight
         await stream.done_writing()
