@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 80 << 20
 """A client's limit on the messages it sends and receives: above the ceiling of every size
-setting (rng's, 64 MiB), so that a client takes the largest reply any server may be configured to send.
+setting (rng's, 64 MiB), so that a client takes the largest reply any server may send.
 Servers accept only what their own settings allow (`max_receive`)."""
 
 SMALL_REQUEST_BYTES = 4096
