@@ -36,12 +36,14 @@ class BadData(DockercoinsError):
 
 
 async def read_totals(redis: Redis) -> Totals:
-    """Read `hashes`, the wallet size and Redis `TIME` in one transaction.
+    """Read `hashes`, the wallet size and Redis `TIME` in one round trip.
 
+    Not a MULTI transaction: a Redis at its maxmemory refuses MULTI, and the page must still
+    read it. Redis runs the three commands of one pipeline back to back anyway.
     BadData if `hashes` is not a number or a key has the wrong type.
     """
     try:
-        async with redis.pipeline(transaction=True) as pipe:
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.get(HASHES_KEY)
             pipe.hlen(WALLET_KEY)
             pipe.time()

@@ -43,23 +43,46 @@ def bad_data_reason(exc: BadData) -> str:
 FULL_AT = 0.99
 """Share of `maxmemory` from which Redis counts as full: writes are refused at 100 %."""
 
+REFUSED_RECENTLY = 5.0
+"""Seconds Redis counts as full after it last refused a write for lack of memory (OOM)."""
 
-def full_reason(memory: dict[str, Any]) -> str | None:
-    """Why Redis refuses writes, from its INFO memory; None if it does not.
 
-    With `maxmemory` and the `noeviction` policy, a Redis whose memory reached the cap
-    answers every write with OOM: the workers pause, and their heartbeats expire.
+class MemoryWatch:
+    """Whether Redis refuses writes for lack of memory, from INFO memory and errorstats.
+
+    With `maxmemory` and the `noeviction` policy, a full Redis answers writes with OOM: the
+    workers pause and their heartbeats expire, which alone would look like "0 workers". A
+    write can be refused below the cap too (its own size counts), so a rise of Redis's own
+    count of OOM replies also means full, for REFUSED_RECENTLY seconds.
     """
-    cap = int(memory.get("maxmemory") or 0)
-    if not cap or memory.get("maxmemory_policy") != "noeviction":
-        return None
-    used = int(memory.get("used_memory") or 0) - int(memory.get("mem_not_counted_for_evict") or 0)
-    if used < cap * FULL_AT:
-        return None
-    return (
-        f"Redis full: {used / 2**20:.1f} of its maxmemory {cap / 2**20:.1f} MiB used; "
-        "it refuses writes (noeviction) and the workers wait; free memory or raise maxmemory"
-    )
+
+    def __init__(self) -> None:
+        self._refusals: int | None = None
+        self._refused_at = -REFUSED_RECENTLY
+
+    def reason(self, memory: Any, errors: Any) -> str | None:
+        """Why Redis is full now, or None; `memory`, `errors`: INFO memory and errorstats
+        (anything else, e.g. an error of a Redis that denies INFO: not known to be full)."""
+        if not isinstance(memory, dict):
+            return None
+        cap = int(memory.get("maxmemory") or 0)
+        if not cap or memory.get("maxmemory_policy") != "noeviction":
+            return None
+        refusals = (
+            errors.get("errorstat_OOM", {}).get("count", 0) if isinstance(errors, dict) else 0
+        )
+        now = time.monotonic()
+        if self._refusals is not None and refusals > self._refusals:
+            self._refused_at = now
+        self._refusals = refusals
+        used = int(memory.get("used_memory") or 0)
+        used -= int(memory.get("mem_not_counted_for_evict") or 0)
+        if used < cap * FULL_AT and now - self._refused_at > REFUSED_RECENTLY:
+            return None
+        return (
+            f"Redis full: {used / 2**20:.1f} of its maxmemory {cap / 2**20:.1f} MiB used, "
+            "writes refused (noeviction): the workers wait; free memory or raise maxmemory"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +137,7 @@ class SpeedMonitor:
         self._outage = False
         self._clock_offset = 0.0
         self._tick = asyncio.Event()
+        self._memory = MemoryWatch()
 
     def redis_now(self) -> float:
         """The Redis clock as last seen, carried on by the local clock while Redis is away."""
@@ -133,8 +157,9 @@ class SpeedMonitor:
                 workers = await mining_workers(self.redis)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.get(RNG_MODE_KEY)
-                    pipe.info("memory")  # ~25 µs of Redis's time: see docs/reliability.md
-                    mode, memory = await pipe.execute(raise_on_error=False)
+                    pipe.info("memory")  # both INFO: ~25 µs of Redis's time each sample
+                    pipe.info("errorstats")
+                    mode, memory, errors = await pipe.execute(raise_on_error=False)
         except BadData as exc:
             self._failed("bad-data", bad_data_reason(exc))
             return
@@ -145,7 +170,7 @@ class SpeedMonitor:
         if self._outage:
             log.info("Redis reachable again")
             self._outage = False
-        full = full_reason(memory) if isinstance(memory, dict) else None  # INFO may be denied
+        full = self._memory.reason(memory, errors)
         if full is not None:
             self._failed("redis-full", full)
         else:
