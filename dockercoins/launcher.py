@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from redis.asyncio import Redis
 
 from dockercoins import schema
@@ -103,9 +104,11 @@ class StackSettings(TlsSettings, MetricsSettings):
     def _socket_path_fits(cls, data_dir: Path) -> Path:
         length = len(os.fsencode(data_dir / CONTROL_SOCKET))
         if length > UNIX_PATH_MAX:
-            raise ValueError(
-                f"the control socket's path would be {length} bytes, over the {UNIX_PATH_MAX} "
-                "a Unix socket allows: choose a shorter directory"
+            raise PydanticCustomError(
+                "socket_path_too_long",
+                "the control socket's path would be {length} bytes, over the {limit} a Unix "
+                "socket allows: choose a shorter directory",
+                {"length": length, "limit": UNIX_PATH_MAX},
             )
         return data_dir
 
