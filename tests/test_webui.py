@@ -339,5 +339,6 @@ async def test_streams_are_capped_and_a_closed_one_leaves_no_task(served) -> Non
 
     deadline = time.monotonic() + 15
     while len(asyncio.all_tasks()) > baseline or app.state.streams:
-        assert time.monotonic() < deadline, (len(asyncio.all_tasks()), baseline, app.state.streams)
+        left = [task.get_coro() for task in asyncio.all_tasks()]
+        assert time.monotonic() < deadline, (left, baseline, app.state.streams)
         await asyncio.sleep(0.1)

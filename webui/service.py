@@ -219,7 +219,8 @@ class SpeedMonitor:
                 next_point = max(next_point, time.monotonic())
             pause = max(0.0, self.sample_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+                async with asyncio.timeout(pause):  # no task of its own, unlike wait_for
+                    await stop.wait()
         self._tick.set()  # wake the streams, so that they see `stop`
 
     async def next_point(self) -> None:
