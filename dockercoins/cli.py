@@ -175,7 +175,15 @@ def run_scale(options: dict[str, Any]) -> int:
             return 2
         counts[service] = int(number)
     settings = load_settings(StackSettings, data_dir=options.get("data_dir"))
-    reply = asyncio.run(send_control(settings.data_dir, {"scale": counts}))
+    try:
+        reply = asyncio.run(
+            send_control(settings.data_dir, {"scale": counts}, settings.control_timeout)
+        )
+    except ConfigError:
+        raise
+    except DockercoinsError as exc:
+        print(f"dockercoins scale: {exc}", file=sys.stderr)
+        return 1
     if not reply.get("ok"):
         print(f"dockercoins scale: {reply.get('error')}", file=sys.stderr)
         return 1

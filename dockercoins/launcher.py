@@ -16,13 +16,15 @@ from typing import Any, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from redis.asyncio import Redis
 
 from dockercoins import schema
-from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.backoff import Backoff
+from dockercoins.embedded_redis import LockedRedis
 from dockercoins.errors import ConfigError, DockercoinsError
-from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.lifecycle import stop_event_on_signals, watch_task
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
 from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
@@ -33,6 +35,27 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 CONTROL_SOCKET = "control.sock"
+
+UNIX_PATH_MAX = 107
+"""Bytes of a Unix socket's path that Linux takes (sun_path is 108, with its final NUL)."""
+
+CONTROL_LINE_LIMIT = 4096
+"""Bytes of one control request: a scale request is a few dozen."""
+
+CONTROL_READ_TIMEOUT = 5.0
+"""Seconds the control socket waits for a request once a client connected."""
+
+PUMP_CHUNK = 65536
+"""Bytes a log pump reads from a child at a time."""
+
+LOG_LINE_LIMIT = 4 << 20
+"""Bytes of one log line passed on whole; a longer line is passed on in pieces of this size."""
+
+STABLE_AFTER = 30.0
+"""Seconds a restarted child must run for its restart delay to start again from 1 s."""
+
+SCALABLE = {"worker": "workers", "rng": "rng_replicas"}
+"""What `dockercoins scale` can scale, and the setting whose bounds apply."""
 
 
 class StackSettings(TlsSettings, MetricsSettings):
@@ -55,6 +78,19 @@ class StackSettings(TlsSettings, MetricsSettings):
         description="Where `dockercoins up` keeps the embedded Redis's data and control socket.",
     )
     fresh: bool = Field(False, description="Empty the embedded Redis's data before starting.")
+    redis_maxmemory_mb: int = Field(
+        1024,
+        ge=0,
+        le=1 << 20,
+        description="Memory cap of the embedded Redis in MiB (maxmemory, policy noeviction: a "
+        "full Redis refuses writes, workers pause, nothing is lost); 0: no cap.",
+    )
+    control_timeout: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Seconds `dockercoins scale` waits for the running stack's answer.",
+    )
     metrics_port: int = Field(
         0,
         ge=0,
@@ -62,6 +98,53 @@ class StackSettings(TlsSettings, MetricsSettings):
         description="Not 0: rng, hasher and each worker serve /metrics, each on a free port "
         "listed at start (the web UI serves /metrics on its own port); 0: off.",
     )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _socket_path_fits(cls, data_dir: Path) -> Path:
+        length = len(os.fsencode(data_dir / CONTROL_SOCKET))
+        if length > UNIX_PATH_MAX:
+            raise PydanticCustomError(
+                "socket_path_too_long",
+                "the control socket's path would be {length} bytes, over the {limit} a Unix "
+                "socket allows: choose a shorter directory",
+                {"length": length, "limit": UNIX_PATH_MAX},
+            )
+        return data_dir
+
+
+def claim_data_dir(data_dir: Path) -> None:
+    """Create `data_dir` (mode 0700), or check that it belongs to this user: the control
+    socket that scales the stack lives there."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = data_dir.stat().st_uid
+    except OSError as exc:
+        raise ConfigError(
+            f"{env_name('data_dir')}: cannot use {data_dir}: {exc.strerror}"
+        ) from None
+    if owner != os.geteuid():
+        raise ConfigError(
+            f"{env_name('data_dir')}: {data_dir} belongs to uid {owner}, not to this user "
+            f"(uid {os.geteuid()}); choose a directory of your own"
+        )
+
+
+def checked_count(service: object, count: object) -> tuple[str, int]:
+    """A scale request's service and count, within the bounds of the setting that sets it."""
+    if not isinstance(service, str) or service not in SCALABLE:
+        raise ConfigError(f"can only scale worker or rng, not {service!r}")
+    field = SCALABLE[service]
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ConfigError(f"{service}: expected a whole number, got {count!r}")
+    info = StackSettings.model_fields[field]
+    low = next(m.ge for m in info.metadata if hasattr(m, "ge"))
+    high = next(m.le for m in info.metadata if hasattr(m, "le"))
+    if not low <= count <= high:
+        raise ConfigError(
+            f"{service}={count} is out of bounds: {low} to {high} ({env_name(field)})"
+        )
+    return service, count
 
 
 def _die_with_parent() -> None:
@@ -89,11 +172,24 @@ class Console:
 class ManagedProcess:
     """One child process, its log pump, and a restart policy like Kubernetes' `Always`."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], console: Console) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        console: Console,
+        *,
+        stdin: bytes | None = None,
+        on_crash: Callable[[str], None] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.console = console
+        self.stdin = stdin
+        self.on_crash = on_crash
+        self.backoff = backoff or Backoff(initial=1.0, maximum=30.0)
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.stopping = False
@@ -108,46 +204,87 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def _watched(self, task: "asyncio.Task[None]") -> "asyncio.Task[None]":
+        if self.on_crash is not None:
+            watch_task(task, self.on_crash)
+        return task
+
     async def start(self, supervise: bool = True) -> None:
         """Start the process; with `supervise`, restart it with backoff whenever it dies."""
-        await self._spawn()
+        try:
+            await self._spawn()
+        except OSError as exc:
+            raise DockercoinsError(f"{self.name} could not start: {exc}") from None
         if supervise:
-            self._watch = asyncio.create_task(self._supervise(), name=f"watch-{self.name}")
+            self._watch = self._watched(
+                asyncio.create_task(self._supervise(), name=f"watch-{self.name}")
+            )
 
     async def _spawn(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if self.stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        self._pump = asyncio.create_task(self._pump_lines(self.proc), name=f"log-{self.name}")
+        self._pump = self._watched(
+            asyncio.create_task(self._pump_lines(self.proc), name=f"log-{self.name}")
+        )
+        if self.proc.stdin is not None and self.stdin is not None:
+            with contextlib.suppress(ConnectionError):  # it died first: the supervisor sees it
+                self.proc.stdin.write(self.stdin)
+                await self.proc.stdin.drain()
+            self.proc.stdin.close()
 
     async def _pump_lines(self, proc: asyncio.subprocess.Process) -> None:
+        """Pass the child's lines on, however long, and keep its pipe drained whatever happens
+        to our own output: a child blocked on a full pipe stops."""
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        pending = bytearray()
+        while chunk := await proc.stdout.read(PUMP_CHUNK):
+            if b"\n" in chunk:
+                pending += chunk
+                *lines, rest = bytes(pending).split(b"\n")
+                for line in lines:
+                    self._show(line)
+                pending = bytearray(rest)
+            else:
+                pending += chunk
+            while len(pending) >= LOG_LINE_LIMIT:
+                self._show(bytes(pending[:LOG_LINE_LIMIT]))
+                del pending[:LOG_LINE_LIMIT]
+        if pending:
+            self._show(bytes(pending))
+
+    def _show(self, raw: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):  # our stdout closed: drop, keep draining
             self.console.line(self.name, raw.decode(errors="replace").rstrip())
 
     async def _supervise(self) -> None:
-        delay = 1.0
         while True:
             assert self.proc is not None
             started = time.monotonic()
             code = await self.proc.wait()
             if self.stopping:
                 return
-            if time.monotonic() - started > 30:
-                delay = 1.0
-            self.console.line(self.name, f"exited with status {code}; restarting in {delay:.0f} s")
-            await asyncio.sleep(delay)
-            if self.stopping:
-                return
-            delay = min(delay * 2, 30.0)
+            if time.monotonic() - started > STABLE_AFTER:
+                self.backoff.reset()
+            what = f"exited with status {code}"
+            while True:
+                delay = self.backoff.next_delay()
+                self.console.line(self.name, f"{what}; restarting in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                if self.stopping:
+                    return
+                try:
+                    await self._spawn()
+                    break
+                except OSError as exc:  # exec error, EAGAIN...: the next attempt may work
+                    what = f"could not start: {exc}"
             self.restarts += 1
-            await self._spawn()
 
     async def stop(self, timeout: float) -> int | None:
         """SIGTERM, wait up to `timeout` seconds, then SIGKILL. Returns the exit status."""
@@ -242,6 +379,18 @@ class Stack:
         self._announcer: asyncio.Task[None] | None = None
         self.credentials = channel_credentials(settings)
         self.metrics_ports: dict[str, int] = {}
+        self.crashed = asyncio.Event()
+        self.failure = ""
+
+    def _crash(self, failure: str) -> None:
+        """A long-running task of the launcher failed: the launcher must go down too."""
+        self.failure = self.failure or failure
+        self.crashed.set()
+
+    def _process(
+        self, name: str, argv: list[str], env: dict[str, str], stdin: bytes | None = None
+    ) -> ManagedProcess:
+        return ManagedProcess(name, argv, env, self.console, stdin=stdin, on_crash=self._crash)
 
     # -- environment of the children -------------------------------------------------
 
@@ -305,11 +454,10 @@ class Stack:
             if self.settings.fresh and data.exists():
                 shutil.rmtree(data)
             port = self.ports["redis"]
-            self.redis = ManagedProcess(
-                "redis", redis_server_argv(self.host, port, data), self._env(), self.console
-            )
+            locked = LockedRedis(self.host, port, data, self.settings.redis_maxmemory_mb)
+            self.redis = self._process("redis", locked.argv, self._env(), stdin=locked.config())
             await self.redis.start()
-            self.redis_url = f"redis://{self.client_host}:{port}/0"
+            self.redis_url = locked.url(self.client_host, port)
         client = Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
         try:
             await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
@@ -317,6 +465,7 @@ class Stack:
             await client.aclose()
             raise
         self._announcer = asyncio.create_task(self._announce_mode(client), name="announce-mode")
+        watch_task(self._announcer, self._crash)
 
     async def _announce_mode(self, client: Redis) -> None:
         """Keep the rng mode in Redis for the web UI, also after Redis lost its data."""
@@ -332,11 +481,10 @@ class Stack:
         index = len(self.rngs) + 1
         port = self.ports["rng"] if index == 1 else ensure_free(env_name("rng_port"), self.host, 0)
         name = "rng" if self.settings.rng_replicas == 1 and index == 1 else f"rng.{index}"
-        process = ManagedProcess(
+        process = self._process(
             name,
             self._module("rng_svc"),
             self._env(rng_port=port, rng_mode=self.settings.rng_mode, **self._metrics(name)),
-            self.console,
         )
         await process.start()
         address = f"{self.client_host}:{port}"
@@ -349,11 +497,10 @@ class Stack:
 
     async def _start_hasher(self) -> None:
         port = self.ports["hasher"]
-        self.hasher = ManagedProcess(
+        self.hasher = self._process(
             "hasher",
             self._module("hasher_svc"),
             self._env(hasher_port=port, **self._metrics("hasher")),
-            self.console,
         )
         await self.hasher.start()
         address = f"{self.client_host}:{port}"
@@ -363,11 +510,8 @@ class Stack:
 
     async def _start_webui(self) -> None:
         port = self.ports["webui"]
-        self.webui = ManagedProcess(
-            "webui",
-            self._module("webui"),
-            self._env(webui_port=port, redis_url=self.redis_url),
-            self.console,
+        self.webui = self._process(
+            "webui", self._module("webui"), self._env(webui_port=port, redis_url=self.redis_url)
         )
         await self.webui.start()
         await _wait_until("webui", lambda: http_ok(self.client_host, port, "/healthz"), self.webui)
@@ -387,11 +531,10 @@ class Stack:
         async with self._lock:
             while len(self.workers) < count:
                 number = max((int(w.name.split(".")[1]) for w in self.workers), default=0) + 1
-                worker = ManagedProcess(
+                worker = self._process(
                     f"worker.{number}",
                     self._module("worker_svc"),
                     self._worker_env(f"worker.{number}"),
-                    self.console,
                 )
                 await worker.start()
                 self.workers.append(worker)
@@ -402,8 +545,7 @@ class Stack:
     async def scale_rng(self, count: int) -> None:
         """Run exactly `count` rng processes; workers restart to balance over the new set."""
         async with self._lock:
-            if count < 1:
-                raise ConfigError("rng needs at least one replica")
+            checked_count("rng", count)
             changed = count != len(self.rngs)
             while len(self.rngs) < count:
                 await self._add_rng()
@@ -420,12 +562,11 @@ class Stack:
 
     async def scale(self, service: str, count: int) -> None:
         """Scale `worker` or `rng` to `count` processes."""
+        checked_count(service, count)
         if service == "worker":
             await self.scale_workers(count)
-        elif service == "rng":
-            await self.scale_rng(count)
         else:
-            raise ConfigError(f"can only scale worker or rng, not {service!r}")
+            await self.scale_rng(count)
 
     # -- stop ------------------------------------------------------------------------
 
@@ -475,7 +616,11 @@ class Stack:
         """One line per piece: where it listens."""
         lines = [f"rng {self.client_host}:{port}" for port in self._rng_ports]
         lines.append(f"hasher {self.client_host}:{self.ports['hasher']}")
-        where = f" (embedded, data in {self.settings.data_dir / 'redis'})" if self.redis else ""
+        where = ""
+        if self.redis:
+            cap = self.settings.redis_maxmemory_mb
+            where = f" (embedded, data in {self.settings.data_dir / 'redis'}, password set"
+            where += f", maxmemory {cap} MiB)" if cap else ", no maxmemory)"
         lines.append(f"redis {redact_url(self.redis_url)}{where}")
         lines.append(f"webui http://{self.client_host}:{self.ports['webui']}")
         lines.append(
@@ -488,7 +633,11 @@ class Stack:
 
 
 class ControlServer:
-    """A Unix socket in the data directory through which `dockercoins scale` reaches the stack."""
+    """A Unix socket in the data directory through which `dockercoins scale` reaches the stack.
+
+    Mode 0600 in a directory of this user's: only this user can scale the stack. A request
+    is one JSON line; anything else is answered with an error, never a crash.
+    """
 
     def __init__(self, stack: Stack, path: Path) -> None:
         self.stack = stack
@@ -496,22 +645,52 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        self._server = await asyncio.start_unix_server(
+            self._handle, path=str(self.path), limit=CONTROL_LINE_LIMIT
+        )
+        os.chmod(self.path, 0o600)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = json.loads(await reader.readline())
-            for service, count in request.get("scale", {}).items():
-                await self.stack.scale(service, int(count))
-            reply: dict[str, Any] = {"ok": True, "status": self.status()}
-        except (DockercoinsError, ValueError, TypeError) as exc:
-            reply = {"ok": False, "error": str(exc)}
-        writer.write(json.dumps(reply).encode() + b"\n")
-        await writer.drain()
-        writer.close()
+            try:
+                async with asyncio.timeout(CONTROL_READ_TIMEOUT):
+                    line = await reader.readline()
+            except TimeoutError:
+                reply = _refused(f"no request within {CONTROL_READ_TIMEOUT:.0f} s")
+            except ValueError:
+                reply = _refused(f"request longer than {CONTROL_LINE_LIMIT} bytes")
+            else:
+                reply = await self.answer(line)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client left: nobody to answer
+        finally:
+            writer.close()
+
+    async def answer(self, line: bytes) -> dict[str, Any]:
+        """The reply to one request line: `{"scale": {"worker": N, "rng": K}}` or `{}`."""
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return _refused("not a JSON request")
+        if not isinstance(request, dict) or set(request) - {"scale"}:
+            return _refused('expected {"scale": {"worker": N, "rng": K}}')
+        scale = request.get("scale", {})
+        if not isinstance(scale, dict):
+            return _refused('expected {"scale": {"worker": N, "rng": K}}')
+        try:
+            counts = [checked_count(service, count) for service, count in scale.items()]
+            for service, count in counts:
+                await self.stack.scale(service, count)
+        except DockercoinsError as exc:
+            return _refused(str(exc))
+        except Exception as exc:  # a defect: say it, keep the launcher and its stack running
+            log.exception("control request %r failed", request)
+            return _refused(f"failed: {exc!r}")
+        return {"ok": True, "status": self.status()}
 
     def status(self) -> dict[str, Any]:
         """Counts and addresses of the running stack."""
@@ -530,32 +709,58 @@ class ControlServer:
             self.path.unlink()
 
 
-async def send_control(data_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
-    """Send one request to the stack running with `data_dir`; its reply."""
+def _refused(error: str) -> dict[str, Any]:
+    return {"ok": False, "error": error}
+
+
+async def send_control(data_dir: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one request to the stack running with `data_dir`; its reply, within `timeout` s."""
     path = data_dir / CONTROL_SOCKET
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path))
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
     except (FileNotFoundError, ConnectionRefusedError):
         raise ConfigError(
             f"no running `dockercoins up` found (no control socket at {path}; "
             f"set {env_name('data_dir')} to the one it uses)"
         ) from None
-    writer.write(json.dumps(request).encode() + b"\n")
-    await writer.drain()
-    reply: dict[str, Any] = json.loads(await reader.readline())
-    writer.close()
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (a stack of another user?)") from None
+    except TimeoutError:
+        raise DockercoinsError(
+            f"no answer from the `dockercoins up` at {path} within {timeout:g} s "
+            f"({env_name('control_timeout')})"
+        ) from None
+    except ConnectionError as exc:
+        raise DockercoinsError(f"the `dockercoins up` at {path} hung up: {exc}") from None
+    if not line:
+        raise DockercoinsError(f"the `dockercoins up` at {path} closed without an answer")
+    reply: dict[str, Any] = json.loads(line)
     return reply
 
 
 async def serve(settings: StackSettings) -> None:
-    """Start the stack, print where everything listens, run until SIGTERM or SIGINT."""
+    """Start the stack, print where everything listens, run until SIGTERM or SIGINT.
+
+    If one of the launcher's own tasks fails (a supervisor, a log pump), its traceback is
+    logged, everything is stopped and DockercoinsError says which: the launcher never goes on
+    half-alive.
+    """
+    claim_data_dir(settings.data_dir)
     stop = stop_event_on_signals()
     stack = Stack(settings)
     control = ControlServer(stack, settings.data_dir / CONTROL_SOCKET)
     try:
         starting = asyncio.create_task(stack.start())
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = asyncio.create_task(stack.crashed.wait())
+        await asyncio.wait({starting, stopped, crashed}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -566,10 +771,13 @@ async def serve(settings: StackSettings) -> None:
             for line in stack.describe():
                 stack.console.say(line)
             stack.console.say("dockercoins up: ready; Ctrl-C stops everything")
-            await stopped
+            await asyncio.wait({stopped, crashed}, return_when=asyncio.FIRST_COMPLETED)
         stack.console.say("dockercoins up: stopping")
     finally:
         await control.stop()
         await stack.stop()
         stopped.cancel()
+        crashed.cancel()
+    if stack.failure:
+        raise DockercoinsError(f"{stack.failure}; stopped everything")
     stack.console.say("dockercoins up: stopped")

@@ -1,7 +1,12 @@
 """Signals and shutdown: SIGTERM and SIGINT set one event that every service waits on."""
 
 import asyncio
+import logging
 import signal
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -11,3 +16,17 @@ def stop_event_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def watch_task(task: "asyncio.Task[Any]", on_crash: Callable[[str], None]) -> None:
+    """Make a long-running task's failure loud: its traceback logged, then `on_crash(why)`,
+    which takes the process down so that its supervisor restarts it."""
+
+    def done(finished: "asyncio.Task[Any]") -> None:
+        if finished.cancelled() or finished.exception() is None:
+            return
+        error = finished.exception()
+        log.error("%s failed", finished.get_name(), exc_info=error)
+        on_crash(f"{finished.get_name()} failed: {error!r}")
+
+    task.add_done_callback(done)

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from dockercoins.errors import DockercoinsError
 
 HASHES_KEY = "hashes"
 """Counter: every hash any worker computed (the original's key)."""
@@ -28,14 +31,32 @@ class Totals:
     now: float
 
 
+class BadData(DockercoinsError):
+    """A key holds something the schema does not allow (a counter that is not a number...)."""
+
+
 async def read_totals(redis: Redis) -> Totals:
-    """Read `hashes`, the wallet size and Redis `TIME` in one transaction."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(HASHES_KEY)
-        pipe.hlen(WALLET_KEY)
-        pipe.time()
-        hashes, coins, (seconds, micros) = await pipe.execute()
-    return Totals(hashes=int(hashes or 0), coins=int(coins), now=seconds + micros / 1e6)
+    """Read `hashes`, the wallet size and Redis `TIME` in one round trip.
+
+    Not a MULTI transaction: a Redis at its maxmemory refuses MULTI, and the page must still
+    read it. Redis runs the three commands of one pipeline back to back anyway.
+    BadData if `hashes` is not a number or a key has the wrong type.
+    """
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(HASHES_KEY)
+            pipe.hlen(WALLET_KEY)
+            pipe.time()
+            hashes, coins, (seconds, micros) = await pipe.execute()
+    except ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        raise BadData(f"`{HASHES_KEY}` must be a string and `{WALLET_KEY}` a hash: {exc}") from None
+    try:
+        count = int(hashes or 0)
+    except ValueError:
+        raise BadData(f"`{HASHES_KEY}` holds {hashes[:40]!r}, not a number") from None
+    return Totals(hashes=count, coins=int(coins), now=seconds + micros / 1e6)
 
 
 FLUSHED_KEY_PREFIX = "dockercoins:flushed:"
@@ -97,9 +118,32 @@ async def announce_worker(redis: Redis, worker_id: str, info: dict[str, Any], tt
     await redis.set(WORKER_KEY_PREFIX + worker_id, json.dumps(info), px=int(ttl * 1000))
 
 
-async def live_workers(redis: Redis) -> int:
-    """How many workers have sent a heartbeat that has not expired."""
+HEARTBEAT_PAGE = 1000
+"""Heartbeat keys one SCAN step asks for, and read back with one MGET."""
+
+
+async def mining_workers(redis: Redis) -> int:
+    """How many workers have a heartbeat that has not expired and say they are mining.
+
+    A heartbeat without `mining` (an older worker) counts as mining. Reads one page of keys
+    per SCAN step and its values with one MGET, so each round trip stays small however
+    many workers there are. BadData if a heartbeat is not a JSON object.
+    """
     count = 0
-    async for _ in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000):
-        count += 1
-    return count
+    cursor = 0
+    while True:
+        cursor, keys = await redis.scan(cursor, match=WORKER_KEY_PREFIX + "*", count=HEARTBEAT_PAGE)
+        if keys:
+            for key, value in zip(keys, await redis.mget(keys), strict=True):
+                if value is None:
+                    continue  # expired between SCAN and MGET (or not a string)
+                try:
+                    info = json.loads(value)
+                except ValueError:
+                    info = None
+                if not isinstance(info, dict):
+                    name = key.decode(errors="replace") if isinstance(key, bytes) else key
+                    raise BadData(f"worker heartbeat `{name}` is not a JSON object")
+                count += info.get("mining", True) is not False
+        if cursor == 0:
+            return count

@@ -95,6 +95,42 @@ class GrpcServerSettings(TlsSettings, MetricsSettings):
         description="Seconds after which a gRPC server asks clients to reconnect, so that new "
         "replicas get traffic (0: never).",
     )
+    max_connection_idle: float = Field(
+        300,
+        ge=0,
+        le=86400,
+        description="Seconds a gRPC server keeps a connection with no call in flight before "
+        "closing it (0: never); clients reconnect on their next call.",
+    )
+    max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        le=100_000,
+        description="Calls (streams included) a gRPC server runs at once, health checks "
+        "included; more get RESOURCE_EXHAUSTED at once. Each may hold up to its largest "
+        "request in memory.",
+    )
+    max_concurrent_streams: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Calls one client connection may have open at once (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); a client queues the ones past it.",
+    )
+    min_ping_interval: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="Least seconds between keepalive pings a gRPC server accepts from a "
+        "client; pings more often are strikes.",
+    )
+    max_ping_strikes: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="Too-frequent pings a gRPC server bears before it closes the connection "
+        "(GOAWAY too_many_pings; 0: no limit).",
+    )
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)

@@ -4,6 +4,10 @@ from pydantic import Field
 
 from dockercoins.settings import GrpcServerSettings
 
+MESSAGE_CEILING = 16 << 20
+"""The most any size setting may allow: parsing or serializing a message on the event loop
+takes time too (16 MiB: about 20-60 ms on the shared build machine)."""
+
 
 class HasherSettings(GrpcServerSettings):
     """DOCKERCOINS_HASHER_* settings; defaults are the original's costs."""
@@ -17,8 +21,37 @@ class HasherSettings(GrpcServerSettings):
         0.1, ge=0, le=60, description="Seconds every request costs; requests do not queue."
     )
     hasher_max_request: int = Field(
-        4 << 20,
+        1 << 20,
         ge=1,
-        le=64 << 20,
-        description="Largest request payload in bytes; larger ones get RESOURCE_EXHAUSTED.",
+        le=MESSAGE_CEILING,
+        description="Largest request payload in bytes; larger ones get RESOURCE_EXHAUSTED, "
+        "unread. The worker sends at most 16384 blocks of 32 bytes (512 KiB).",
+    )
+    hasher_max_blocks: int = Field(
+        16384,
+        ge=1,
+        le=MESSAGE_CEILING // 32,
+        description="Most blocks (digests) one request may ask for; more get "
+        "RESOURCE_EXHAUSTED before any hashing.",
+    )
+    hasher_max_reply: int = Field(
+        4 << 20,
+        ge=1024,
+        le=MESSAGE_CEILING,
+        description="Largest reply in bytes (32 per digest, 98 with its hex string); a "
+        "request whose reply would be larger gets RESOURCE_EXHAUSTED before any hashing.",
+    )
+    hasher_inline_blocks: int = Field(
+        4096,
+        ge=0,
+        le=MESSAGE_CEILING // 32,
+        description="Largest batch in blocks hashed on the event loop; larger ones are "
+        "hashed in a thread, one at a time, so that health checks answer meanwhile.",
+    )
+    hasher_inline_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        le=MESSAGE_CEILING,
+        description="Largest payload in bytes hashed on the event loop; larger ones are "
+        "hashed in the same thread as large batches.",
     )

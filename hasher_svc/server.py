@@ -7,7 +7,7 @@ from dockercoins.metrics import server_interceptors, start_metrics_endpoint
 from dockercoins.tls import server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.config import HasherSettings
-from hasher_svc.service import HasherServicer
+from hasher_svc.service import REQUEST_FRAMING, HasherServicer
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +17,13 @@ SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
 def build_server(settings: HasherSettings) -> GrpcServer:
     """A hasher server bound to the configured address, not yet started."""
     server = GrpcServer(
-        "hasher", [SERVICE_NAME], settings.max_connection_age, server_interceptors(settings)
+        "hasher",
+        [SERVICE_NAME],
+        settings,
+        settings.hasher_max_request + REQUEST_FRAMING,
+        server_interceptors(settings),
     )
-    servicer = HasherServicer(settings.hasher_latency, settings.hasher_max_request)
+    servicer = HasherServicer(settings)
     hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)
     server.bind(
         settings.host,

@@ -26,9 +26,7 @@ def build_source(settings: RngSettings) -> RandomSource:
 
 def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
-    server = GrpcServer(
-        "rng", [SERVICE_NAME], settings.max_connection_age, server_interceptors(settings)
-    )
+    server = GrpcServer("rng", [SERVICE_NAME], settings, interceptors=server_interceptors(settings))
     rng_pb2_grpc.add_RngServicer_to_server(
         RngServicer(source, settings.rng_max_request, settings.request_latency), server.server
     )

@@ -112,8 +112,8 @@ def check_request(size: int, count: int, max_request: int) -> int:
     blocks = count or 1
     if size * blocks > max_request:
         raise InvalidArgument(
-            f"size x count = {size * blocks} bytes is more than the largest request, "
-            f"{max_request} bytes"
+            f"size x count = {size * blocks} bytes is more than DOCKERCOINS_RNG_MAX_REQUEST "
+            f"({max_request} bytes)"
         )
     return blocks
 

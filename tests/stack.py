@@ -1,5 +1,6 @@
 """Drive `dockercoins up` as a real process, as a user's terminal would."""
 
+import contextlib
 import json
 import os
 import re
@@ -87,6 +88,17 @@ class RunningStack(LoggedProcess):
         """Wait until the stack says it is ready; the web UI's URL."""
         self.wait_for_line(r"^dockercoins up: ready")
         return self.wait_for_line(r"^webui (http://\S+)").group(1)
+
+    def redis_url(self) -> str:
+        """The Redis URL the stack gives its children, password included: read from the web
+        UI's environment, as only the same user can (the launcher prints it masked)."""
+        for pid in self.children():
+            with contextlib.suppress(OSError):
+                for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    name, _, value = entry.decode().partition("=")
+                    if name == "DOCKERCOINS_REDIS_URL":
+                        return value
+        raise AssertionError(f"no child with DOCKERCOINS_REDIS_URL; output:\n{self.output}")
 
     def children(self) -> set[int]:
         """Pids of the launcher's direct children."""

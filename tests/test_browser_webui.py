@@ -165,6 +165,13 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         stack.start("webui", python_m("webui"), env)
         wait_for("webui /healthz", lambda: httpx.get(f"{url}/healthz").status_code == 200)
 
+        browser.execute_cdp_cmd(  # record what the Content-Security-Policy blocks, if anything
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": "window.blocked = []; document.addEventListener("
+                "'securitypolicyviolation', (e) => window.blocked.push(e.violatedDirective));"
+            },
+        )
         browser.get(url)
         wait_for("the live state", lambda: status() == "live")
         wait_for("chart points and a speed above 0", lambda: int(chart("data-points")) >= 3)
@@ -182,6 +189,7 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         wait_for("the chart to move on", lambda: int(chart("data-points")) >= 8)
         screenshot("webui.png")
         assert one_worker > 0
+        assert browser.execute_script("return window.blocked") == []
 
         stack.stop("redis", signal.SIGKILL)
         wait_for("the Redis-unreachable state", lambda: "redis unreachable" in status())

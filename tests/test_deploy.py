@@ -791,6 +791,22 @@ def test_network_policies_isolate_rng_hasher_and_redis() -> None:
     assert all(matches(deny["spec"]["podSelector"]["matchLabels"], w.labels) for w in every_pod)
 
 
+def test_redis_has_a_maxmemory_that_refuses_writes_within_its_memory_limit() -> None:
+    (deployment,) = [
+        w for w in of_kind(rendered("base"), "Deployment") if w["metadata"]["name"] == "redis"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    maxmemory = args[args.index("--maxmemory") + 1]
+    assert maxmemory.endswith("mb") and int(maxmemory[:-2]) <= 0.7 * int(limit[:-2])
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    command = compose_variant("classic")["services"]["redis"]["command"]
+    assert "--maxmemory" in command
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
 def test_webui_is_a_nodeport_and_grpc_services_are_headless() -> None:
     services = {s["metadata"]["name"]: s["spec"] for s in of_kind(rendered("base"), "Service")}
     assert services["webui"]["type"] == "NodePort"

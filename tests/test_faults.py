@@ -128,7 +128,8 @@ def stack(tmp_path):
 
 def test_kill_9_rng_hasher_redis_loses_nothing(stack, tmp_path, record_property) -> None:
     webui = stack.ready()
-    redis_url = stack.wait_for_line(r"^redis (redis://\S+)").group(1)
+    stack.wait_for_line(r"^redis redis://\*\*\*@")
+    redis_url = stack.redis_url()
     ports = [int(stack.wait_for_line(rf"^{name} \S+:(\d+)").group(1)) for name in ("rng", "hasher")]
     ports.append(int(webui.rsplit(":", 1)[1]))
     ports.append(int(redis_url.rsplit(":", 1)[1].split("/")[0]))

@@ -69,7 +69,9 @@ async def test_latency_does_not_serialize_requests(servers) -> None:
 @pytest.mark.parametrize(
     ("request_fields", "code", "words"),
     [
-        ({"data": b"x" * 5000}, grpc.StatusCode.RESOURCE_EXHAUSTED, "largest accepted"),
+        # Within gRPC's limit (the bound plus a request's framing): refused by the bound.
+        ({"data": b"x" * 4097}, grpc.StatusCode.RESOURCE_EXHAUSTED, "MAX_REQUEST (4096 bytes)"),
+        ({"data": b"x" * 5000}, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
         ({"data": b"x" * 32, "block_size": -1}, grpc.StatusCode.INVALID_ARGUMENT, "block_size"),
         ({"data": b"x" * 33, "block_size": 32}, grpc.StatusCode.INVALID_ARGUMENT, "whole number"),
         ({"data": b"", "block_size": 32}, grpc.StatusCode.INVALID_ARGUMENT, "at least one block"),

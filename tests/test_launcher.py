@@ -1,11 +1,22 @@
 """`dockercoins up` (what `make run` runs) as a real process: it serves, mines, stops cleanly."""
 
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from dockercoins.backoff import Backoff
+from dockercoins.launcher import Console, ManagedProcess
 from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, alive, get_json, scale
 
@@ -46,18 +57,104 @@ def test_up_serves_json_mines_and_stops_without_orphans(stack) -> None:
     assert "0 hashes unflushed" in running.output
 
 
-def test_scale_changes_the_number_of_worker_processes(stack, tmp_path) -> None:
+def control(path: Path, request: bytes) -> dict:
+    """One raw request line on the control socket; the reply."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError):  # a refused huge request: it stopped reading
+            sock.sendall(request)
+        return json.loads(sock.makefile("rb").readline())
+
+
+def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
+    stack, tmp_path
+) -> None:
     running = stack("--workers", "1")
     running.ready()
-    result = scale(tmp_path / "data", "worker=3")
+    data = tmp_path / "data"
+    path = data / "control.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert data.stat().st_uid == os.geteuid()
+
+    refused = scale(data, "worker=100000")
+    assert refused.returncode == 1
+    assert "worker=100000 is out of bounds: 0 to 200 (DOCKERCOINS_WORKERS)" in refused.stderr
+    assert "rng=0 is out of bounds: 1 to 32" in scale(data, "rng=0").stderr
+    for request, error in [
+        (b"not json\n", "not a JSON request"),
+        (b"x" * (1 << 20) + b"\n", "request longer than 4096 bytes"),
+        (b"[1, 2]\n", "expected"),
+        (b'{"scale": [1]}\n', "expected"),
+        (b'{"scale": {"worker": "3"}}\n', "worker: expected a whole number, got '3'"),
+        (b'{"scale": {"worker": true}}\n', "expected a whole number"),
+        (b'{"scale": {"hasher": 2}}\n', "can only scale worker or rng, not 'hasher'"),
+        (b'{"scale": {"worker": 2}, "drop": 1}\n', "expected"),
+    ]:
+        reply = control(path, request)
+        assert reply["ok"] is False and error in reply["error"], (request[:40], reply)
+    with socket.socket(socket.AF_UNIX) as silent:  # connects, says nothing, leaves
+        silent.connect(str(path))
+    assert len(running.children()) == 5  # nothing was scaled by any of these
+
+    result = scale(data, "worker=3")
     assert result.returncode == 0, result.stderr
     assert "worker=3" in result.stdout
     assert len(running.children()) == 7  # redis, rng, hasher, webui, 3 workers
-    result = scale(tmp_path / "data", "worker=1")
+    for number in (2, 3):  # started: they will flush when stopped
+        running.wait_for_line(rf"^worker\.{number}\s*\|.* mining: ")
+    result = scale(data, "worker=1")
     assert result.returncode == 0, result.stderr
     assert len(running.children()) == 5
-    assert running.output.count("hashes unflushed") == 2  # the two stopped ones flushed
+    deadline = time.monotonic() + 10
+    while running.output.count("hashes unflushed") < 2:  # the two stopped ones flushed
+        assert time.monotonic() < deadline, running.output
+        time.sleep(0.1)
+
+    # A launcher that does not answer: the client gives up after its timeout, with one line.
+    running.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        hung = subprocess.run(
+            dockercoins_cmd("scale", "worker=1"),
+            env=service_env(data_dir=data, control_timeout=1),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert time.monotonic() - started < 10
+    finally:
+        running.proc.send_signal(signal.SIGCONT)
+    assert hung.returncode == 1
+    assert "within 1 s (DOCKERCOINS_CONTROL_TIMEOUT)" in hung.stderr
+    assert "Traceback" not in hung.stderr
     assert running.stop() == 0
+
+
+def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_path) -> None:
+    others = tmp_path / "others"
+    others.mkdir()
+    if os.geteuid() == 0:
+        os.chown(others, 65534, 65534)  # nobody's
+    else:
+        others = Path("/")  # root's
+    too_long = tmp_path / ("d" * (110 - len(str(tmp_path))))
+    for data_dir, message in [
+        (others, f"DOCKERCOINS_DATA_DIR: {others} belongs to uid "),
+        (too_long, "DOCKERCOINS_DATA_DIR: the control socket's path would be "),
+    ]:
+        result = subprocess.run(
+            dockercoins_cmd("up"),
+            env=service_env(rng_port=0, hasher_port=0, webui_port=0, data_dir=data_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"dockercoins up: {message}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stdout == ""  # nothing started
+    assert not too_long.exists() and not (others / "redis").exists()
 
 
 def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
@@ -100,3 +197,46 @@ def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
     assert (second["hashes"] - first["hashes"]) / (second["now"] - first["now"]) > 1000
     running.wait_for_line(r"batch 1000, 2 channel\(s\), streaming")
     assert running.stop() == 0
+
+
+async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked() -> None:
+    out = io.StringIO()
+    child = ManagedProcess(
+        "chatty",
+        [sys.executable, "-c", "import sys; print('x' * 1_000_000); print('after'); sys.exit(3)"],
+        service_env(),
+        Console(out),
+    )
+    await child.start(supervise=False)
+    assert child.proc is not None
+    assert await asyncio.wait_for(child.proc.wait(), 30) == 3  # by itself: its pipe was drained
+    await child.stop(timeout=5)
+    lines = out.getvalue().splitlines()
+    assert lines == ["chatty    | " + "x" * 1_000_000, "chatty    | after"]
+
+
+async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> None:
+    program = tmp_path / "short-lived"
+    program.write_text("#!/bin/sh\necho started\nexit 7\n")
+    program.chmod(0o755)
+    out = io.StringIO()
+    child = ManagedProcess(
+        "short", [str(program)], service_env(), Console(out), backoff=Backoff(0.2, 0.4)
+    )
+    await child.start()
+    try:
+        program.chmod(0o644)  # the next exec fails with EACCES, again and again
+        await wait_until_in(out, "could not start: [Errno 13] Permission denied")
+        await wait_until_in(out, "could not start", count=2)
+        program.chmod(0o755)
+        await wait_until_in(out, "started", count=2)  # it came back by itself
+    finally:
+        await child.stop(timeout=5)
+    assert "exited with status 7; restarting in 0 s" in out.getvalue()
+
+
+async def wait_until_in(out: io.StringIO, text: str, count: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while out.getvalue().count(text) < count:
+        assert time.monotonic() < deadline, out.getvalue()
+        await asyncio.sleep(0.05)

@@ -108,8 +108,8 @@ async def test_a_batch_is_count_blocks_of_size_bytes(servers) -> None:
         (0, 0, "size must be at least 1"),
         (-5, 0, "size must be at least 1"),
         (32, -1, "count must be 0"),
-        (2_000_000, 0, "largest request"),
-        (32, 100_000, "largest request"),
+        (2_000_000, 0, "DOCKERCOINS_RNG_MAX_REQUEST"),
+        (32, 100_000, "DOCKERCOINS_RNG_MAX_REQUEST (1048576 bytes)"),
     ],
 )
 async def test_bad_requests_get_invalid_argument_and_the_server_stays_up(

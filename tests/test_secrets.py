@@ -6,6 +6,7 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -129,3 +130,50 @@ def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, t
             assert PASSWORD not in shown
     finally:
         stack.kill()
+
+
+def test_embedded_redis_wants_a_password_no_one_sees_and_refuses_config(tmp_path) -> None:
+    stack = RunningStack(tmp_path / "data", ("--workers", "1"), redis_maxmemory_mb=8)
+    try:
+        webui = stack.ready()
+        shown = stack.wait_for_line(r"^redis redis://\*\*\*@127\.0\.0\.1:(\d+)/0 \(embedded, .*")
+        assert "password set, maxmemory 8 MiB" in shown.group(0)
+        port = int(shown.group(1))
+        url = stack.redis_url()
+        password = url.split("@")[0].rsplit(":", 1)[1]
+        assert len(password) >= 32
+        # No password: NOAUTH, as redis-cli would see it.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"PING\r\n")
+            assert raw.recv(100).startswith(b"-NOAUTH")
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        for command in ("CONFIG GET dir", "MODULE LIST", "DEBUG SLEEP 0", "ACL WHOAMI"):
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.execute_command(*command.split())
+        memory = client.info("memory")
+        assert (memory["maxmemory"], memory["maxmemory_policy"]) == (8 << 20, "noeviction")
+        # The password is on no command line (readable by every user) and in no output.
+        for pid in stack.children():
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert password not in stack.output
+
+        # Full: writes are refused, the web UI says so; room again: live again.
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
+            for number in range(1024):  # small writes, as the workers' are
+                client.set(f"ballast:{number}", b"x" * (16 << 10))
+        wait_for_status(webui, "redis-full")
+        assert "maxmemory" in get_json(webui + "/json")["reason"]
+        client.delete(*(f"ballast:{number}" for number in range(1024)))
+        wait_for_status(webui, "live")
+        client.close()
+        assert stack.stop() == 0
+        assert password not in stack.output
+    finally:
+        stack.kill()
+
+
+def wait_for_status(webui: str, status: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := get_json(webui + "/json")["status"]) != status:
+        assert time.monotonic() < deadline, f"/json still says {seen!r}, not {status!r}"
+        time.sleep(0.2)

@@ -17,6 +17,7 @@ from dockercoins.grpcserver import GrpcServer
 from dockercoins.launcher import grpc_serving
 from dockercoins.tls import channel_credentials, server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+from hasher_svc.config import HasherSettings
 from hasher_svc.server import SERVICE_NAME
 from hasher_svc.service import HasherServicer
 from tests.conftest import dockercoins_cmd, service_env
@@ -53,7 +54,9 @@ def tls(cert: Path | None = None, key: Path | None = None, ca: Path | None = Non
 
 async def start_hasher(credentials: grpc.ServerCredentials | None) -> tuple[GrpcServer, str]:
     server = GrpcServer("hasher", [SERVICE_NAME])
-    hasher_pb2_grpc.add_HasherServicer_to_server(HasherServicer(0, 1 << 20), server.server)
+    hasher_pb2_grpc.add_HasherServicer_to_server(
+        HasherServicer(HasherSettings(hasher_latency=0)), server.server
+    )
     server.bind("127.0.0.1", 0, "DOCKERCOINS_HASHER_PORT", credentials=credentials)
     await server.start()
     return server, f"127.0.0.1:{server.port}"

@@ -1,6 +1,7 @@
 """The web UI against a real redis-server: /json, probes, SSE, the sampler, the process."""
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -14,6 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 import redis
+import uvicorn
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
@@ -22,7 +25,7 @@ from dockercoins.schema import RNG_MODE_KEY, announce_worker
 from dockercoins.settings import load_settings
 from tests.conftest import service_env
 from webui.config import WebuiSettings
-from webui.server import bind_listener, connect_redis, create_app
+from webui.server import _Server, bind_listener, connect_redis, create_app
 from webui.service import SpeedMonitor
 
 LISTENING = re.compile(r"webui listening on http://([\d.]+):(\d+)")
@@ -228,3 +231,114 @@ def test_process_on_a_busy_port_fails_with_one_line(redis_url: str) -> None:
     assert result.stderr.strip().splitlines() == [
         f"dockercoins webui: port {port} on 127.0.0.1 is already in use (DOCKERCOINS_WEBUI_PORT)"
     ]
+
+
+async def test_every_response_carries_the_security_headers(client: httpx.AsyncClient) -> None:
+    for path in ("/", "/json", "/healthz", "/readyz", "/static/app.js", "/no-such-page"):
+        response = await client.get(path)
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["referrer-policy"] == "no-referrer", path
+
+
+async def test_only_mining_workers_are_counted(redis_url: str) -> None:
+    client: Redis = connect_redis(redis_url)
+    monitor = SpeedMonitor(client)
+    try:
+        await announce_worker(client, "busy", {"mining": True}, ttl=30)
+        await announce_worker(client, "paused", {"mining": False}, ttl=30)
+        await announce_worker(client, "older", {"loops": 1}, ttl=30)  # no `mining`: mining
+        await monitor.sample_once()
+    finally:
+        await client.aclose()
+    assert (monitor.status, monitor.workers) == ("live", 2)
+
+
+async def test_bad_data_in_redis_is_said_by_the_page_and_json(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    sync = redis.Redis.from_url(redis_url)
+
+    async def says(status: str, reason: str) -> dict:
+        deadline = time.monotonic() + 10
+        while True:
+            response = await client.get("/json")
+            body = response.json()
+            if body["status"] == status and reason in (body["reason"] or ""):
+                return body
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+
+    sync.set("hashes", "notanumber")
+    body = await says("bad-data", "`hashes` holds b'notanumber', not a number")
+    assert (await client.get("/json")).status_code == 503
+    sync.set("hashes", 5)
+    sync.set("wallet", "not a hash")
+    await says("bad-data", "WRONGTYPE")
+    sync.delete("wallet")
+    sync.set("dockercoins:worker:w1", "{not json")
+    body = await says("bad-data", "worker heartbeat `dockercoins:worker:w1` is not a JSON object")
+    assert body["hashes"] == 5  # /json reads the counters themselves
+    sync.delete("dockercoins:worker:w1")
+    await says("live", "")
+
+
+@pytest.fixture
+async def served(redis_url: str) -> AsyncIterator[tuple[FastAPI, int]]:
+    """The app behind uvicorn in this event loop, on a real socket; yields it and its port."""
+    app = create_app(load_settings(WebuiSettings, redis_url=redis_url, webui_max_streams=20))
+    sock = bind_listener("127.0.0.1", 0)
+    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    port = sock.getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")  # served: started
+    await close(writer)
+    yield app, port
+    app.state.stopping.set()
+    server.should_exit = True
+    await serving
+    sock.close()
+
+
+async def open_stream(port: int) -> tuple[asyncio.StreamWriter, str]:
+    """GET /events over a real connection, read up to its first state; the writer, the head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+    received = b""
+    while b"event: state" not in received and (chunk := await reader.read(65536)):
+        received += chunk
+    return writer, received.decode(errors="replace")
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def test_streams_are_capped_and_a_closed_one_leaves_no_task(served) -> None:
+    app, port = served
+    baseline = len(asyncio.all_tasks())
+
+    opened = await asyncio.gather(*(open_stream(port) for _ in range(20)))
+    assert all(head.startswith("HTTP/1.1 200") for _, head in opened)
+    assert "content-security-policy: default-src 'self'" in opened[0][1].lower()
+    writer, head = await open_stream(port)  # one too many
+    await close(writer)
+    assert head.startswith("HTTP/1.1 503"), head
+    assert "retry-after: 10" in head.lower() and "DOCKERCOINS_WEBUI_MAX_STREAMS" in head
+    await asyncio.gather(*(close(w) for w, _ in opened))
+
+    for _ in range(50):  # 1,000 streams opened and closed, 20 at a time
+        wave = await asyncio.gather(*(open_stream(port) for _ in range(20)))
+        assert all(head.startswith("HTTP/1.1 200") for _, head in wave), wave[0][1]
+        await asyncio.gather(*(close(w) for w, _ in wave))
+
+    deadline = time.monotonic() + 15
+    while len(asyncio.all_tasks()) > baseline or app.state.streams:
+        left = [task.get_coro() for task in asyncio.all_tasks()]
+        assert time.monotonic() < deadline, (left, baseline, app.state.streams)
+        await asyncio.sleep(0.1)

@@ -10,3 +10,10 @@ class WebuiSettings(BaseServiceSettings):
 
     webui_port: int = Field(8000, ge=0, le=65535, description="Port the web UI listens on.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis the web UI reads.")
+    webui_max_streams: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="Live /events streams (open pages) the web UI serves at once; past it, "
+        "503 with Retry-After.",
+    )

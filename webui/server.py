@@ -5,8 +5,9 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -17,13 +18,14 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dockercoins.errors import PortInUseError
-from dockercoins.lifecycle import stop_event_on_signals
-from dockercoins.schema import read_totals
+from dockercoins.errors import DockercoinsError, PortInUseError
+from dockercoins.lifecycle import stop_event_on_signals, watch_task
+from dockercoins.schema import BadData, read_totals
 from dockercoins.settings import env_name
 from webui.config import WebuiSettings
-from webui.service import READ_TIMEOUT, SpeedMonitor, redis_reason
+from webui.service import READ_TIMEOUT, SpeedMonitor, bad_data_reason, redis_reason
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,52 @@ SSE_RETRY_MS = 1000
 SSE_KEEPALIVE = 2.0
 """Seconds after which a stream sends a state even without a new chart point."""
 
+STREAMS_RETRY_AFTER = 10
+"""Seconds a client turned away for too many streams is told to wait (Retry-After)."""
+
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+"""On every response: only this origin's scripts, styles and connections; never in a frame."""
+
+
+class SecurityHeaders:
+    """ASGI middleware adding SECURITY_HEADERS to every HTTP response, streams included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class CountedStream(StreamingResponse):
+    """A streaming response that calls `release` when it ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
 
 def connect_redis(url: str) -> Redis:
     """A Redis client that fails fast: short timeouts, no retries (the sampler retries)."""
@@ -52,9 +100,9 @@ def connect_redis(url: str) -> Redis:
     )
 
 
-def unavailable(reason: str) -> JSONResponse:
+def unavailable(reason: str, status: str = "unavailable") -> JSONResponse:
     """503 with the reason, the answer of every endpoint that needs Redis while it is away."""
-    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    return JSONResponse({"status": status, "reason": reason}, status_code=503)
 
 
 def create_app(settings: WebuiSettings) -> FastAPI:
@@ -68,15 +116,24 @@ def create_app(settings: WebuiSettings) -> FastAPI:
         app.state.redis = redis
         app.state.monitor = monitor
         sampler = asyncio.create_task(monitor.run(app.state.stopping), name="webui-sampler")
+        watch_task(sampler, crash)
         try:
             yield
         finally:
             app.state.stopping.set()
-            await sampler
+            await asyncio.gather(sampler, return_exceptions=True)
             await redis.aclose()
 
+    def crash(why: str) -> None:
+        app.state.failure = why
+        app.state.failed.set()
+
     app = FastAPI(title="DockerCoins web UI", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(SecurityHeaders)
     app.state.stopping = asyncio.Event()
+    app.state.failed = asyncio.Event()
+    app.state.failure = ""
+    app.state.streams = 0
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -108,6 +165,8 @@ def create_app(settings: WebuiSettings) -> FastAPI:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 read = await read_totals(request.app.state.redis)
+        except BadData as exc:
+            return unavailable(bad_data_reason(exc), "bad-data")
         except (RedisError, OSError, TimeoutError) as exc:
             return unavailable(redis_reason(exc))
         monitor: SpeedMonitor = request.app.state.monitor
@@ -118,31 +177,49 @@ def create_app(settings: WebuiSettings) -> FastAPI:
             "hashes_per_second": monitor.rate.per_second if monitor.rate else None,
             "workers": monitor.workers,
             "rng_mode": monitor.rng_mode,
+            "status": monitor.status,
+            "reason": monitor.error,
         }
 
-    @app.get("/events")
-    async def events(request: Request) -> StreamingResponse:
-        """Server-Sent Events: the full history first, then what is new about once a second."""
-        monitor: SpeedMonitor = request.app.state.monitor
-        stopping: asyncio.Event = request.app.state.stopping
+    @app.get("/events", response_model=None)
+    async def events(request: Request) -> StreamingResponse | JSONResponse:
+        """Server-Sent Events: the full history first, then what is new about once a second.
+
+        At most DOCKERCOINS_WEBUI_MAX_STREAMS at once; each runs in its request's own task
+        (no task of its own), so a closed stream leaves nothing behind.
+        """
+        state = request.app.state
+        if state.streams >= settings.webui_max_streams:
+            return JSONResponse(
+                {
+                    "status": "busy",
+                    "reason": f"{state.streams} live streams already, the most this web UI "
+                    f"serves ({env_name('webui_max_streams')})",
+                },
+                status_code=503,
+                headers={"Retry-After": str(STREAMS_RETRY_AFTER)},
+            )
+        monitor: SpeedMonitor = state.monitor
+        stopping: asyncio.Event = state.stopping
 
         async def stream() -> AsyncIterator[str]:
             yield f"retry: {SSE_RETRY_MS}\n\n"
             after = 0
             while not stopping.is_set():
-                state = monitor.snapshot(after)
-                after = state["seq"]
-                yield f"event: state\ndata: {json.dumps(state)}\n\n"
-                waiting = asyncio.ensure_future(monitor.next_point())
-                stopped = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait(
-                    {waiting, stopped}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
-                )
-                waiting.cancel()
-                stopped.cancel()
+                snapshot = monitor.snapshot(after)
+                after = snapshot["seq"]
+                yield f"event: state\ndata: {json.dumps(snapshot)}\n\n"
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SSE_KEEPALIVE):
+                        await monitor.next_point()
 
-        return StreamingResponse(
+        def release() -> None:
+            state.streams -= 1
+
+        state.streams += 1
+        return CountedStream(
             stream(),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -190,9 +267,13 @@ async def serve(settings: WebuiSettings) -> None:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("webui listening on http://%s:%d", host, port)
     stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    failed = asyncio.create_task(app.state.failed.wait())
+    await asyncio.wait({serving, stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
+    failed.cancel()
     app.state.stopping.set()
     server.should_exit = True
     await serving
     sock.close()
+    if app.state.failure:
+        raise DockercoinsError(f"{app.state.failure}; the web UI stopped")

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from dockercoins.rate import DEFAULT_WINDOW, Rate, Sample, window_rate
-from dockercoins.schema import RNG_MODE_KEY, Totals, live_workers, read_totals
+from dockercoins.schema import RNG_MODE_KEY, BadData, Totals, mining_workers, read_totals
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,56 @@ def redis_reason(exc: BaseException) -> str:
     """One line saying why Redis could not be read."""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"Redis unreachable: {detail}"
+
+
+def bad_data_reason(exc: BadData) -> str:
+    """One line saying what in Redis is not what the schema allows."""
+    return f"bad data in Redis: {exc}"
+
+
+FULL_AT = 0.99
+"""Share of `maxmemory` from which Redis counts as full: writes are refused at 100 %."""
+
+REFUSED_RECENTLY = 5.0
+"""Seconds Redis counts as full after it last refused a write for lack of memory (OOM)."""
+
+
+class MemoryWatch:
+    """Whether Redis refuses writes for lack of memory, from INFO memory and errorstats.
+
+    With `maxmemory` and the `noeviction` policy, a full Redis answers writes with OOM: the
+    workers pause and their heartbeats expire, which alone would look like "0 workers". A
+    write can be refused below the cap too (its own size counts), so a rise of Redis's own
+    count of OOM replies also means full, for REFUSED_RECENTLY seconds.
+    """
+
+    def __init__(self) -> None:
+        self._refusals: int | None = None
+        self._refused_at = -REFUSED_RECENTLY
+
+    def reason(self, memory: Any, errors: Any) -> str | None:
+        """Why Redis is full now, or None; `memory`, `errors`: INFO memory and errorstats
+        (anything else, e.g. an error of a Redis that denies INFO: not known to be full)."""
+        if not isinstance(memory, dict):
+            return None
+        cap = int(memory.get("maxmemory") or 0)
+        if not cap or memory.get("maxmemory_policy") != "noeviction":
+            return None
+        refusals = (
+            errors.get("errorstat_OOM", {}).get("count", 0) if isinstance(errors, dict) else 0
+        )
+        now = time.monotonic()
+        if self._refusals is not None and refusals > self._refusals:
+            self._refused_at = now
+        self._refusals = refusals
+        used = int(memory.get("used_memory") or 0)
+        used -= int(memory.get("mem_not_counted_for_evict") or 0)
+        if used < cap * FULL_AT and now - self._refused_at > REFUSED_RECENTLY:
+            return None
+        return (
+            f"Redis full: {used / 2**20:.1f} of its maxmemory {cap / 2**20:.1f} MiB used, "
+            "writes refused (noeviction): the workers wait; free memory or raise maxmemory"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,35 +132,54 @@ class SpeedMonitor:
         self.workers: int | None = None
         self.rng_mode: str | None = None
         self.error: str | None = "Redis not read yet"
+        self.status = "redis-unreachable"
         self._seq = 0
         self._outage = False
         self._clock_offset = 0.0
         self._tick = asyncio.Event()
+        self._memory = MemoryWatch()
 
     def redis_now(self) -> float:
         """The Redis clock as last seen, carried on by the local clock while Redis is away."""
         return time.time() + self._clock_offset
 
+    def _failed(self, status: str, reason: str) -> None:
+        if self.status != status:
+            log.warning("%s", reason)
+        self.status, self.error = status, reason
+
     async def sample_once(self) -> None:
-        """One reading of Redis; on failure, remember why (never raise a Redis error)."""
+        """One reading of Redis; on failure, remember why and say so once (never raise a
+        Redis error or bad data: the page shows the reason, the chart a gap)."""
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 totals = await read_totals(self.redis)
-                workers = await live_workers(self.redis)
-                mode = await self.redis.get(RNG_MODE_KEY)
+                workers = await mining_workers(self.redis)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.get(RNG_MODE_KEY)
+                    pipe.info("memory")  # both INFO: ~25 µs of Redis's time each sample
+                    pipe.info("errorstats")
+                    mode, memory, errors = await pipe.execute(raise_on_error=False)
+        except BadData as exc:
+            self._failed("bad-data", bad_data_reason(exc))
+            return
         except (RedisError, OSError, TimeoutError) as exc:
-            self.error = redis_reason(exc)
-            if not self._outage:
-                log.warning("%s", self.error)
-                self._outage = True
+            self._outage = True
+            self._failed("redis-unreachable", redis_reason(exc))
             return
         if self._outage:
             log.info("Redis reachable again")
             self._outage = False
-        self.error = None
+        full = self._memory.reason(memory, errors)
+        if full is not None:
+            self._failed("redis-full", full)
+        else:
+            if self.status in ("bad-data", "redis-full"):
+                log.info("Redis is back to normal: its data as expected, room for writes")
+            self.status, self.error = "live", None
         self._clock_offset = totals.now - time.time()
         self.totals = totals
-        self.rng_mode = mode.decode() if isinstance(mode, bytes) else mode
+        self.rng_mode = mode.decode(errors="replace") if isinstance(mode, bytes) else None
         if self.workers is not None and workers != self.workers:
             self._seq += 1
             self.marks.append(WorkerMark(self._seq, totals.now, workers))
@@ -121,9 +190,9 @@ class SpeedMonitor:
         self.rate = window_rate(self.samples, self.window)
 
     def add_point(self) -> ChartPoint:
-        """Close one chart interval: the current rate, or a gap while Redis is unreachable."""
+        """Close one chart interval: the current rate, or a gap while Redis cannot be read."""
         self._seq += 1
-        if self.error is None and self.totals is not None:
+        if self.status in ("live", "redis-full") and self.totals is not None:
             rate = self.rate.per_second if self.rate else None
             point = ChartPoint(self._seq, self.totals.now, rate)
         else:
@@ -150,7 +219,9 @@ class SpeedMonitor:
                 next_point = max(next_point, time.monotonic())
             pause = max(0.0, self.sample_interval - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+                async with asyncio.timeout(pause):  # no task of its own, unlike wait_for
+                    await stop.wait()
+        self._tick.set()  # wake the streams, so that they see `stop`
 
     async def next_point(self) -> None:
         """Wait until the next chart point is added."""
@@ -165,7 +236,7 @@ class SpeedMonitor:
         """What the page needs: current numbers, plus the points and marks newer than `after`."""
         totals = self.totals
         return {
-            "status": "live" if self.error is None else "redis-unreachable",
+            "status": self.status,
             "reason": self.error,
             "hashes": totals.hashes if totals else None,
             "coins": totals.coins if totals else None,

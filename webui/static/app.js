@@ -5,6 +5,11 @@
 
 const STALE_AFTER_MS = 5000; // no state for this long: the stream is dead, reconnect
 const HISTORY_S = 300;
+const TROUBLE = {
+  "redis-unreachable": "Redis unreachable",
+  "bad-data": "bad data in Redis",
+  "redis-full": "Redis full",
+};
 
 const els = {
   status: document.getElementById("status"),
@@ -170,9 +175,13 @@ function apply(state) {
 
   els.speed.textContent = formatSpeed(state.speed);
   els.speed.dataset.value = state.speed === null ? "" : String(state.speed);
-  if (state.speed !== null && state.spread !== null) {
+  if (state.status !== "live" && state.reason) {
+    els.speedNote.textContent = state.reason; // what is wrong, where the page's eyes are
+  } else if (state.speed !== null && state.spread !== null) {
     els.speedNote.textContent =
       `± ${formatSpeed(state.spread)} · least-squares fit over ${state.window} s of Redis-timestamped samples`;
+  } else {
+    els.speedNote.textContent = "fitted over the last few seconds of Redis-timestamped samples";
   }
   els.coins.textContent = formatCount(state.coins);
   els.hashes.textContent = formatCount(state.hashes);
@@ -180,7 +189,7 @@ function apply(state) {
   els.mode.textContent = state.rng_mode || "–";
 
   if (state.status === "live") setStatus("live", "live");
-  else setStatus("redis-unreachable", "Redis unreachable", state.reason);
+  else setStatus(state.status, TROUBLE[state.status] || state.status, state.reason);
 }
 
 function connect() {
