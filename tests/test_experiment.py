@@ -18,8 +18,9 @@ from dockercoins.experiment import (
     parse_point,
     plan,
 )
+from dockercoins.settings import env_name
 from tests.conftest import dockercoins_cmd, service_env
-from tests.stack import RunningStack
+from tests.stack import FAST_COSTS, RunningStack
 
 SCALED_COSTS = (
     "--read-cost", "0.02", "--hasher-latency", "0.01", "--think-time", "0.01",
@@ -129,6 +130,12 @@ import json, os, subprocess, sys
 with open({log!r}, "a") as record:
     record.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
 args = sys.argv[1:]
+if args[:1] == ["get"] and "json" in args:
+    # The pod template of a workload, with the costs the local stack runs with.
+    service = args[1].split("/")[1]
+    env = [{{"name": k, "value": v}} for k, v in {costs!r}.items()]
+    containers = [{{"name": service, "env": env}}]
+    print(json.dumps({{"spec": {{"template": {{"spec": {{"containers": containers}}}}}}}}))
 if args[:1] == ["scale"]:
     service = {{"deployment/worker": "worker", "deployment/rng": "rng"}}[args[1]]
     replicas = [a.split("=", 1)[1] for a in args if a.startswith("--replicas=")][0]
@@ -144,7 +151,11 @@ def _stand_in_kubectl(tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:
     bin_dir.mkdir()
     log = tmp_path / "kubectl.log"
     script = bin_dir / "kubectl"
-    script.write_text(STAND_IN.format(python=sys.executable, log=str(log), data_dir=str(data_dir)))
+    # The costs of tests.stack.RunningStack, as the kubectl test starts it.
+    costs = {env_name(k): str(v) for k, v in {**FAST_COSTS, "worker_flush_interval": 0.25}.items()}
+    script.write_text(
+        STAND_IN.format(python=sys.executable, log=str(log), data_dir=str(data_dir), costs=costs)
+    )
     script.chmod(0o755)
     return bin_dir, log
 
@@ -174,14 +185,6 @@ def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path
                 "blocking",
                 "--workers",
                 "1,3",
-                "--read-cost",
-                "0.01",
-                "--hasher-latency",
-                "0.01",
-                "--think-time",
-                "0.01",
-                "--flush-interval",
-                "0.25",
                 "--warmup",
                 "1",
                 "--window",
@@ -196,9 +199,14 @@ def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert _commands(log) == [
+            "kubectl get deployment/rng -o json -n dockercoins",
+            "kubectl get deployment/hasher -o json -n dockercoins",
+            "kubectl get deployment/worker -o json -n dockercoins",
             "kubectl set env deployment/rng DOCKERCOINS_RNG_MODE=blocking -n dockercoins",
             "kubectl scale deployment/rng --replicas=1 -n dockercoins",
             "kubectl rollout status deployment/rng --timeout=120s -n dockercoins",
+            "kubectl rollout restart deployment/worker -n dockercoins",
+            "kubectl rollout status deployment/worker --timeout=120s -n dockercoins",
             "kubectl scale deployment/worker --replicas=1 -n dockercoins",
             "kubectl scale deployment/worker --replicas=3 -n dockercoins",
         ]
@@ -206,6 +214,9 @@ def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path
         assert len(stack.children()) == 7
         data = json.loads((tmp_path / "out" / "experiment.json").read_text())
         assert data["backend"] == "kubectl"
+        # The model's costs are the cluster's, read from its workloads, not the defaults.
+        assert data["costs"]["rng_read_cost"] == FAST_COSTS["rng_read_cost"]
+        assert data["costs"]["worker_flush_interval"] == 0.25
         rate = _by_point(data)
         assert rate["blocking", 1, 3] > 1.5 * rate["blocking", 1, 1] > 0, rate
     finally:
@@ -237,9 +248,29 @@ async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -
     assert _commands(log) == [
         "kubectl set env daemonset/rng DOCKERCOINS_RNG_MODE=buffered -n ns1",
         "kubectl rollout status daemonset/rng --timeout=120s -n ns1",
+        "kubectl rollout restart deployment/worker -n ns1",
+        "kubectl rollout status deployment/worker --timeout=120s -n ns1",
     ]
     with pytest.raises(ConfigError, match="--rng-workload"):
         KubectlBackend("http://127.0.0.1:9", rng_workload="statefulset/rng")
+
+
+def test_kubectl_backend_refuses_cost_flags_it_would_not_use(tmp_path: Path) -> None:
+    result = subprocess.run(
+        dockercoins_cmd(
+            "experiment", "--backend", "kubectl", "--url", "http://127.0.0.1:9",
+            "--read-cost", "0.02", "--output", str(tmp_path),
+        ),
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "dockercoins experiment: --backend kubectl reads the costs from the cluster; "
+        "drop --read-cost\n"
+    )
 
 
 def test_the_documented_run_is_the_one_in_its_files() -> None:

