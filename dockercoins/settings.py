@@ -127,14 +127,14 @@ class GrpcServerSettings(TlsSettings, MetricsSettings):
     )
     keepalive_time: float = Field(
         30.0,
-        gt=0,
+        ge=1,
         le=86400,
         description="Seconds a client may stay silent before a gRPC server pings it, to find "
         "out whether it is still there.",
     )
     keepalive_timeout: float = Field(
         10.0,
-        gt=0,
+        ge=1,
         le=3600,
         description="Seconds a gRPC server waits for the answer to its ping; then it closes the "
         "connection and ends the client's calls, whose slots are free again.",
