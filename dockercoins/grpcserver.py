@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dockercoins.calls import CallInterceptor, CallSlots
 from dockercoins.errors import PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.net import ensure_free
@@ -19,6 +20,10 @@ MAX_MESSAGE_BYTES = 80 << 20
 setting (rng's, 64 MiB), so that a client takes the largest reply any server may send.
 Servers accept only what their own settings allow (`max_receive`)."""
 
+OTHER_CALLS_ROOM = 64
+"""Least room for calls outside the application's bound (health checks, reflection) in gRPC's
+own bound on all calls, a backstop against floods of those."""
+
 SMALL_REQUEST_BYTES = 4096
 """Receive limit of a server whose requests are all small: rng's (at most 33 bytes), health
 checks and reflection requests."""
@@ -28,7 +33,8 @@ BASE_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Clients may keep a connection alive with pings, calls or not (the worker pings every
-    # 10 s at most): allowed down to `min_ping_interval`, strikes beyond.
+    # 10 s at most): allowed down to `min_ping_interval`, strikes beyond. The server's own
+    # keepalive pings go to connections without calls too.
     ("grpc.keepalive_permit_without_calls", 1),
 )
 
@@ -41,6 +47,13 @@ def server_options(settings: GrpcServerSettings, max_receive: int) -> list[tuple
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
+        # The server pings a client silent for `keepalive_time` (with or without calls, see
+        # BASE_OPTIONS) and drops it when no answer comes in `keepalive_timeout`: a paused or
+        # vanished client gives back its connection and its calls' slots. Clients never
+        # police a server's pings; servers send them at most every keepalive_time / 2.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000)),
     ]
     if settings.max_connection_idle:
         options.append(("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)))
@@ -60,6 +73,11 @@ class GrpcServer:
     connection age) come from `settings`, the defaults when None; `max_receive` is the
     largest request message it accepts, in bytes: gRPC refuses larger ones with
     RESOURCE_EXHAUSTED from the message's length prefix, before reading it.
+
+    Only the calls of `service_names` count against `settings.max_concurrent_rpcs`
+    (`calls` holds them): health checks and reflection are never refused for the
+    application's load. gRPC's own bound on all calls is looser, the same number again
+    (at least OTHER_CALLS_ROOM) on top, so that floods of those stay bounded too.
     """
 
     def __init__(
@@ -68,17 +86,24 @@ class GrpcServer:
         service_names: Sequence[str],
         settings: GrpcServerSettings | None = None,
         max_receive: int = SMALL_REQUEST_BYTES,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
         if settings is None:
             settings = GrpcServerSettings.model_construct()  # the defaults, no environment
         options = server_options(settings, max(max_receive, SMALL_REQUEST_BYTES))
+        bound = settings.max_concurrent_rpcs
+        self.calls = CallSlots(bound)
+        metered = bool(settings.metrics_port)
+        interceptors = (
+            [CallInterceptor(self.service_names, self.calls, metered)]
+            if self.service_names or metered
+            else None
+        )
         self.server = grpc.aio.server(
             options=options,
-            interceptors=list(interceptors) or None,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=bound + max(bound, OTHER_CALLS_ROOM),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -56,14 +55,8 @@ WORKER_RPC_SECONDS = Histogram(
 )
 
 
-def _split_method(full: str) -> tuple[str, str]:
-    """'/pkg.Service/Method' -> ('pkg.Service', 'Method')."""
-    _, service, method = full.rsplit("/", 2) if full.count("/") >= 2 else ("", "", full)
-    return service, method
-
-
-class _CallMetrics:
-    """The label children of one method, resolved once per call."""
+class CallMetrics:
+    """One call's metrics: started at once; handled, timed and its messages counted after."""
 
     __slots__ = ("labels", "received", "sent", "started_at")
 
@@ -101,7 +94,7 @@ class _CallMetrics:
             yield request
 
 
-class _CountingContext:
+class CountingContext:
     """A servicer context whose `write` counts sent messages; everything else passes through."""
 
     def __init__(self, context: grpc.aio.ServicerContext, sent: Any) -> None:
@@ -127,83 +120,6 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
         if status.value[0] == code:
             return status
     return None
-
-
-def _wrap(
-    behavior: Callable[..., Any],
-    rpc_type: str,
-    service: str,
-    method: str,
-    streaming_in: bool,
-    streaming_out: bool,
-) -> Callable[..., Any]:
-    """`behavior` with its calls counted and timed, and its stream messages counted.
-
-    A streaming handler either yields its replies or writes them with
-    `context.write()` (rng's StreamRandom, the health service's Watch): both are counted.
-    """
-
-    def begin(request: Any, context: Any) -> tuple[_CallMetrics, Any, Any]:
-        call = _CallMetrics(rpc_type, service, method)
-        if streaming_in:
-            request = call.count_received(request)
-        if streaming_out:
-            context = _CountingContext(context, call.sent)
-        return call, request, context
-
-    if streaming_out and inspect.isasyncgenfunction(behavior):
-
-        async def yielding(request: Any, context: Any) -> AsyncIterator[Any]:
-            call, request, counted = begin(request, context)
-            with call.measured(context):
-                async for reply in behavior(request, counted):
-                    call.sent.inc()
-                    yield reply
-
-        return yielding
-
-    async def returning(request: Any, context: Any) -> Any:
-        call, request, counted = begin(request, context)
-        with call.measured(context):
-            return await behavior(request, counted)
-
-    return returning
-
-
-class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC of a server by method and status code, and times it."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = _split_method(handler_call_details.method)
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            behavior = _wrap(handler.unary_unary, "unary", service, method, False, False)
-            return grpc.unary_unary_rpc_method_handler(behavior, **codec)
-        if handler.unary_stream:
-            behavior = _wrap(handler.unary_stream, "server_stream", service, method, False, True)
-            return grpc.unary_stream_rpc_method_handler(behavior, **codec)
-        if handler.stream_unary:
-            behavior = _wrap(handler.stream_unary, "client_stream", service, method, True, False)
-            return grpc.stream_unary_rpc_method_handler(behavior, **codec)
-        if handler.stream_stream:
-            behavior = _wrap(handler.stream_stream, "bidi_stream", service, method, True, True)
-            return grpc.stream_stream_rpc_method_handler(behavior, **codec)
-        return handler
-
-
-def server_interceptors(settings: Any) -> list[grpc.aio.ServerInterceptor]:
-    """The metrics interceptor when the settings turn metrics on, else none (no cost)."""
-    return [ServerMetricsInterceptor()] if getattr(settings, "metrics_port", 0) else []
 
 
 class RngBufferCollector(Collector):

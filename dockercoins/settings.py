@@ -106,9 +106,10 @@ class GrpcServerSettings(TlsSettings, MetricsSettings):
         1024,
         ge=1,
         le=100_000,
-        description="Calls (streams included) a gRPC server runs at once, health checks "
-        "included; more get RESOURCE_EXHAUSTED at once. Each may hold up to its largest "
-        "request in memory.",
+        description="Calls of rng's or hasher's methods a server runs at once, a stream "
+        "counted until it ends; more get RESOURCE_EXHAUSTED at once. Health checks and "
+        "reflection are not counted (they have as many again, at least 64, of their own). "
+        "Each call may hold up to its largest request in memory.",
     )
     max_concurrent_streams: int = Field(
         256,
@@ -123,6 +124,20 @@ class GrpcServerSettings(TlsSettings, MetricsSettings):
         le=3600,
         description="Least seconds between keepalive pings a gRPC server accepts from a "
         "client; pings more often are strikes.",
+    )
+    keepalive_time: float = Field(
+        30.0,
+        ge=1,
+        le=86400,
+        description="Seconds a client may stay silent before a gRPC server pings it, to find "
+        "out whether it is still there.",
+    )
+    keepalive_timeout: float = Field(
+        10.0,
+        ge=1,
+        le=3600,
+        description="Seconds a gRPC server waits for the answer to its ping; then it closes the "
+        "connection and ends the client's calls, whose slots are free again.",
     )
     max_ping_strikes: int = Field(
         2,

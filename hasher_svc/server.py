@@ -3,7 +3,7 @@
 import logging
 
 from dockercoins.grpcserver import GrpcServer
-from dockercoins.metrics import server_interceptors, start_metrics_endpoint
+from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.tls import server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.config import HasherSettings
@@ -21,7 +21,6 @@ def build_server(settings: HasherSettings) -> GrpcServer:
         [SERVICE_NAME],
         settings,
         settings.hasher_max_request + REQUEST_FRAMING,
-        server_interceptors(settings),
     )
     servicer = HasherServicer(settings)
     hasher_pb2_grpc.add_HasherServicer_to_server(servicer, server.server)

@@ -3,7 +3,7 @@
 import logging
 
 from dockercoins.grpcserver import GrpcServer
-from dockercoins.metrics import server_interceptors, start_metrics_endpoint, watch_rng_source
+from dockercoins.metrics import start_metrics_endpoint, watch_rng_source
 from dockercoins.tls import server_credentials
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
@@ -26,7 +26,7 @@ def build_source(settings: RngSettings) -> RandomSource:
 
 def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
-    server = GrpcServer("rng", [SERVICE_NAME], settings, interceptors=server_interceptors(settings))
+    server = GrpcServer("rng", [SERVICE_NAME], settings)
     rng_pb2_grpc.add_RngServicer_to_server(
         RngServicer(source, settings.rng_max_request, settings.request_latency), server.server
     )

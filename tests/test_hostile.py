@@ -3,16 +3,20 @@ status code and the setting it hit; health answers meanwhile; normal requests ar
 
 import asyncio
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from dockercoins.net import free_port
 from dockercoins.procstat import memory_mb
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from tests.test_grpcurl import grpcurl
 from tests.test_signals import Service
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -55,11 +59,17 @@ def hash_of(data: bytes, address: str) -> str:
 
 
 async def open_streams(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
-    """`count` HashStreams, each answered once: open and running on the server."""
+    """`count` HashStreams, each answered once: open and running on the server. When one
+    fails, all are cancelled (none left holding a slot) and its error raised."""
     streams = [stub.HashStream() for _ in range(count)]
-    for stream in streams:
-        await stream.write(hasher_pb2.HashRequest(data=b"open"))
-        await stream.read()
+    try:
+        for stream in streams:
+            await stream.write(hasher_pb2.HashRequest(data=b"open"))
+            await stream.read()
+    except grpc.aio.AioRpcError:
+        for stream in streams:
+            stream.cancel()
+        raise
     return streams
 
 
@@ -142,20 +152,76 @@ async def test_blocks_and_reply_are_bounded_hex_digests_counted(servers) -> None
         assert len(most.digests) == 100 * 32
 
 
-async def test_calls_past_the_concurrency_bound_get_resource_exhausted(servers) -> None:
-    address = await servers.hasher(hasher_latency=0, max_concurrent_rpcs=4)
-    async with grpc.aio.insecure_channel(address) as channel:
+def refused_count(method: str) -> float:
+    """Calls to dockercoins.v1.Hasher/`method` the metrics counted as RESOURCE_EXHAUSTED."""
+    labels = {"grpc_service": "dockercoins.v1.Hasher", "grpc_method": method}
+    labels |= {"grpc_type": "unary", "grpc_code": "RESOURCE_EXHAUSTED"}
+    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+async def test_the_concurrency_bound_counts_application_calls_only(servers) -> None:
+    """Four open streams fill a bound of 4: the next call is refused at once, naming the
+    setting, and counted; health (checks and more watches than the bound) and reflection are
+    served meanwhile; streams that end, however they end, give their slots back."""
+    address = await servers.hasher(
+        hasher_latency=0,
+        max_concurrent_rpcs=4,
+        metrics_port=free_port(),  # metrics on
+    )
+    refused_before = refused_count("Hash")
+    async with (
+        grpc.aio.insecure_channel(address) as channel,
+        grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as probe,
+    ):
         stub = hasher_pb2_grpc.HasherStub(channel)
         streams = await open_streams(stub, 4)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Hash(hasher_pb2.HashRequest(data=b"one too many"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "Concurrent RPC limit" in caught.value.details()
-        for stream in streams:
-            await stream.done_writing()
-            assert await stream.code() == grpc.StatusCode.OK
-        reply = await stub.Hash(hasher_pb2.HashRequest(data=b"room again"), timeout=5)
-        assert reply.hexdigests
+        assert "DOCKERCOINS_MAX_CONCURRENT_RPCS" in caught.value.details()
+        assert refused_count("Hash") == refused_before + 1
+
+        health = health_pb2_grpc.HealthStub(probe)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(8)]
+        for watch in watches:
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(10):
+            began = time.perf_counter()
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.perf_counter() - began < 5 * HEALTH_BOUND
+        code, out = await grpcurl(address, "list")
+        assert code == 0 and "dockercoins.v1.Hasher" in out.split(), out
+        for watch in watches:
+            watch.cancel()
+
+        await streams[0].done_writing()
+        assert await streams[0].code() == grpc.StatusCode.OK
+        streams[1].cancel()  # the client gives up: the server learns it from the transport
+        await streams[2].done_writing()
+        await streams[3].done_writing()
+        await asyncio.gather(*(stream.code() for stream in streams[2:]))
+        again = await eventually_open(stub, 4)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Hash(hasher_pb2.HashRequest(data=b"full again"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in again:
+            stream.cancel()
+
+
+async def eventually_open(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
+    """`count` open HashStreams, retried while the server still counts streams that ended."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await open_streams(stub, count)
+        except grpc.aio.AioRpcError as refused:
+            if refused.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            assert time.monotonic() < deadline, "slots not given back"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_connection_past_its_stream_bound_waits_others_do_not(servers) -> None:
@@ -220,6 +286,67 @@ async def test_idle_connections_are_closed_and_clients_come_back(servers) -> Non
         await asyncio.sleep(1)
         assert channel.get_state() == grpc.ChannelConnectivity.IDLE  # closed by the server
         assert (await stub.Hash(hasher_pb2.HashRequest(data=b"back"), timeout=5)).hexdigests
+
+
+SILENT_CLIENT = """
+import asyncio, sys
+import grpc
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+
+async def hold(address, method):
+    async with grpc.aio.insecure_channel(address) as channel:
+        if method == "HashStream":  # the server waits for the next request
+            stream = hasher_pb2_grpc.HasherStub(channel).HashStream()
+            await stream.write(hasher_pb2.HashRequest(data=b"open"))
+        else:  # the server writes replies nobody reads
+            request = rng_pb2.StreamRandomRequest(size=32, count=1000)
+            stream = rng_pb2_grpc.RngStub(channel).StreamRandom(request)
+        await stream.read()
+        print("open", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(hold(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("method", ["HashStream", "StreamRandom"])
+async def test_a_paused_client_gives_its_slot_back_after_keepalive(servers, method) -> None:
+    """A client process holds the only slot with an open stream, then is SIGSTOPped: the
+    server's unanswered ping frees the slot within keepalive time + timeout."""
+    keepalive = {"max_concurrent_rpcs": 1, "keepalive_time": 1, "keepalive_timeout": 1}
+    if method == "HashStream":
+        address = await servers.hasher(hasher_latency=0, **keepalive)
+        other = hasher_pb2_grpc.HasherStub
+        one_call = ("Hash", hasher_pb2.HashRequest(data=b"mine now"))
+    else:
+        address = await servers.rng(rng_read_cost=0, **keepalive)
+        other = rng_pb2_grpc.RngStub
+        one_call = ("GetRandom", rng_pb2.RandomRequest(size=32))
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SILENT_CLIENT, address, method, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await asyncio.wait_for(client.stdout.readline(), 20) == b"open\n"
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = getattr(other(channel), one_call[0])
+            await asyncio.sleep(2.5)  # the live client answers the server's pings: kept
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(one_call[1], timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            client.send_signal(signal.SIGSTOP)
+            paused = time.monotonic()
+            while True:
+                try:
+                    await call(one_call[1], timeout=5)
+                    break
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() - paused < 6, "the paused client kept its slot"
+                    await asyncio.sleep(0.1)
+            print(f"slot back {time.monotonic() - paused:.2f} s after SIGSTOP")
+    finally:
+        client.kill()
+        await client.wait()
 
 
 async def test_rng_reads_only_small_requests(servers) -> None:
