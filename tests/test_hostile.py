@@ -127,8 +127,9 @@ def test_hostile_hashes_are_refused_before_any_work(hasher_process) -> None:
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert words in refused.value.details()
             assert max(latencies) < HEALTH_BOUND
-    # Neither hashed nor read whole: the peak grew by far less than 64 MiB or a million digests.
-    assert memory_mb(server.proc.pid) - before < 8
+    # Neither hashed nor read whole: the peak grew by far less than the 64 MiB message or the
+    # 98 MB of a million hex digests (gRPC's own buffers take a few MB, more on a busy machine).
+    assert memory_mb(server.proc.pid) - before < 32
     assert hash_of(b"after", address)
 
 

@@ -85,6 +85,8 @@ def test_make_protos_installs_grpcio_tools_and_nothing_else(tmp_path: Path) -> N
     result = subprocess.run(
         ["make", "--dry-run", "--always-make", "protos", f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
+        # Run from `make test`, a sub-make would print "Entering directory" lines.
+        env={k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
         capture_output=True,
         text=True,
         timeout=30,
