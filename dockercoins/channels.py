@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.grpcserver import MAX_MESSAGE_BYTES
 from dockercoins.tls import open_channel
 
@@ -17,6 +18,19 @@ def normalize_target(target: str) -> str:
     if "," in target and not target.startswith(_SCHEMES):
         return "ipv4:" + ",".join(part.strip() for part in target.split(","))
     return target
+
+
+def keepalive_options(interval: float, timeout: float) -> list[tuple[str, int]]:
+    """Channel options that ping every `interval` seconds, with or without calls, and close
+    the connection when a ping is not answered within `timeout`: a peer that went silent
+    (paused, partitioned) is noticed and the channel reconnects."""
+    return [
+        ("grpc.keepalive_time_ms", int(interval * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A stalled stream sends no data; pings must go on regardless (default: 2 at most).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class ChannelPool:
@@ -45,6 +59,9 @@ class ChannelPool:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Without this, window growth lets a fast server stream park megabytes per stream.
             ("grpc.http2.bdp_probe", 0),
+            # gRPC waits up to 120 s between reconnection attempts by default: after a long
+            # outage the channel would sit idle long after its peer came back.
+            ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
             *options,
         ]
         self.channels = [
