@@ -277,7 +277,7 @@ def test_a_paused_peer_costs_the_worker_its_deadline_and_nothing_else(
     assert {live for *_, live in health.samples} == {"SERVING"}, "an outage is not a crash"
     assert health.samples[-1][1:3] == ("SERVING", "SERVING")
 
-    hashes, took = assert_exact_count(own_redis, worker)
+    assert_exact_count(own_redis, worker)
     record_property("recovered_s", round(recovered, 2))
     print(
         f"{profile} {peer}: {before:.0f} h/s before, {after:.0f} after, back in {recovered:.1f} s"

@@ -297,12 +297,24 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
 @pytest.mark.parametrize(
     ("env", "line"),
     [
-        ({"worker_keepalive_time": 5}, "DOCKERCOINS_WORKER_KEEPALIVE_TIME: Input should be greater than or equal to 10"),
-        ({"worker_max_pending_coins": 0}, "DOCKERCOINS_WORKER_MAX_PENDING_COINS: Input should be greater than or equal to 1"),
-        ({"worker_liveness_timeout": 5}, "DOCKERCOINS_WORKER_LIVENESS_TIMEOUT must be longer than"),
-        ({"worker_ready_timeout": 0.05, "worker_think_time": 0.1}, "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than"),
+        (
+            {"worker_keepalive_time": 5},
+            "DOCKERCOINS_WORKER_KEEPALIVE_TIME: Input should be greater than or equal to 10",
+        ),
+        (
+            {"worker_max_pending_coins": 0},
+            "DOCKERCOINS_WORKER_MAX_PENDING_COINS: Input should be greater than or equal to 1",
+        ),
+        (
+            {"worker_liveness_timeout": 5},
+            "DOCKERCOINS_WORKER_LIVENESS_TIMEOUT must be longer than",
+        ),
+        (
+            {"worker_ready_timeout": 0.05, "worker_think_time": 0.1},
+            "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_a_bound_out_of_range_stops_the_worker_with_one_line(
     env: dict[str, object], line: str, tmp_path
 ) -> None:
