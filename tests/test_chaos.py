@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
 from tests.conftest import service_env
-from tests.stack import LoggedProcess
+from tests.stack import LoggedProcess, wait_until
 
 PAUSE = 2.5
 """Seconds a peer is paused: well past the worker's 1 s deadline."""
@@ -42,17 +42,6 @@ WORKER = {
     "worker_think_time": 0.01,
 }
 """The worker's settings in every test; the profile and addresses come on top."""
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, proc=None) -> float:
-    """Seconds until `predicate()` holds; fails after `timeout` with the worker's output."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            output = "\n".join(proc.lines[-40:]) if proc is not None else ""
-            raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 class Upstream:
