@@ -28,6 +28,9 @@ def keepalive_options(interval: float, timeout: float) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(interval * 1000)),
         ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC 1.85 waits for a ping's ack this long (default 1 min), whatever the keepalive
+        # timeout says: without it a dead connection stayed "READY" for over a minute.
+        ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
         # A stalled stream sends no data; pings must go on regardless (default: 2 at most).
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -304,11 +304,14 @@ def test_readiness_and_the_heartbeat_say_mining_only_while_it_mines(
 
 class SilentProxy:
     """A TCP proxy that forwards until told to go silent: then it reads and writes nothing,
-    on every connection it holds, as a partitioned network or a frozen peer would."""
+    on every connection it holds, as a partitioned network or a frozen peer would.
+    `kill_open_connections()` silences the connections open now for good (a NAT or a peer
+    that lost them) while new ones are forwarded."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.silent = threading.Event()
+        self.dead_before = float("-inf")
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._closing = threading.Event()
@@ -326,11 +329,15 @@ class SilentProxy:
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def kill_open_connections(self) -> None:
+        self.dead_before = time.monotonic()
+
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
+        born = time.monotonic()
         try:
             while not self._closing.is_set():
-                if self.silent.is_set():
+                if self.silent.is_set() or born < self.dead_before:
                     time.sleep(0.02)
                     continue
                 readable, _, _ = select.select(list(peers), [], [], 0.05)
@@ -370,6 +377,26 @@ def test_a_connection_that_goes_silent_is_abandoned_at_the_deadline(
             proxy.silent.clear()
         worker.wait_for_line(r"hasher is back after", 10)
         wait_until(lambda: own_redis.hashes() > stalled, 10, "mining again", worker)
+        assert worker.count(r"hasher unreachable") == 1, worker.output
+        assert_exact_count(own_redis, worker)
+    finally:
+        proxy.close()
+
+
+def test_a_dead_connection_that_looks_alive_is_replaced_by_keepalive(
+    upstreams, own_redis, workers
+) -> None:
+    proxy = SilentProxy(upstreams["hasher"].port)
+    try:
+        worker = Worker("classic", upstreams["rng"].addr, f"127.0.0.1:{proxy.port}", own_redis.url)
+        workers.append(worker)
+        wait_until(lambda: own_redis.hashes() > 0, 30, "mining", worker)
+        proxy.kill_open_connections()
+        killed = time.monotonic()
+        # Each call times out on the old connection until a keepalive ping (every 10 s) goes
+        # unanswered for the deadline (1 s) and the channel connects anew.
+        worker.wait_for_line(r"hasher is back after", 10 + 1 + 5)
+        assert time.monotonic() - killed >= 1.0
         assert worker.count(r"hasher unreachable") == 1, worker.output
         assert_exact_count(own_redis, worker)
     finally:
