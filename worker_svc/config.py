@@ -82,8 +82,8 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         10_000,
         ge=1,
         le=1_000_000,
-        description="Most coins written to Redis in one command, so that a backlog drains in "
-        "steps that each fit DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
+        description="Coins written to Redis per command (a unit's coins are never split), so "
+        "that a backlog drains in steps that each fit DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
     )
     worker_ready_timeout: float | None = Field(
         None,

@@ -266,19 +266,20 @@ class Miner:
                 self.stop()
             stopped_at = time.monotonic()
             _, late = await asyncio.wait(loops, timeout=self.settings.grace / 2)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await _cancel_all(list(late))
             failed += [task for task in loops if not task.cancelled() and task.exception()]
         finally:
-            stop.cancel()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, stop, return_exceptions=True)
+            await _cancel_all([*background, stop])
         await self._final_flush(stopped_at + max(self.settings.grace, 1.0))
         for task in failed:
             error = None if task.cancelled() else task.exception()
-            raise error or RuntimeError(f"{task.get_name()} ended by itself")
+            error = error or RuntimeError(f"{task.get_name()} ended by itself")
+            log.error(
+                "%s failed (%s); exiting so that a supervisor restarts the worker",
+                task.get_name(),
+                error,
+            )
+            raise error
 
     def _step(self, step: str) -> None:
         self._steps[step] = time.monotonic()
@@ -287,18 +288,13 @@ class Miner:
         """Sleep the think time; False if the worker was told to stop meanwhile."""
         if not self.settings.worker_think_time:
             return not self.stopping.is_set()
-        try:
-            await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.worker_think_time)
-        except TimeoutError:
-            return True
-        return False
+        return not await _wait_for_event(self.stopping, self.settings.worker_think_time)
 
     async def _next_unit(self, step: str) -> bool:
         """Wait for room in the backlog, then think; False once the worker is stopping."""
         while not self._room.is_set():
             self._step(step)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), PAUSE_TICK)
+            await _wait_for_event(self._room, PAUSE_TICK)
         return await self._think()
 
     def _record(self, step: str, data: bytes, digests: bytes) -> dict[str, bytes]:
@@ -370,10 +366,7 @@ class Miner:
 
     async def _stopped_within(self, seconds: float) -> bool:
         """Wait `seconds` (a backoff); True if the worker is stopping."""
-        if not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        return self.stopping.is_set()
+        return await _wait_for_event(self.stopping, seconds)
 
     async def _stream_loop(self, index: int) -> None:
         """The fast path: an rng stream feeding a hasher stream; reopened whenever one ends."""
@@ -485,9 +478,9 @@ class Miner:
                     return upstream, since
                 await asyncio.sleep(since + deadline - now)
 
-        writer = asyncio.create_task(write())
-        reader = asyncio.create_task(read())
-        watchdog = asyncio.create_task(watch())
+        writer = asyncio.create_task(write(), name=f"{step}-writer")
+        reader = asyncio.create_task(read(), name=f"{step}-reader")
+        watchdog = asyncio.create_task(watch(), name=f"{step}-watchdog")
         tasks = {writer: "rng", reader: "hasher", watchdog: ""}
         try:
             pending: set[asyncio.Task[Any]] = set(tasks)
@@ -510,11 +503,9 @@ class Miner:
                 broken.started = opened
             raise
         finally:
-            for task in tasks:
-                task.cancel()
             randoms.cancel()
             hashes.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(list(tasks))
 
     async def flush_counters(self) -> bool:
         """Flush pending hashes and coins and renew the heartbeat; False if Redis failed."""
@@ -534,6 +525,7 @@ class Miner:
                 self.redis, coins_only, heartbeat, step=lambda: self._step("flusher")
             )
         except (RedisError, OSError) as exc:
+            _raise_if_cancelling()
             WORKER_ERRORS.labels("redis", type(exc).__name__).inc()
             self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
             return False
@@ -555,8 +547,7 @@ class Miner:
             if self.outages.is_down("redis"):
                 await asyncio.sleep(wait)  # coins piling up change nothing until the next try
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._coins_waiting.wait(), wait)
+                await _wait_for_event(self._coins_waiting, wait)
             self._coins_waiting.clear()
             if time.monotonic() >= due:
                 due = time.monotonic() + interval
@@ -630,6 +621,44 @@ class Miner:
     async def _flush_all(self) -> None:
         await self.ledger.flush(self.redis)
         await self.redis.delete(schema.WORKER_KEY_PREFIX + self.worker_id)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again if one lingers."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            names = ", ".join(task.get_name() for task in pending)
+            log.warning("%s did not end when cancelled; cancelling again", names)
+
+
+async def _wait_for_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set, for at most `seconds`; whether it is set.
+
+    asyncio.timeout, unlike wait_for on Python 3.11, starts no task and tells its own expiry
+    from a cancellation of the caller.
+    """
+    if not event.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        _raise_if_cancelling()
+    return event.is_set()
+
+
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError if this task is being cancelled.
+
+    A cancellation can reach a coroutine as another error: a library's timeout that expires
+    as the task is cancelled raises TimeoutError, an OSError; caught as an outage, it would
+    keep a cancelled loop running.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _stale(steps: dict[str, float], before: float) -> list[str]:
