@@ -320,7 +320,12 @@ async def test_a_bound_out_of_range_stops_the_worker_with_one_line(
 ) -> None:
     log = tmp_path / "worker.log"
     worker = await start_worker(log, **env)
-    assert await asyncio.wait_for(worker.wait(), 30) == 2
+    try:
+        assert await asyncio.wait_for(worker.wait(), 30) == 2
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
     text = log.read_text()
     assert line in text and "Traceback" not in text, text
 
