@@ -21,18 +21,24 @@ def normalize_target(target: str) -> str:
 
 
 def keepalive_options(interval: float, timeout: float) -> list[tuple[str, int]]:
-    """Channel options that ping every `interval` seconds, with or without calls, and close
-    the connection when a ping is not answered within `timeout`: a peer that went silent
-    (paused, partitioned) is noticed and the channel reconnects."""
+    """Channel options that notice a silent peer and reconnect promptly once it is back.
+
+    Pings go every `interval` seconds, with or without calls; a ping unanswered within
+    `timeout` closes the connection (a paused or partitioned peer), and reconnection attempts
+    are never more than MAX_BACKOFF apart.
+    """
     return [
         ("grpc.keepalive_time_ms", int(interval * 1000)),
         ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
         # gRPC 1.85 waits for a ping's ack this long (default 1 min), whatever the keepalive
         # timeout says: without it a dead connection stayed "READY" for over a minute.
         ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
         # A stalled stream sends no data; pings must go on regardless (default: 2 at most).
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC waits up to 120 s between reconnection attempts by default: after a long
+        # outage the channel would sit idle long after its peer came back.
+        ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
     ]
 
 
@@ -62,9 +68,6 @@ class ChannelPool:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Without this, window growth lets a fast server stream park megabytes per stream.
             ("grpc.http2.bdp_probe", 0),
-            # gRPC waits up to 120 s between reconnection attempts by default: after a long
-            # outage the channel would sit idle long after its peer came back.
-            ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
             *options,
         ]
         self.channels = [
