@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.grpcserver import MAX_MESSAGE_BYTES
 from dockercoins.tls import open_channel
 
@@ -18,6 +19,28 @@ def normalize_target(target: str) -> str:
     if "," in target and not target.startswith(_SCHEMES):
         return "ipv4:" + ",".join(part.strip() for part in target.split(","))
     return target
+
+
+def keepalive_options(interval: float, timeout: float) -> list[tuple[str, int]]:
+    """Channel options that notice a silent peer and reconnect promptly once it is back.
+
+    Pings go every `interval` seconds, with or without calls; a ping unanswered within
+    `timeout` closes the connection (a paused or partitioned peer), and reconnection attempts
+    are never more than MAX_BACKOFF apart.
+    """
+    return [
+        ("grpc.keepalive_time_ms", int(interval * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+        # gRPC 1.85 waits for a ping's ack this long (default 1 min), whatever the keepalive
+        # timeout says: without it a dead connection stayed "READY" for over a minute.
+        ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A stalled stream sends no data; pings must go on regardless (default: 2 at most).
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC waits up to 120 s between reconnection attempts by default: after a long
+        # outage the channel would sit idle long after its peer came back.
+        ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
+    ]
 
 
 class ChannelPool:

@@ -141,6 +141,12 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between calls")
     probe.add_argument("--timeout", type=float, default=10.0, help="deadline of each call")
     probe.add_argument("--health", action="store_true", help="call the health service only")
+    probe.add_argument(
+        "--service",
+        dest="health_service",
+        help="with --health: the health service to check (a worker: readiness, the default, "
+        "or liveness)",
+    )
     commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
     bench = commands.add_parser(
         "bench",
@@ -230,6 +236,7 @@ def run_probe(options: dict[str, Any]) -> int:
                 options["health"],
                 sys.stdout,
                 credentials=credentials,
+                health_service=options.get("health_service"),
             )
         )
     except ValueError as exc:

@@ -15,7 +15,7 @@ from dockercoins.tls import open_channel
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 
 SERVICE_NAMES = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher", "worker": ""}
-"""The health service name each target answers for (the worker: its whole process)."""
+"""The health service name each target answers for by default (the worker: its readiness)."""
 
 
 @dataclass
@@ -37,10 +37,13 @@ class ProbeResult:
         )
 
 
-def _call_for(service: str, channel: grpc.aio.Channel, health: bool) -> Callable[[float], Any]:
+def _call_for(
+    service: str, channel: grpc.aio.Channel, health: bool, health_service: str | None
+) -> Callable[[float], Any]:
     if health:
         stub = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service])
+        name = SERVICE_NAMES[service] if health_service is None else health_service
+        request = health_pb2.HealthCheckRequest(service=name)
 
         async def check(timeout: float) -> None:
             reply = await stub.Check(request, timeout=timeout)
@@ -65,19 +68,23 @@ async def probe(
     health: bool,
     out: TextIO,
     credentials: grpc.ChannelCredentials | None = None,
+    health_service: str | None = None,
 ) -> ProbeResult:
     """Call `service` at `address` `count` times, one line each, then the summary.
 
-    With `credentials` the calls go over TLS.
+    With `credentials` the calls go over TLS. `health_service` names the health service
+    to check instead of the target's default (a worker's `liveness`, say).
     """
     if service not in SERVICE_NAMES:
         raise ValueError(f"can only probe {', '.join(SERVICE_NAMES)}, not {service!r}")
     if service == "worker" and not health:
         raise ValueError("a worker serves health only: probe it with --health")
     result = ProbeResult()
+    if health_service is not None and not health:
+        raise ValueError("--service names a health service: give --health too")
     what = f"{service} health" if health else service
     async with open_channel(normalize_target(address), credentials) as channel:
-        call = _call_for(service, channel, health)
+        call = _call_for(service, channel, health, health_service)
         for seq in range(1, count + 1):
             started = time.perf_counter()
             try:

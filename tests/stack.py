@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,19 @@ class RunningStack(LoggedProcess):
             text = (task / "children").read_text()
             found.update(int(pid) for pid in text.split())
         return found
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, proc: LoggedProcess | None = None
+) -> float:
+    """Seconds until `predicate()` holds; fails after `timeout`, with `proc`'s last output."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            output = "\n".join(proc.lines[-60:]) if proc is not None else ""
+            raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def get_json(url: str, timeout: float = 5) -> dict[str, Any]:

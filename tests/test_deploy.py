@@ -632,6 +632,14 @@ def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace
     from dockercoins.net import free_port
 
     started = []
+    # Every container's ports moved to free ones; a worker's rng and hasher targets follow them
+    # (a worker is ready only while it mines, so it must reach them).
+    moved = {
+        int(value): free_port()
+        for w in workloads(rendered("base"))
+        for name, value in env_of(w.containers[0]).items()
+        if name.endswith("_PORT")
+    }
     try:
         for w in workloads(rendered("base")):
             (c,) = w.containers
@@ -643,8 +651,10 @@ def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace
             ports = {}
             for name, value in env_of(c).items():
                 if name.endswith("_PORT"):
-                    ports[int(value)] = free_port()
+                    ports[int(value)] = moved[int(value)]
                     env[name] = str(ports[int(value)])
+                if name.endswith("_ADDR"):
+                    env[name] = f"127.0.0.1:{moved[int(value.rsplit(':', 1)[1])]}"
             env.update({"DOCKERCOINS_HOST": "127.0.0.1", "DOCKERCOINS_REDIS_URL": redis_url})
             proc = subprocess.Popen(
                 [tool("dockercoins"), *c["args"]],

@@ -16,7 +16,7 @@ import redis
 
 from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
-from tests.stack import RunningStack, alive, get_json
+from tests.stack import RunningStack, alive, get_json, wait_until
 
 WORKERS = 2
 RECOVERY_BOUND = 10.0
@@ -41,17 +41,6 @@ def pids_by_name(stack: RunningStack) -> dict[str, int]:
 
 def count(stack: RunningStack, pattern: str) -> int:
     return sum(1 for line in list(stack.lines) if re.search(pattern, line))
-
-
-def wait_until(predicate, timeout: float, what: str, stack: RunningStack | None = None) -> float:
-    """Seconds until `predicate()` holds; fails after `timeout`, with the stack's output."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            output = "\n".join(stack.lines[-60:]) if stack is not None else ""
-            raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def kill_and_recover(stack: RunningStack, service: str, upstream: str) -> float:

@@ -18,6 +18,8 @@ class ReplyDroppingProxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.drop_next_reply = False
+        self.replies_before_drop: int | None = None
+        """When set: let that many replies through, then drop the next one."""
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -35,7 +37,11 @@ class ReplyDroppingProxy:
 
         async def downstream() -> None:
             while data := await redis_r.read(65536):
+                if self.replies_before_drop is not None:
+                    self.replies_before_drop -= 1
+                    self.drop_next_reply = self.replies_before_drop < 0
                 if self.drop_next_reply:
+                    self.replies_before_drop = None
                     self.drop_next_reply = False
                     client_w.close()  # Redis did the work; the client never hears of it
                     return
@@ -117,3 +123,26 @@ async def test_two_writers_never_skip_each_others_counts(redis_url) -> None:
         await ledger.flush(redis)
     assert int(await redis.get("hashes")) == 40
     await redis.aclose()
+
+
+async def test_a_chunked_drain_cut_short_resumes_and_counts_once(lossy) -> None:
+    direct, proxy, through_proxy = lossy
+    client = through_proxy(retries=False)
+    ledger = Ledger("worker-under-test", chunk=10)
+    coins = {f"0{n:063x}": bytes([n]) * 32 for n in range(55)}
+    for start in range(0, 55, 5):  # units of 5 coins: chunks of 10, 10, 10, 10, 10, 5
+        ledger.add(20, dict(list(coins.items())[start : start + 5]))
+    await client.ping()
+    proxy.replies_before_drop = 2  # two chunks answered, the third applied but not answered
+    with pytest.raises((RedisConnectionError, OSError)):
+        await ledger.flush(client)
+    assert await direct.hlen("wallet") == 30
+    assert await direct.get("hashes") is None, "the count goes last, with the last chunk"
+    assert ledger.pending_coins == 35 and ledger.unflushed_hashes == 220
+
+    await ledger.flush(client)
+    assert await direct.hgetall("wallet") == {k.encode(): v for k, v in coins.items()}
+    assert int(await direct.get("hashes")) == 220
+    assert ledger.pending_coins == 0 and ledger.unflushed_hashes == 0
+    await ledger.flush(client)
+    assert int(await direct.get("hashes")) == 220

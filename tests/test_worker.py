@@ -257,3 +257,140 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
     assert await asyncio.wait_for(worker.wait(), 15) == 0
     code, out = await probe("--health", "-c", "1", "--timeout", "1", "--addr", f"127.0.0.1:{port}")
     assert code == 1 and "0 ok, 1 failed" in out
+
+
+async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
+    redis_url, tmp_path
+) -> None:
+    import sys
+
+    port = free_port()
+    # Nothing listens at rng or hasher: the worker cannot mine, but it is alive.
+    worker = await start_worker(
+        tmp_path / "worker.log",
+        rng_addr=f"127.0.0.1:{free_port()}",
+        hasher_addr=f"127.0.0.1:{free_port()}",
+        redis_url=redis_url,
+        worker_health_port=port,
+    )
+
+    async def probe(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dockercoins", "probe", "worker", "--health", "-c", "1",
+            "--addr", f"127.0.0.1:{port}", *args,
+            env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while (result := await probe("--service", "liveness"))[0]:
+        assert asyncio.get_running_loop().time() < deadline, result[1]
+        await asyncio.sleep(0.2)
+    for args in ((), ("--service", "readiness")):
+        code, out = await probe(*args)
+        assert code == 1 and "status NOT_SERVING" in out, out
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker.wait(), 15) == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"worker_keepalive_time": 5},
+            "DOCKERCOINS_WORKER_KEEPALIVE_TIME: Input should be greater than or equal to 10",
+        ),
+        (
+            {"worker_max_pending_coins": 0},
+            "DOCKERCOINS_WORKER_MAX_PENDING_COINS: Input should be greater than or equal to 1",
+        ),
+        (
+            {"worker_liveness_timeout": 5},
+            "DOCKERCOINS_WORKER_LIVENESS_TIMEOUT must be longer than",
+        ),
+        (
+            {"worker_ready_timeout": 0.05, "worker_think_time": 0.1},
+            "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than",
+        ),
+    ],
+)
+async def test_a_bound_out_of_range_stops_the_worker_with_one_line(
+    env: dict[str, object], line: str, tmp_path
+) -> None:
+    log = tmp_path / "worker.log"
+    worker = await start_worker(log, **env)
+    try:
+        assert await asyncio.wait_for(worker.wait(), 30) == 2
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    text = log.read_text()
+    assert line in text and "Traceback" not in text, text
+
+
+class _Reports:
+    """What a Miner reported to its health server, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    async def __call__(self, ready: bool, live: bool) -> None:
+        self.seen.append((ready, live))
+
+
+def _miner(cls, servers_addr: tuple[str, str], redis_url: str, reports: _Reports, **fields):
+    from dockercoins.channels import ChannelPool
+    from worker_svc.config import WorkerSettings
+    from worker_svc.server import connect_redis
+
+    settings = WorkerSettings(
+        rng_addr=servers_addr[0],
+        hasher_addr=servers_addr[1],
+        redis_url=redis_url,
+        **{**FAST, "grace": 1.0, **fields},
+    )
+    rng, hasher = ChannelPool(settings.rng_addr), ChannelPool(settings.hasher_addr)
+    return cls(settings, rng, hasher, connect_redis(redis_url), report_health=reports)
+
+
+async def test_a_stuck_loop_fails_liveness_and_ends_the_worker(servers, redis_url) -> None:
+    from worker_svc.service import Miner, StuckError
+
+    class HungLoop(Miner):
+        """A loop that awaits something that never comes: the defect liveness is for."""
+
+        async def _unary_loop(self, index: int) -> None:
+            await asyncio.Event().wait()
+
+    reports = _Reports()
+    upstreams = await servers.upstreams(0)
+    miner = _miner(
+        HungLoop, upstreams, redis_url, reports, rpc_timeout=0.2, worker_liveness_timeout=2.5
+    )
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StuckError, match=r"no step of loop-0 in 2.5 s"):
+        await asyncio.wait_for(miner.run(), 15)
+    assert 2.5 <= asyncio.get_running_loop().time() - started < 6
+    assert reports.seen[0] == (False, True) and reports.seen[-1][1] is False
+
+
+async def test_a_flusher_that_dies_takes_the_worker_down_after_a_last_flush(
+    servers, redis_url
+) -> None:
+    from worker_svc.service import Miner
+
+    class BrokenFlusher(Miner):
+        async def _flush_periodically(self) -> None:
+            await asyncio.sleep(1.0)
+            raise ValueError("a defect in the flusher")
+
+    reports = _Reports()
+    upstreams = await servers.upstreams(0)
+    miner = _miner(BrokenFlusher, upstreams, redis_url, reports)
+    with pytest.raises(ValueError, match="a defect in the flusher"):
+        await asyncio.wait_for(miner.run(), 15)
+    client = redis.Redis.from_url(redis_url)
+    assert miner.ledger.total_hashes > 0
+    assert int(client.get("hashes")) == miner.ledger.total_hashes, "counted before the end"

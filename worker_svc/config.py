@@ -1,7 +1,8 @@
 """Settings of the worker."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.settings import MetricsSettings, TlsSettings
 
 
@@ -43,11 +44,96 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         "unary call per unit.",
     )
     worker_health_port: int = Field(
-        0, ge=0, le=65535, description="Port of the worker's own gRPC health server (0: none)."
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the worker's own gRPC health server (0: none): services "
+        "`readiness` (also the overall status) and `liveness`.",
     )
     difficulty: int = Field(
         1, ge=1, le=64, description="Leading zero hex digits that make a digest a coin."
     )
     rpc_timeout: float = Field(
-        10.0, gt=0, le=600, description="Deadline in seconds of every call to rng and hasher."
+        10.0,
+        gt=0,
+        le=600,
+        description="Deadline in seconds of every call to rng and hasher, and of every message "
+        "on a stream: a stream silent for longer is abandoned and reopened.",
     )
+    worker_keepalive_time: float = Field(
+        10.0,
+        ge=10,
+        le=3600,
+        description="Seconds between HTTP/2 keepalive pings on the worker's connections to rng "
+        "and hasher; a ping unanswered within DOCKERCOINS_RPC_TIMEOUT closes the connection "
+        "(servers accept pings every 5 s at most).",
+    )
+    worker_redis_timeout: float = Field(
+        2.0, gt=0, le=60, description="Seconds the worker waits for Redis on each command."
+    )
+    worker_max_pending_coins: int = Field(
+        200_000,
+        ge=1,
+        le=10_000_000,
+        description="Coins held in memory while Redis does not take them (about 250 bytes "
+        "each); at this bound the worker stops mining until Redis takes them again.",
+    )
+    worker_flush_chunk: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Coins written to Redis per command (a unit's coins are never split), so "
+        "that a backlog drains in steps that each fit DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
+    )
+    worker_ready_timeout: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="Seconds without a finished unit of work after which readiness goes "
+        "NOT_SERVING (an unreachable upstream or a full backlog does it at once); unset: "
+        "think time + 2 x DOCKERCOINS_RPC_TIMEOUT.",
+    )
+    worker_liveness_timeout: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="Seconds a mining loop or the flusher may go without a step (a reply, a "
+        "failed attempt, a retry, a wait for Redis) before liveness goes NOT_SERVING and the "
+        "worker exits to be restarted; outages do not count. Unset: 3 x (think time + "
+        "DOCKERCOINS_RPC_TIMEOUT + flush interval), at least 30.",
+    )
+
+    @property
+    def ready_timeout(self) -> float:
+        """Seconds without a finished unit before readiness fails."""
+        if self.worker_ready_timeout is not None:
+            return self.worker_ready_timeout
+        return self.worker_think_time + 2 * self.rpc_timeout
+
+    @property
+    def liveness_timeout(self) -> float:
+        """Seconds without any step of a loop or the flusher before liveness fails."""
+        if self.worker_liveness_timeout is not None:
+            return self.worker_liveness_timeout
+        step = self.worker_think_time + self.rpc_timeout + self.worker_flush_interval
+        return max(30.0, 3 * step)
+
+    @model_validator(mode="after")
+    def _timeouts_fit_a_unit(self) -> "WorkerSettings":
+        # A unit thinks, then waits for each upstream at most the deadline, between retries at
+        # most MAX_BACKOFF: shorter timeouts would report a healthy worker as failing.
+        if self.worker_ready_timeout is not None and (
+            self.worker_ready_timeout <= self.worker_think_time
+        ):
+            raise ValueError(
+                "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than "
+                f"DOCKERCOINS_WORKER_THINK_TIME ({self.worker_think_time} s)"
+            )
+        step = self.worker_think_time + self.rpc_timeout + MAX_BACKOFF
+        if self.worker_liveness_timeout is not None and self.worker_liveness_timeout <= step:
+            raise ValueError(
+                "DOCKERCOINS_WORKER_LIVENESS_TIMEOUT must be longer than "
+                "DOCKERCOINS_WORKER_THINK_TIME + DOCKERCOINS_RPC_TIMEOUT + 2 s "
+                f"({step:g} s)"
+            )
+        return self

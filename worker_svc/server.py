@@ -2,11 +2,12 @@
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health_pb2
 from redis.asyncio import Redis
 
-from dockercoins.channels import ChannelPool
+from dockercoins.channels import ChannelPool, keepalive_options
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.metrics import start_metrics_endpoint, watch_ledger
@@ -17,15 +18,28 @@ from worker_svc.service import Miner
 log = logging.getLogger(__name__)
 
 
-def connect_redis(url: str) -> Redis:
+READINESS = "readiness"
+"""Health service that says whether the worker mines now (the overall status "" says the same)."""
+
+LIVENESS = "liveness"
+"""Health service that says whether the worker's loops still step (restart it if not)."""
+
+_STATUS = {
+    True: health_pb2.HealthCheckResponse.SERVING,
+    False: health_pb2.HealthCheckResponse.NOT_SERVING,
+}
+
+
+def connect_redis(url: str, timeout: float = 2.0) -> Redis:
     """A Redis client with short timeouts, so that an outage is noticed and retried."""
-    return Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 async def serve(settings: WorkerSettings) -> None:
     """Mine until SIGTERM or SIGINT; then finish the unit in hand, flush, exit."""
     stop = stop_event_on_signals()
     health: GrpcServer | None = None
+    report: Callable[[bool, bool], Awaitable[None]] | None = None
     if settings.worker_health_port:
         health = GrpcServer("worker", [])
         health.bind(
@@ -34,13 +48,22 @@ async def serve(settings: WorkerSettings) -> None:
             "DOCKERCOINS_WORKER_HEALTH_PORT",
             server_credentials(settings),
         )
-        await health.start()
+        servicer = health.health
+
+        async def report(ready: bool, live: bool) -> None:
+            for name in ("", READINESS):
+                await servicer.set(name, _STATUS[ready])
+            await servicer.set(LIVENESS, _STATUS[live])
+
+        await report(False, True)  # not ready until a unit of work is done
+        await health.server.start()
     start_metrics_endpoint(settings.host, settings.metrics_port)
     credentials = channel_credentials(settings)
-    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, credentials=credentials)
-    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, credentials=credentials)
-    redis = connect_redis(settings.redis_url)
-    miner = Miner(settings, rng, hasher, redis)
+    options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
+    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, options, credentials)
+    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, options, credentials)
+    redis = connect_redis(settings.redis_url, settings.worker_redis_timeout)
+    miner = Miner(settings, rng, hasher, redis, report_health=report)
     if settings.metrics_port:
         watch_ledger(miner.ledger)
     log.info(
@@ -56,14 +79,18 @@ async def serve(settings: WorkerSettings) -> None:
     running = asyncio.create_task(miner.run())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("worker stopping: finishing the unit in hand")
-    if health is not None:
-        await health.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    miner.stopping.set()
-    stopped.cancel()
-    await running
-    await rng.close()
-    await hasher.close()
-    await redis.aclose()
-    if health is not None:
-        await health.stop(0)
+    try:
+        if not running.done():
+            log.info("worker stopping: finishing the unit in hand")
+            if health is not None:
+                for name in ("", READINESS):
+                    await health.health.set(name, _STATUS[False])
+            miner.stop()
+        await running  # a loop's or the flusher's failure ends the process here, traceback and all
+    finally:
+        stopped.cancel()
+        await rng.close()
+        await hasher.close()
+        await redis.aclose()
+        if health is not None:
+            await health.stop(0)
