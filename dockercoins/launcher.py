@@ -24,7 +24,7 @@ from dockercoins import schema
 from dockercoins.backoff import Backoff
 from dockercoins.embedded_redis import LockedRedis
 from dockercoins.errors import ConfigError, DockercoinsError
-from dockercoins.lifecycle import stop_event_on_signals, watch_task
+from dockercoins.lifecycle import raise_if_cancelling, stop_event_on_signals, watch_task
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
 from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
@@ -314,9 +314,11 @@ async def _wait_until(
 ) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        with contextlib.suppress(Exception):
+        try:
             if await check():
                 return
+        except Exception:  # not ready yet, whatever the reason; a cancellation still ends it
+            raise_if_cancelling()
         if process is not None and process.proc is not None and process.proc.returncode is not None:
             raise DockercoinsError(
                 f"{what} exited with status {process.proc.returncode} before it was ready"
@@ -471,8 +473,10 @@ class Stack:
         """Keep the rng mode in Redis for the web UI, also after Redis lost its data."""
         try:
             while True:
-                with contextlib.suppress(Exception):
+                try:
                     await client.set(schema.RNG_MODE_KEY, self.settings.rng_mode, ex=15)
+                except Exception:  # Redis away or full: the next round tries again
+                    raise_if_cancelling()
                 await asyncio.sleep(5)
         finally:
             await client.aclose()
