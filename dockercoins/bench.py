@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from dockercoins import schema
 from dockercoins.errors import DockercoinsError
 from dockercoins.launcher import Stack
+from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.probe import probe
 from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
@@ -165,7 +166,7 @@ class StackSampler:
             try:
                 totals = await schema.read_totals(self.redis)
             except (RedisError, OSError):  # Redis paused or restarting: no reading this time
-                pass
+                raise_if_cancelling()
             else:
                 at = (asked + time.monotonic()) / 2
                 self.readings.append(Reading(at, totals.hashes, totals.now))
@@ -464,6 +465,8 @@ class FaultResult:
     worker_peak_rss_mb: float
     redis_peak_rss_mb: float
     lines: list[str] = field(default_factory=list)
+    flushes: list[tuple[float, int]] = field(default_factory=list)
+    """The counter at each flush seen, seconds from the fault's end (negative: before)."""
 
 
 class FaultSoak:
@@ -522,6 +525,10 @@ class FaultSoak:
             worker_peak_rss_mb=round(self.sampler.peak_rss("worker.1", struck), 1),
             redis_peak_rss_mb=round(self.sampler.peak_rss("redis", struck), 1),
             lines=self.log.between(struck)[:40],
+            flushes=[
+                (round(r.at - ended, 2), r.hashes)
+                for r in flushes(self.sampler.between(struck - plan.before))
+            ],
         )
 
     def resume_paused(self) -> None:
