@@ -762,15 +762,17 @@ async def run_soak(
             )
         if log is None:
             log = closing.enter_context((out_dir / "soak-stack.log").open("w"))
+        faults = f"{len(plan.faults)} faults in turn, one every {plan.slot:.0f} s"
         say(
             f"soak: {plan.seconds:.0f} s of turbo at difficulty {plan.difficulty}, "
-            f"{len(plan.faults)} faults in turn, one every {plan.slot:.0f} s"
+            f"{faults if plan.faults else 'no fault'}"
         )
         soaked = await soak(plan, data_dir, log)
-    say(
-        f"{'fault':<24} {'rate before':>12} {'recovered':>10} {'rate after':>12} "
-        f"{'worker MB':>10} {'redis MB':>9}"
-    )
+    if soaked["faults"]:
+        say(
+            f"{'fault':<24} {'rate before':>12} {'recovered':>10} {'rate after':>12} "
+            f"{'worker MB':>10} {'redis MB':>9}"
+        )
     for fault in soaked["faults"]:
         what = fault["fault"] + (f" {fault['seconds']:.0f} s" if fault["seconds"] else "")
         back = fault["recovered_after"]

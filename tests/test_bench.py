@@ -59,8 +59,10 @@ def test_fault_soak_recovers_from_each_fault_and_counts_every_hash_once(tmp_path
     assert "worker.1  | exited with status -9; restarting" in "\n".join(
         faults["kill worker.1"]["lines"]
     )
-    # The launcher restarted the killed worker, and nothing else.
+    # The launcher restarted the killed worker, and nothing else; every process was sampled.
     assert soaked["restarts"] == soaked["kills"] == 1
+    assert soaked["hashes"] > 0
+    assert set(soaked["rss_mb"]) >= {"redis", "rng", "hasher", "worker.1"}
 
     # Nothing lost, nothing twice: the counter holds the stopped worker's own total plus
     # what the killed one had flushed (its last heartbeat), to the hash.
