@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 from dockercoins.errors import PortInUseError
 from dockercoins.net import free_port
 from dockercoins.schema import announce_worker
-from dockercoins.stages import StageTimes
 from dockercoins.settings import load_settings
+from dockercoins.stages import StageTimes
 from tests.conftest import service_env
 from webui.config import WebuiSettings
 from webui.server import _Server, bind_listener, connect_redis, create_app
