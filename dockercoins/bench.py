@@ -14,9 +14,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import median
 from typing import Any, TextIO
 
 import grpc
@@ -40,11 +41,13 @@ class PipelineConfig:
     pool: int
     workers: int = 1
     difficulty: int = 1
+    stage_timing: bool = True
 
     @property
     def label(self) -> str:
         label = f"batch {self.batch}, {self.loops} loops, {self.pool} ch, {self.workers} wk"
-        return label + (f", diff {self.difficulty}" if self.difficulty != 1 else "")
+        label += f", diff {self.difficulty}" if self.difficulty != 1 else ""
+        return label + ("" if self.stage_timing else ", no stage timing")
 
     def env(self) -> dict[str, str]:
         return {
@@ -52,6 +55,7 @@ class PipelineConfig:
             "DOCKERCOINS_WORKER_LOOPS": str(self.loops),
             "DOCKERCOINS_WORKER_POOL_SIZE": str(self.pool),
             "DOCKERCOINS_DIFFICULTY": str(self.difficulty),
+            "DOCKERCOINS_WORKER_STAGE_TIMING": str(self.stage_timing).lower(),
         }
 
 
@@ -68,6 +72,8 @@ FULL_GRID = (
     PipelineConfig(batch=1000, loops=4, pool=2, difficulty=4),
 )
 QUICK_GRID = (PipelineConfig(batch=1, loops=2, pool=1), PipelineConfig(batch=100, loops=2, pool=2))
+STAGE_TIMING_CONFIG = PipelineConfig(batch=1000, loops=4, pool=2)
+"""The turbo defaults, run with the workers' stage timing on and off."""
 
 
 @dataclass
@@ -171,6 +177,48 @@ async def measure_pipeline(
         cpu_seconds_per_million=round(sum(used.values()) / hashed * 1e6, 2) if hashed else 0.0,
         processes=processes,
     )
+
+
+async def measure_stage_timing_cost(
+    pairs: int, window: float, warmup: float, ceiling: float, data_dir: Path, log: TextIO
+) -> dict[str, Any]:
+    """Turbo with the workers' stage timing off and on, alternated `pairs` times in one run.
+
+    The cost is compared in CPU seconds per million hashes (every process of the stack, and
+    the worker alone), which a shared machine disturbs less than the rate; medians of the runs.
+    """
+    runs: dict[bool, list[PipelineResult]] = {False: [], True: []}
+    for _ in range(pairs):
+        for timing in (False, True):
+            config = replace(STAGE_TIMING_CONFIG, stage_timing=timing)
+            result = await measure_pipeline(config, ceiling, window, warmup, data_dir, log)
+            runs[timing].append(result)
+
+    def worker_cpu(result: PipelineResult) -> float:
+        hashed = result.hashes_per_second * window
+        used = sum(p.cpu_seconds for name, p in result.processes.items() if "worker" in name)
+        return used / hashed * 1e6 if hashed else 0.0
+
+    rate = {t: median(r.hashes_per_second for r in runs[t]) for t in runs}
+    cpu = {t: median(r.cpu_seconds_per_million for r in runs[t]) for t in runs}
+    worker = {t: round(median(map(worker_cpu, runs[t])), 3) for t in runs}
+    report: dict[str, Any] = {"config": STAGE_TIMING_CONFIG.label, "pairs": pairs}
+    for timing, name in ((True, "on"), (False, "off")):
+        report[name] = {
+            "hashes_per_second": rate[timing],
+            "cpu_seconds_per_million": cpu[timing],
+            "worker_cpu_seconds_per_million": worker[timing],
+            "runs": [asdict(r) for r in runs[timing]],
+        }
+    report["cpu_overhead"] = _ratio(cpu[True], cpu[False])
+    report["worker_cpu_overhead"] = _ratio(worker[True], worker[False])
+    report["rate_change"] = _ratio(rate[True], rate[False])
+    return report
+
+
+def _ratio(new: float, old: float) -> float:
+    """new / old - 1, rounded; 0 when old is 0."""
+    return round(new / old - 1, 4) if old else 0.0
 
 
 # -- (c) latency overhead --------------------------------------------------------------
@@ -308,10 +356,11 @@ class BenchOptions:
     latency_calls: int = 100
     soak_seconds: float = 60.0
     grid: tuple[PipelineConfig, ...] = FULL_GRID
+    stage_timing_pairs: int = 3
 
     @classmethod
     def quick(cls) -> "BenchOptions":
-        return cls(1.5, 1.0, 1.0, 5, 2.0, QUICK_GRID)
+        return cls(1.5, 1.0, 1.0, 5, 2.0, QUICK_GRID, stage_timing_pairs=1)
 
 
 async def run_bench(
@@ -379,6 +428,23 @@ async def run_bench(
             "hashes_per_second": best_classic_rule.hashes_per_second,
             "ratio_to_ceiling": best_classic_rule.ratio_to_ceiling,
         }
+        if options.stage_timing_pairs:
+            timing = await measure_stage_timing_cost(
+                options.stage_timing_pairs,
+                options.window,
+                options.warmup,
+                ceiling["hashes_per_second"],
+                data_dir,
+                log,
+            )
+            report["stage_timing"] = timing
+            say(
+                f"stage timing ({timing['config']}, median of {timing['pairs']} alternated runs "
+                f"each): CPU s per million hashes {timing['on']['cpu_seconds_per_million']:.2f} "
+                f"with, {timing['off']['cpu_seconds_per_million']:.2f} without "
+                f"({timing['cpu_overhead']:+.1%}; the worker alone "
+                f"{timing['worker_cpu_overhead']:+.1%}); rate {timing['rate_change']:+.1%}"
+            )
         overhead = await measure_overhead(options.latency_calls, data_dir, log)
         report["latency_overhead"] = overhead
         timer = overhead["timer_overshoot"]
