@@ -12,6 +12,7 @@ import os
 import platform
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +22,7 @@ from statistics import median
 from typing import Any, TextIO
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from dockercoins import schema
@@ -28,6 +30,7 @@ from dockercoins.launcher import Stack
 from dockercoins.probe import probe
 from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
+from dockercoins.stages import StageTimes
 
 CLASSIC_COST = 0.1
 
@@ -180,40 +183,111 @@ async def measure_pipeline(
 
 
 async def measure_stage_timing_cost(
-    pairs: int, window: float, warmup: float, ceiling: float, data_dir: Path, log: TextIO
+    halves: int, rounds: int, window: float, warmup: float, data_dir: Path, log: TextIO
 ) -> dict[str, Any]:
-    """Turbo with the workers' stage timing off and on, alternated `pairs` times in one run.
+    """The workers' stage timing, on in one worker and off in another, side by side.
 
-    The cost is compared in CPU seconds per million hashes (every process of the stack, and
-    the worker alone), which a shared machine disturbs less than the rate; medians of the runs.
+    Two turbo workers of one stack share rng, hasher, Redis and the machine's load at the
+    same moments; each one's CPU seconds per million hashes (its CPU from /proc, its hashes
+    from its own /metrics) is compared over `rounds` windows, in `halves` stacks that swap
+    which worker times (the first starts first). CPU per hash: a shared machine moves the
+    rate by tens of percent from one run to the next, far less the work per hash.
     """
-    runs: dict[bool, list[PipelineResult]] = {False: [], True: []}
-    for _ in range(pairs):
-        for timing in (False, True):
-            config = replace(STAGE_TIMING_CONFIG, stage_timing=timing)
-            result = await measure_pipeline(config, ceiling, window, warmup, data_dir, log)
-            runs[timing].append(result)
+    ratios: list[float] = []
+    totals = {True: [0.0, 0.0], False: [0.0, 0.0]}  # timing -> [CPU s, hashes]
+    for half in range(halves):
+        first_times = half % 2 == 0
+        config = replace(STAGE_TIMING_CONFIG, stage_timing=first_times)
+        env = {"DOCKERCOINS_PROFILE": "turbo", **config.env()}
+        stack = Stack.on_free_ports(
+            data_dir, log, env, workers=1, log_level="WARNING", metrics_port=1
+        )
+        try:
+            await stack.start()
+            stack.child_env.update(replace(config, stage_timing=not first_times).env())
+            await stack.scale_workers(2)
+            timing = {"worker.1": first_times, "worker.2": not first_times}
+            await _metrics_served(stack, set(timing))
+            await asyncio.sleep(warmup)
+            before = _worker_work(stack)
+            for _ in range(rounds):
+                await asyncio.sleep(window)
+                after = _worker_work(stack)
+                per_hash = {}
+                for name, on in timing.items():
+                    cpu, hashes = (a - b for a, b in zip(after[name], before[name], strict=True))
+                    per_hash[on] = cpu / hashes if hashes else 0.0
+                    totals[on][0] += cpu
+                    totals[on][1] += hashes
+                if per_hash[False]:
+                    ratios.append(per_hash[True] / per_hash[False])
+                before = after
+        finally:
+            await stack.stop()
 
-    def worker_cpu(result: PipelineResult) -> float:
-        hashed = result.hashes_per_second * window
-        used = sum(p.cpu_seconds for name, p in result.processes.items() if "worker" in name)
-        return used / hashed * 1e6 if hashed else 0.0
+    def per_million(on: bool) -> float:
+        cpu, hashes = totals[on]
+        return round(cpu / hashes * 1e6, 3) if hashes else 0.0
 
-    rate = {t: median(r.hashes_per_second for r in runs[t]) for t in runs}
-    cpu = {t: median(r.cpu_seconds_per_million for r in runs[t]) for t in runs}
-    worker = {t: round(median(map(worker_cpu, runs[t])), 3) for t in runs}
-    report: dict[str, Any] = {"config": STAGE_TIMING_CONFIG.label, "pairs": pairs}
-    for timing, name in ((True, "on"), (False, "off")):
-        report[name] = {
-            "hashes_per_second": rate[timing],
-            "cpu_seconds_per_million": cpu[timing],
-            "worker_cpu_seconds_per_million": worker[timing],
-            "runs": [asdict(r) for r in runs[timing]],
-        }
-    report["cpu_overhead"] = _ratio(cpu[True], cpu[False])
-    report["worker_cpu_overhead"] = _ratio(worker[True], worker[False])
-    report["rate_change"] = _ratio(rate[True], rate[False])
-    return report
+    return {
+        "config": STAGE_TIMING_CONFIG.label,
+        "in_process": stage_timing_cpu(),
+        "windows": len(ratios),
+        "window_seconds": window,
+        "worker_cpu_seconds_per_million": {"on": per_million(True), "off": per_million(False)},
+        "hashes": {"on": totals[True][1], "off": totals[False][1]},
+        "overhead": _ratio(per_million(True), per_million(False)),
+        "overhead_median": round(median(ratios) - 1, 4) if ratios else 0.0,
+        "overhead_per_window": [round(r - 1, 4) for r in ratios],
+    }
+
+
+def stage_timing_cpu(units: int = 100_000) -> dict[str, float]:
+    """The stage timing's own CPU, in process: µs per unit (StageTimes.add) and per heartbeat
+    (the summary of a window holding `units` units)."""
+    times = StageTimes(10.0)
+    started = time.process_time()
+    for _ in range(units):
+        times.add(1e-6, 1.2e-4, 1.7e-2, 2.3e-5)
+    per_unit = (time.process_time() - started) / units
+    started = time.process_time()
+    times.summary(STAGE_TIMING_CONFIG.batch)
+    summary = time.process_time() - started
+    return {"per_unit_us": round(per_unit * 1e6, 2), "per_heartbeat_us": round(summary * 1e6, 1)}
+
+
+async def _metrics_served(stack: Stack, workers: set[str], timeout: float = 60.0) -> None:
+    """Wait until every one of `workers` serves its /metrics (a worker starts in a second or
+    two, more on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if set(_worker_work(stack)) >= workers:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{', '.join(sorted(workers))}: no /metrics within {timeout:g} s")
+        await asyncio.sleep(0.2)
+
+
+def _worker_work(stack: Stack) -> dict[str, tuple[float, float]]:
+    """Worker name -> (CPU seconds, hashes computed) now, from /proc and its own /metrics."""
+    pids = stack.pids()
+    work = {}
+    for name, port in stack.metrics_ports.items():
+        if name.startswith("worker.") and name in pids:
+            url = f"http://{stack.client_host}:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                text = reply.read().decode()
+            hashes = next(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "dockercoins_worker_hashes_total"
+            )
+            work[name] = (cpu_seconds(pids[name]), hashes)
+    return work
 
 
 def _ratio(new: float, old: float) -> float:
@@ -356,11 +430,12 @@ class BenchOptions:
     latency_calls: int = 100
     soak_seconds: float = 60.0
     grid: tuple[PipelineConfig, ...] = FULL_GRID
-    stage_timing_pairs: int = 3
+    stage_timing_halves: int = 2
+    stage_timing_rounds: int = 4
 
     @classmethod
     def quick(cls) -> "BenchOptions":
-        return cls(1.5, 1.0, 1.0, 5, 2.0, QUICK_GRID, stage_timing_pairs=1)
+        return cls(1.5, 1.0, 1.0, 5, 2.0, QUICK_GRID, stage_timing_halves=1, stage_timing_rounds=1)
 
 
 async def run_bench(
@@ -428,22 +503,25 @@ async def run_bench(
             "hashes_per_second": best_classic_rule.hashes_per_second,
             "ratio_to_ceiling": best_classic_rule.ratio_to_ceiling,
         }
-        if options.stage_timing_pairs:
+        if options.stage_timing_halves:
             timing = await measure_stage_timing_cost(
-                options.stage_timing_pairs,
+                options.stage_timing_halves,
+                options.stage_timing_rounds,
                 options.window,
                 options.warmup,
-                ceiling["hashes_per_second"],
                 data_dir,
                 log,
             )
             report["stage_timing"] = timing
+            cpu = timing["worker_cpu_seconds_per_million"]
+            own = timing["in_process"]
             say(
-                f"stage timing ({timing['config']}, median of {timing['pairs']} alternated runs "
-                f"each): CPU s per million hashes {timing['on']['cpu_seconds_per_million']:.2f} "
-                f"with, {timing['off']['cpu_seconds_per_million']:.2f} without "
-                f"({timing['cpu_overhead']:+.1%}; the worker alone "
-                f"{timing['worker_cpu_overhead']:+.1%}); rate {timing['rate_change']:+.1%}"
+                f"stage timing ({timing['config']}; two workers side by side, one timing, "
+                f"{timing['windows']} windows of {timing['window_seconds']:g} s): worker CPU s "
+                f"per million hashes {cpu['on']:.3f} with, {cpu['off']:.3f} without: "
+                f"{timing['overhead']:+.1%} (median window {timing['overhead_median']:+.1%}); "
+                f"in process {own['per_unit_us']:.1f} µs per unit of "
+                f"{STAGE_TIMING_CONFIG.batch} hashes, {own['per_heartbeat_us']:.0f} µs per heartbeat"
             )
         overhead = await measure_overhead(options.latency_calls, data_dir, log)
         report["latency_overhead"] = overhead
