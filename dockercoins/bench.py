@@ -520,8 +520,8 @@ async def run_bench(
                 f"{timing['windows']} windows of {timing['window_seconds']:g} s): worker CPU s "
                 f"per million hashes {cpu['on']:.3f} with, {cpu['off']:.3f} without: "
                 f"{timing['overhead']:+.1%} (median window {timing['overhead_median']:+.1%}); "
-                f"in process {own['per_unit_us']:.1f} µs per unit of "
-                f"{STAGE_TIMING_CONFIG.batch} hashes, {own['per_heartbeat_us']:.0f} µs per heartbeat"
+                f"in process {own['per_unit_us']:.1f} µs per unit of {STAGE_TIMING_CONFIG.batch} "
+                f"hashes, {own['per_heartbeat_us']:.0f} µs per heartbeat"
             )
         overhead = await measure_overhead(options.latency_calls, data_dir, log)
         report["latency_overhead"] = overhead
