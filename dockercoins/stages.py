@@ -2,10 +2,12 @@
 
 A worker times each stage of every unit with its own monotonic clock, from one reading to the
 next, so that a unit's stages add up to its wall time. It counts each time in a fixed
-logarithmic bucket (PER_DECADE per decade, about 6 % wide: a percentile is known within 3 %)
-of the slot in hand; its heartbeat sums the slots of the last window and publishes, per stage,
+logarithmic bucket (PER_DECADE per decade, about 6 % wide) of the slot in hand, and adds it to
+the bucket's sum; its heartbeat sums the slots of the last window and publishes, per stage,
 p50, p99, the sum and the non-empty buckets. The web UI merges the buckets of every live
-worker, so its percentiles are those of all their units, not an average of percentiles.
+worker, so its percentiles are those of all their units, not an average of percentiles. A
+percentile is the mean of the times in the bucket it falls in: within 3 % of the true one, and
+exact when they are alike (a fixed think time reads 100.3 ms, not a bucket's middle).
 """
 
 import math
@@ -22,12 +24,15 @@ UNIT = "unit"
 
 PER_DECADE = 40
 SMALLEST = 1e-7
-"""Seconds below which a time counts as 0 (bucket 0)."""
+"""Seconds below which a time counts in bucket 0."""
 
 BUCKETS = 1 + 10 * PER_DECADE
 """Bucket 0 (below SMALLEST), then 10 decades: from 0.1 µs to 1000 s, the last one open."""
 
 _LOG_SMALLEST = math.log10(SMALLEST)
+
+Buckets = Mapping[int, tuple[int, float]]
+"""Bucket index -> (times counted, their sum in seconds)."""
 
 
 def bucket_of(seconds: float) -> int:
@@ -37,26 +42,20 @@ def bucket_of(seconds: float) -> int:
     return min(BUCKETS - 1, 1 + int((math.log10(seconds) - _LOG_SMALLEST) * PER_DECADE))
 
 
-def bucket_seconds(index: int) -> float:
-    """The time a bucket stands for: the geometric middle of its bounds (0 for bucket 0), to
-    4 significant digits (a bucket is 6 % wide: more would be noise)."""
-    if index <= 0:
-        return 0.0
-    return float(f"{10 ** (_LOG_SMALLEST + (index - 0.5) / PER_DECADE):.4g}")
-
-
-def quantile(counts: Mapping[int, int], fraction: float) -> float | None:
-    """The `fraction` quantile (nearest rank) of bucket counts; None when they are empty."""
-    total = sum(counts.values())
+def quantile(buckets: Buckets, fraction: float) -> float | None:
+    """The `fraction` quantile (nearest rank) of bucketed times: the mean of the times in the
+    bucket where it falls, to 4 significant digits; None when there are none."""
+    total = sum(count for count, _ in buckets.values())
     if not total:
         return None
     rank = max(1, math.ceil(fraction * total))
     seen = 0
-    for index in sorted(counts):
-        seen += counts[index]
+    for index in sorted(buckets):
+        count, seconds = buckets[index]
+        seen += count
         if seen >= rank:
-            return bucket_seconds(index)
-    return bucket_seconds(max(counts))  # unreachable: the last bucket reaches the total
+            return float(f"{max(seconds, 0.0) / count:.4g}")
+    raise AssertionError("unreachable: the last bucket reaches the total")
 
 
 class _Slot:
@@ -67,8 +66,8 @@ class _Slot:
     def __init__(self, started: float) -> None:
         self.started = started
         self.units = 0
-        self.sums = [0.0] * (len(STAGES) + 1)
         self.counts = [[0] * BUCKETS for _ in range(len(STAGES) + 1)]
+        self.sums = [[0.0] * BUCKETS for _ in range(len(STAGES) + 1)]
 
 
 class StageTimes:
@@ -91,10 +90,11 @@ class StageTimes:
         """Count one finished unit: the seconds of each stage."""
         slot = self._current
         slot.units += 1
-        sums, counts = slot.sums, slot.counts
+        counts, sums = slot.counts, slot.sums
         for index, seconds in enumerate((think, rng, hasher, redis, think + rng + hasher + redis)):
-            sums[index] += seconds
-            counts[index][bucket_of(seconds)] += 1
+            bucket = bucket_of(seconds)
+            counts[index][bucket] += 1
+            sums[index][bucket] += seconds
 
     def _rotate(self) -> None:
         now = self._clock()
@@ -111,25 +111,27 @@ class StageTimes:
 
     def summary(self, hashes_per_unit: int) -> dict[str, Any]:
         """The window's figures, for the heartbeat: units, and per stage (and `unit`) p50, p99,
-        the sum of seconds and the non-empty buckets ({"index": count})."""
+        the sum of seconds and the non-empty buckets ({"index": [count, seconds]})."""
         self._rotate()
-        units = sum(slot.units for slot in self._slots)
+        slots = [slot for slot in self._slots if slot.units]
         result: dict[str, Any] = {
             "window": self.slot_length * len(self._slots),
-            "units": units,
+            "units": sum(slot.units for slot in slots),
             "hashes_per_unit": hashes_per_unit,
         }
         for index, name in enumerate((*STAGES, UNIT)):
-            merged = [0] * BUCKETS
-            for slot in self._slots:
-                if slot.units:
-                    merged = [a + b for a, b in zip(merged, slot.counts[index], strict=True)]
-            counts = {bucket: count for bucket, count in enumerate(merged) if count}
+            buckets: dict[int, tuple[int, float]] = {}
+            for slot in slots:
+                sums = slot.sums[index]
+                for bucket, count in enumerate(slot.counts[index]):
+                    if count:
+                        was = buckets.get(bucket, (0, 0.0))
+                        buckets[bucket] = (was[0] + count, was[1] + sums[bucket])
             result[name] = {
-                "p50": quantile(counts, 0.5),
-                "p99": quantile(counts, 0.99),
-                "sum": sum(slot.sums[index] for slot in self._slots),
-                "buckets": {str(bucket): count for bucket, count in counts.items()},
+                "p50": quantile(buckets, 0.5),
+                "p99": quantile(buckets, 0.99),
+                "sum": sum(seconds for _, seconds in buckets.values()),
+                "buckets": {str(bucket): list(value) for bucket, value in buckets.items()},
             }
         return result
 
@@ -139,43 +141,42 @@ def merge(summaries: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     share of a unit's time, the units and the mean hashes per unit. None when no unit."""
     units = 0
     hashes = 0.0
-    counts: dict[str, dict[int, int]] = {name: {} for name in (*STAGES, UNIT)}
-    sums = dict.fromkeys((*STAGES, UNIT), 0.0)
+    merged: dict[str, dict[int, tuple[int, float]]] = {name: {} for name in (*STAGES, UNIT)}
     for summary in summaries:
         try:
             n = int(summary.get("units") or 0)
             if n <= 0:
                 continue
             per_unit = float(summary.get("hashes_per_unit") or 1)
-            stages = {name: summary[name] for name in (*STAGES, UNIT)}
             parsed = {
-                name: (
-                    float(stage["sum"]),
-                    {int(k): int(v) for k, v in stage["buckets"].items()},
-                )
-                for name, stage in stages.items()
+                name: {
+                    int(bucket): (int(count), float(seconds))
+                    for bucket, (count, seconds) in summary[name]["buckets"].items()
+                }
+                for name in merged
             }
         except (AttributeError, KeyError, TypeError, ValueError):
             continue  # a heartbeat from another version, or damaged: not counted
         units += n
         hashes += n * per_unit
-        for name, (total, buckets) in parsed.items():
-            sums[name] += total
-            into = counts[name]
-            for bucket, count in buckets.items():
-                into[bucket] = into.get(bucket, 0) + count
+        for name, buckets in parsed.items():
+            into = merged[name]
+            for bucket, (count, seconds) in buckets.items():
+                was = into.get(bucket, (0, 0.0))
+                into[bucket] = (was[0] + count, was[1] + seconds)
     if not units:
         return None
+    sums = {name: sum(seconds for _, seconds in merged[name].values()) for name in merged}
     wall = sums[UNIT]
     return {
         "latency": {
-            name: {"p50": quantile(counts[name], 0.5), "p99": quantile(counts[name], 0.99)}
+            name: {"p50": quantile(merged[name], 0.5), "p99": quantile(merged[name], 0.99)}
             for name in STAGES
         },
         "share": {name: (round(sums[name] / wall, 4) if wall > 0 else None) for name in STAGES},
         "unit": {
-            "p50": quantile(counts[UNIT], 0.5),
-            "p99": quantile(counts[UNIT], 0.99),
+            "p50": quantile(merged[UNIT], 0.5),
+            "p99": quantile(merged[UNIT], 0.99),
             "mean": float(f"{wall / units:.6g}"),
         },
         "units": units,

@@ -5,28 +5,31 @@ import statistics
 
 import pytest
 
-from dockercoins.stages import STAGES, StageTimes, bucket_of, bucket_seconds, merge, quantile
+from dockercoins.stages import STAGES, StageTimes, bucket_of, merge, quantile
 
 
-def counts_of(values: list[float]) -> dict[int, int]:
-    counts: dict[int, int] = {}
+def buckets_of(values: list[float]) -> dict[int, tuple[int, float]]:
+    buckets: dict[int, tuple[int, float]] = {}
     for value in values:
-        counts[bucket_of(value)] = counts.get(bucket_of(value), 0) + 1
-    return counts
+        count, seconds = buckets.get(bucket_of(value), (0, 0.0))
+        buckets[bucket_of(value)] = (count + 1, seconds + value)
+    return buckets
 
 
 @pytest.mark.parametrize("scale", [2e-6, 3e-4, 0.1, 0.9, 40.0])
 def test_percentiles_from_buckets_are_within_3_percent(scale: float) -> None:
     rng = random.Random(13)
     values = [scale * rng.lognormvariate(0, 0.5) for _ in range(5001)]
-    counts = counts_of(values)
-    assert quantile(counts, 0.5) == pytest.approx(statistics.median(values), rel=0.03)
+    buckets = buckets_of(values)
+    assert quantile(buckets, 0.5) == pytest.approx(statistics.median(values), rel=0.03)
     p99 = sorted(values)[int(0.99 * len(values))]
-    assert quantile(counts, 0.99) == pytest.approx(p99, rel=0.035)
+    assert quantile(buckets, 0.99) == pytest.approx(p99, rel=0.03)
 
 
-def test_zero_and_extremes_have_their_buckets() -> None:
-    assert bucket_seconds(bucket_of(0.0)) == 0.0
+def test_times_that_are_alike_read_as_they_are() -> None:
+    """A fixed cost reads as itself, not as the middle of its bucket."""
+    assert quantile(buckets_of([0.1003] * 9 + [0.1004]), 0.5) == 0.1003
+    assert quantile(buckets_of([0.0, 0.0, 2e-5]), 0.5) == 0.0
     assert bucket_of(1e6) == bucket_of(1e4)  # the last bucket is open
     assert quantile({}, 0.5) is None
 
@@ -41,7 +44,8 @@ def test_the_window_forgets_old_units_and_reports_every_stage() -> None:
     assert first["rng"]["p50"] == pytest.approx(0.8, rel=0.03)
     assert first["unit"]["p50"] == pytest.approx(1.0001, rel=0.03)
     assert first["rng"]["sum"] == pytest.approx(40.0)
-    assert sum(first["think"]["buckets"].values()) == 50
+    assert sum(count for count, _ in first["think"]["buckets"].values()) == 50
+    assert first["rng"]["p50"] == 0.8
 
     now[0] = 5.0  # half a window later (heartbeats rotate the slots): still counted
     times.summary(1)
