@@ -145,7 +145,8 @@ function renderMarks() {
 }
 
 function formatTime(seconds) {
-  // Seconds as ms (classic units) or µs (turbo, per hash), with 2-3 significant digits.
+  // Seconds as s, ms (classic units) or µs (turbo, per hash), with 3 significant digits.
+  if (seconds >= 1) return `${seconds.toFixed(2)} s`;
   const [value, unit] = seconds >= 0.001 ? [seconds * 1000, "ms"] : [seconds * 1e6, "µs"];
   const digits = value >= 100 ? 0 : value >= 10 ? 1 : 2;
   return `${value.toFixed(digits)} ${unit}`;
@@ -180,15 +181,13 @@ function renderStages(state) {
   const unit = state.latency_unit;
   if (!unit) {
     els.stagesNote.textContent = "no worker has reported its stage times yet";
-  } else if (perHash > 1) {
-    els.stagesNote.textContent =
-      `p50 per hash · units of ${number.format(Math.round(perHash))} hashes, ` +
-      `${formatTime(unit.p50)} each (p50) · ${number.format(unit.units)} units lately`;
-  } else {
-    els.stagesNote.textContent =
-      `p50 per unit · a unit takes ${formatTime(unit.p50)} (p50) · ` +
-      `${number.format(unit.units)} units lately`;
+    els.stagesNote.title = "";
+    return;
   }
+  els.stagesNote.textContent = perHash > 1
+    ? `p50 per hash · units of ${number.format(Math.round(perHash))} hashes, ${formatTime(unit.p50)} each`
+    : `p50 · a unit of work takes ${formatTime(unit.p50)}`;
+  els.stagesNote.title = `over the ${number.format(unit.units)} units the workers finished lately`;
 }
 
 function renderMode(state) {
