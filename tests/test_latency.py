@@ -15,10 +15,10 @@ from redis.asyncio import Redis
 from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
 from tests.conftest import service_env
-from tests.stack import ServiceProcesses, get_json, python_m, wait_until
+from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
 from tests.test_worker import start_worker
 
-COST = 0.01
+COST = FAST_COSTS["worker_think_time"]
 """Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""
 
 
@@ -38,12 +38,9 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         rng_addr=f"127.0.0.1:{rng_port}",
         hasher_addr=f"127.0.0.1:{hasher_port}",
         redis_url=redis_url,
-        rng_read_cost=COST,
-        hasher_latency=COST,
-        worker_think_time=COST,
         worker_loops=10,
-        worker_flush_interval=0.5,
         worker_stage_window=3,
+        **FAST_COSTS,
     )
     url = f"http://127.0.0.1:{webui_port}/json"
     stack = ServiceProcesses(tmp_path)
@@ -96,14 +93,9 @@ async def test_a_units_stages_add_up_to_its_wall_time(servers, redis_url, tmp_pa
     """The worker's own sum of its stages, against the time its units take seen from outside:
     the wall time between two of its counts in Redis over the units they counted."""
     rng, hasher = await servers.upstreams(COST)
+    fields = {"rng_addr": rng, "hasher_addr": hasher, "redis_url": redis_url}
     worker = await start_worker(
-        tmp_path / "worker.log",
-        rng_addr=rng,
-        hasher_addr=hasher,
-        redis_url=redis_url,
-        worker_think_time=COST,
-        worker_flush_interval=0.3,
-        worker_stage_window=4,
+        tmp_path / "worker.log", worker_think_time=COST, worker_stage_window=4, **fields
     )
     client = Redis.from_url(redis_url)
     try:
