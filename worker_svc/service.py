@@ -194,6 +194,8 @@ class Miner:
     Readiness is "mining now": no upstream unreachable, room in the backlog, a unit finished
     recently. Liveness is "every loop and the flusher still step"; an outage, however long,
     does not fail it, so that a supervisor never restarts a worker holding a backlog.
+    Each unit's stages (think, rng, hasher, its wait on Redis) are timed, one ending where
+    the next begins, for the heartbeat (dockercoins.stages), with the mode rng names.
     """
 
     def __init__(
@@ -448,8 +450,8 @@ class Miner:
         )
         hashes = hasher_stub.HashStream()
         deadline = self.settings.rpc_timeout
+        # Batches at hasher: data, when sent, and the unit's think, rng and pause seconds.
         in_flight: deque[tuple[bytes, float, float, float, float]] = deque()
-        """Batches at hasher: data, when sent, and the unit's think, rng and pause seconds."""
         window = asyncio.Semaphore(STREAM_WINDOW)
         rng_asked: float | None = None
         closing: float | None = None
