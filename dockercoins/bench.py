@@ -1,4 +1,5 @@
-"""`dockercoins bench`: the in-process ceiling, the turbo pipeline grid, plumbing latency, a soak.
+"""`dockercoins bench`: the in-process ceiling, the turbo pipeline grid, the cost of stage timing,
+plumbing latency, a soak.
 
 Everything runs in one process tree and one run, so that the ratios compare like with like
 on a shared, noisy machine: absolute numbers are quoted, never asserted.
@@ -17,14 +18,17 @@ import re
 import signal
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import median
 from typing import Any, TextIO, cast
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -35,6 +39,7 @@ from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.probe import probe
 from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
+from dockercoins.stages import StageTimes
 
 CLASSIC_COST = 0.1
 
@@ -48,11 +53,13 @@ class PipelineConfig:
     pool: int
     workers: int = 1
     difficulty: int = 1
+    stage_timing: bool = True
 
     @property
     def label(self) -> str:
         label = f"batch {self.batch}, {self.loops} loops, {self.pool} ch, {self.workers} wk"
-        return label + (f", diff {self.difficulty}" if self.difficulty != 1 else "")
+        label += f", diff {self.difficulty}" if self.difficulty != 1 else ""
+        return label + ("" if self.stage_timing else ", no stage timing")
 
     def env(self) -> dict[str, str]:
         return {
@@ -60,6 +67,7 @@ class PipelineConfig:
             "DOCKERCOINS_WORKER_LOOPS": str(self.loops),
             "DOCKERCOINS_WORKER_POOL_SIZE": str(self.pool),
             "DOCKERCOINS_DIFFICULTY": str(self.difficulty),
+            "DOCKERCOINS_WORKER_STAGE_TIMING": str(self.stage_timing).lower(),
         }
 
 
@@ -76,6 +84,8 @@ FULL_GRID = (
     PipelineConfig(batch=1000, loops=4, pool=2, difficulty=4),
 )
 QUICK_GRID = (PipelineConfig(batch=1, loops=2, pool=1), PipelineConfig(batch=100, loops=2, pool=2))
+STAGE_TIMING_CONFIG = PipelineConfig(batch=1000, loops=4, pool=2)
+"""The turbo defaults, run with the workers' stage timing on and off."""
 
 
 @dataclass
@@ -259,6 +269,124 @@ async def measure_pipeline(
         cpu_seconds_per_million=round(sum(used.values()) / hashed * 1e6, 2) if hashed else 0.0,
         processes=processes,
     )
+
+
+async def measure_stage_timing_cost(
+    halves: int, rounds: int, window: float, warmup: float, data_dir: Path, log: TextIO
+) -> dict[str, Any]:
+    """The workers' stage timing, on in one worker and off in another, side by side.
+
+    Two turbo workers of one stack share rng, hasher, Redis and the machine's load at the
+    same moments; each one's CPU seconds per million hashes (its CPU from /proc, its hashes
+    from its own /metrics) is compared over `rounds` windows, in `halves` stacks that swap
+    which worker times (the first starts first). CPU per hash: a shared machine moves the
+    rate by tens of percent from one run to the next, far less the work per hash.
+    """
+    ratios: list[float] = []
+    totals = {True: [0.0, 0.0], False: [0.0, 0.0]}  # timing -> [CPU s, hashes]
+    for half in range(halves):
+        first_times = half % 2 == 0
+        config = replace(STAGE_TIMING_CONFIG, stage_timing=first_times)
+        env = {"DOCKERCOINS_PROFILE": "turbo", **config.env()}
+        stack = Stack.on_free_ports(
+            data_dir, log, env, workers=1, log_level="WARNING", metrics_port=1
+        )
+        try:
+            await stack.start()
+            stack.child_env.update(replace(config, stage_timing=not first_times).env())
+            await stack.scale_workers(2)
+            timing = {"worker.1": first_times, "worker.2": not first_times}
+            await _metrics_served(stack, set(timing))
+            await asyncio.sleep(warmup)
+            before = _worker_work(stack)
+            for _ in range(rounds):
+                await asyncio.sleep(window)
+                after = _worker_work(stack)
+                per_hash = {}
+                for name, on in timing.items():
+                    cpu, hashes = (a - b for a, b in zip(after[name], before[name], strict=True))
+                    per_hash[on] = cpu / hashes if hashes else 0.0
+                    totals[on][0] += cpu
+                    totals[on][1] += hashes
+                if per_hash[False]:
+                    ratios.append(per_hash[True] / per_hash[False])
+                before = after
+        finally:
+            await stack.stop()
+
+    def per_million(on: bool) -> float:
+        cpu, hashes = totals[on]
+        return round(cpu / hashes * 1e6, 3) if hashes else 0.0
+
+    return {
+        "config": STAGE_TIMING_CONFIG.label,
+        "in_process": stage_timing_cpu(),
+        "windows": len(ratios),
+        "window_seconds": window,
+        "worker_cpu_seconds_per_million": {"on": per_million(True), "off": per_million(False)},
+        "hashes": {"on": totals[True][1], "off": totals[False][1]},
+        "overhead": _ratio(per_million(True), per_million(False)),
+        "overhead_median": round(median(ratios) - 1, 4) if ratios else 0.0,
+        "overhead_per_window": [round(r - 1, 4) for r in ratios],
+    }
+
+
+def stage_timing_cpu(units: int = 100_000) -> dict[str, float]:
+    """The stage timing's own CPU, in process: µs per unit (StageTimes.add) and per heartbeat
+    (the summary of a full window: `units` units over its 10 slots)."""
+    now = [0.0]
+    times = StageTimes(10.0, clock=lambda: now[0])
+    spent = 0.0
+    for _ in range(10):
+        started = time.process_time()
+        for _ in range(units // 10):
+            times.add(1e-6, 1.2e-4, 1.7e-2, 2.3e-5)
+        spent += time.process_time() - started
+        times.summary(STAGE_TIMING_CONFIG.batch)
+        now[0] += 1.0
+    started = time.process_time()
+    times.summary(STAGE_TIMING_CONFIG.batch)
+    summary = time.process_time() - started
+    return {"per_unit_us": round(spent / units * 1e6, 2), "per_heartbeat_us": round(summary * 1e6)}
+
+
+async def _metrics_served(stack: Stack, workers: set[str], timeout: float = 60.0) -> None:
+    """Wait until every one of `workers` serves its /metrics (a worker starts in a second or
+    two, more on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if set(_worker_work(stack)) >= workers:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{', '.join(sorted(workers))}: no /metrics within {timeout:g} s")
+        await asyncio.sleep(0.2)
+
+
+def _worker_work(stack: Stack) -> dict[str, tuple[float, float]]:
+    """Worker name -> (CPU seconds, hashes computed) now, from /proc and its own /metrics."""
+    pids = stack.pids()
+    work = {}
+    for name, port in stack.metrics_ports.items():
+        if name.startswith("worker.") and name in pids:
+            url = f"http://{stack.client_host}:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                text = reply.read().decode()
+            hashes = next(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "dockercoins_worker_hashes_total"
+            )
+            work[name] = (cpu_seconds(pids[name]), hashes)
+    return work
+
+
+def _ratio(new: float, old: float) -> float:
+    """new / old - 1, rounded; 0 when old is 0."""
+    return round(new / old - 1, 4) if old else 0.0
 
 
 # -- (c) latency overhead --------------------------------------------------------------
@@ -638,11 +766,13 @@ class BenchOptions:
     latency_calls: int = 100
     grid: tuple[PipelineConfig, ...] = FULL_GRID
     soak: SoakPlan = SoakPlan()
+    stage_timing_halves: int = 2
+    stage_timing_rounds: int = 4
 
     @classmethod
     def quick(cls) -> "BenchOptions":
         soak = SoakPlan(seconds=12.0, faults=QUICK_FAULTS, window=2.0, patience=20.0)
-        return cls(1.5, 1.0, 1.0, 5, QUICK_GRID, soak)
+        return cls(1.5, 1.0, 1.0, 5, QUICK_GRID, soak, stage_timing_halves=1, stage_timing_rounds=1)
 
 
 async def run_bench(
@@ -710,6 +840,26 @@ async def run_bench(
             "hashes_per_second": best_classic_rule.hashes_per_second,
             "ratio_to_ceiling": best_classic_rule.ratio_to_ceiling,
         }
+        if options.stage_timing_halves:
+            timing = await measure_stage_timing_cost(
+                options.stage_timing_halves,
+                options.stage_timing_rounds,
+                options.window,
+                options.warmup,
+                data_dir,
+                log,
+            )
+            report["stage_timing"] = timing
+            cpu = timing["worker_cpu_seconds_per_million"]
+            own = timing["in_process"]
+            say(
+                f"stage timing ({timing['config']}; two workers side by side, one timing, "
+                f"{timing['windows']} windows of {timing['window_seconds']:g} s): worker CPU s "
+                f"per million hashes {cpu['on']:.3f} with, {cpu['off']:.3f} without: "
+                f"{timing['overhead']:+.1%} (median window {timing['overhead_median']:+.1%}); "
+                f"in process {own['per_unit_us']:.1f} µs per unit of {STAGE_TIMING_CONFIG.batch} "
+                f"hashes, {own['per_heartbeat_us']:.0f} µs per heartbeat"
+            )
         overhead = await measure_overhead(options.latency_calls, data_dir, log)
         report["latency_overhead"] = overhead
         timer = overhead["timer_overshoot"]

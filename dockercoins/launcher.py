@@ -20,7 +20,6 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 from redis.asyncio import Redis
 
-from dockercoins import schema
 from dockercoins.backoff import Backoff
 from dockercoins.embedded_redis import LockedRedis
 from dockercoins.errors import ConfigError, DockercoinsError
@@ -378,7 +377,6 @@ class Stack:
         self.workers: list[ManagedProcess] = []
         self._rng_ports: list[int] = []
         self._lock = asyncio.Lock()
-        self._announcer: asyncio.Task[None] | None = None
         self.credentials = channel_credentials(settings)
         self.metrics_ports: dict[str, int] = {}
         self.crashed = asyncio.Event()
@@ -463,21 +461,6 @@ class Stack:
         client = Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
         try:
             await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
-        except BaseException:
-            await client.aclose()
-            raise
-        self._announcer = asyncio.create_task(self._announce_mode(client), name="announce-mode")
-        watch_task(self._announcer, self._crash)
-
-    async def _announce_mode(self, client: Redis) -> None:
-        """Keep the rng mode in Redis for the web UI, also after Redis lost its data."""
-        try:
-            while True:
-                try:
-                    await client.set(schema.RNG_MODE_KEY, self.settings.rng_mode, ex=15)
-                except Exception:  # Redis away or full: the next round tries again
-                    raise_if_cancelling()
-                await asyncio.sleep(5)
         finally:
             await client.aclose()
 
@@ -603,10 +586,6 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop workers first (they flush), then the web UI, hasher, rng, Redis last."""
-        if self._announcer is not None:
-            self._announcer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._announcer
         timeout = self.settings.grace + 5
         await asyncio.gather(*(w.stop(timeout) for w in self.workers))
         for process in (self.webui, self.hasher):

@@ -1,4 +1,5 @@
-"""Prometheus metrics: per-method gRPC server metrics, rng's buffer, the worker's work, /metrics."""
+"""Prometheus metrics: per-method gRPC server metrics, rng's buffer, the worker's work, the
+workers' stage times (from the web UI), /metrics."""
 
 import asyncio
 import contextlib
@@ -175,16 +176,61 @@ class LedgerCollector(Collector):
         )
 
 
+class StageCollector(Collector):
+    """The web UI's view of the workers' stage times and rng modes, read at scrape time:
+    the same figures as /json's `latency`, `latency_share` and `rng_modes`."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Any]:
+        merged = self.monitor.stages
+        latency = GaugeMetricFamily(
+            "dockercoins_stage_latency_seconds",
+            "Seconds a unit of work spends in each stage (think, rng, hasher, redis), p50 and "
+            "p99 over every live worker's recent units.",
+            labels=("stage", "quantile"),
+        )
+        share = GaugeMetricFamily(
+            "dockercoins_stage_share",
+            "Share of a unit of work's time each stage takes, over every live worker.",
+            labels=("stage",),
+        )
+        if merged is not None:
+            for stage, figures in merged["latency"].items():
+                for name, quantile in (("p50", "0.5"), ("p99", "0.99")):
+                    if figures[name] is not None:
+                        latency.add_metric((stage, quantile), figures[name])
+                if merged["share"][stage] is not None:
+                    share.add_metric((stage,), merged["share"][stage])
+        yield latency
+        yield share
+        modes = GaugeMetricFamily(
+            "dockercoins_rng_mode_workers",
+            "Live workers whose rng named this mode lately.",
+            labels=("mode",),
+        )
+        for mode, workers in self.monitor.rng_modes.items():
+            modes.add_metric((mode,), workers)
+        yield modes
+
+
+def watch_stages(monitor: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Export a web UI monitor's stage times; returns the function that stops exporting them."""
+    return _export(StageCollector(monitor), registry)
+
+
 def watch_ledger(ledger: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
     """Export a worker's totals; returns the function that stops exporting them."""
-    collector = LedgerCollector(ledger)
-    registry.register(collector)
-    return lambda: registry.unregister(collector)
+    return _export(LedgerCollector(ledger), registry)
 
 
 def watch_rng_source(source: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
     """Export `source`'s buffer metrics; returns the function that stops exporting them."""
-    collector = RngBufferCollector(source)
+    return _export(RngBufferCollector(source), registry)
+
+
+def _export(collector: Collector, registry: CollectorRegistry) -> Callable[[], None]:
     registry.register(collector)
     return lambda: registry.unregister(collector)
 

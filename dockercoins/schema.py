@@ -18,9 +18,6 @@ WALLET_KEY = "wallet"
 WORKER_KEY_PREFIX = "dockercoins:worker:"
 """String per live worker, JSON, expiring: workers announce themselves with a heartbeat."""
 
-RNG_MODE_KEY = "dockercoins:rng_mode"
-"""String: the rng mode the running stack was started with, for the web UI."""
-
 
 @dataclass(frozen=True)
 class Totals:
@@ -122,14 +119,24 @@ HEARTBEAT_PAGE = 1000
 """Heartbeat keys one SCAN step asks for, and read back with one MGET."""
 
 
-async def mining_workers(redis: Redis) -> int:
-    """How many workers have a heartbeat that has not expired and say they are mining.
+def is_mining(heartbeat: dict[str, Any]) -> bool:
+    """Whether a heartbeat says its worker mines now (one without `mining`, from an older
+    worker, does)."""
+    return heartbeat.get("mining", True) is not False
 
-    A heartbeat without `mining` (an older worker) counts as mining. Reads one page of keys
-    per SCAN step and its values with one MGET, so each round trip stays small however
-    many workers there are. BadData if a heartbeat is not a JSON object.
+
+async def mining_workers(redis: Redis) -> int:
+    """How many workers have a heartbeat that has not expired and say they are mining."""
+    return sum(map(is_mining, await live_heartbeats(redis)))
+
+
+async def live_heartbeats(redis: Redis) -> list[dict[str, Any]]:
+    """The heartbeats that have not expired, each a JSON object.
+
+    Reads one page of keys per SCAN step and its values with one MGET, so each round trip
+    stays small however many workers there are. BadData if a heartbeat is not a JSON object.
     """
-    count = 0
+    found: list[dict[str, Any]] = []
     cursor = 0
     while True:
         cursor, keys = await redis.scan(cursor, match=WORKER_KEY_PREFIX + "*", count=HEARTBEAT_PAGE)
@@ -144,6 +151,6 @@ async def mining_workers(redis: Redis) -> int:
                 if not isinstance(info, dict):
                     name = key.decode(errors="replace") if isinstance(key, bytes) else key
                     raise BadData(f"worker heartbeat `{name}` is not a JSON object")
-                count += info.get("mining", True) is not False
+                found.append(info)
         if cursor == 0:
-            return count
+            return found

@@ -28,7 +28,8 @@ def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
     server = GrpcServer("rng", [SERVICE_NAME], settings)
     rng_pb2_grpc.add_RngServicer_to_server(
-        RngServicer(source, settings.rng_max_request, settings.request_latency), server.server
+        RngServicer(source, settings.rng_max_request, settings.request_latency, settings.rng_mode),
+        server.server,
     )
     server.bind(
         settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT", server_credentials(settings)

@@ -125,25 +125,29 @@ class RngServicer(rng_pb2_grpc.RngServicer):
     A reply never leaves sooner than `latency` seconds after its request arrived: the
     original's time per request, spent concurrently (not under the source's lock).
     In blocking mode the read under the lock usually covers it; in buffered mode it
-    is all a request costs while the buffer holds bytes.
+    is all a request costs while the buffer holds bytes. Every reply names the `mode`.
     """
 
-    def __init__(self, source: RandomSource, max_request: int, latency: float = 0.0) -> None:
+    def __init__(
+        self, source: RandomSource, max_request: int, latency: float = 0.0, mode: str = ""
+    ) -> None:
         self.source = source
         self.max_request = max_request
         self.latency = latency
+        self.mode = mode
 
     async def _reply(self, size: int, count: int) -> rng_pb2.RandomReply:
         blocks = check_request(size, count, self.max_request)
         if not self.latency:
-            return rng_pb2.RandomReply(data=await self.source.take(size * blocks), size=size)
+            data = await self.source.take(size * blocks)
+            return rng_pb2.RandomReply(data=data, size=size, mode=self.mode)
         loop = asyncio.get_running_loop()
         answer_at = loop.time() + self.latency
         data = await self.source.take(size * blocks)
         remaining = answer_at - loop.time()
         if remaining > 0:
             await asyncio.sleep(remaining)
-        return rng_pb2.RandomReply(data=data, size=size)
+        return rng_pb2.RandomReply(data=data, size=size, mode=self.mode)
 
     async def GetRandom(
         self, request: rng_pb2.RandomRequest, context: grpc.aio.ServicerContext

@@ -40,6 +40,10 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
         latency = report["latency_overhead"][service]
         assert latency["calls"] == 5 and latency["errors"] == 0
         assert 0 <= latency["p50_ms"] <= latency["p99_ms"]
+    timing = report["stage_timing"]
+    assert timing["windows"] == 1 and timing["hashes"]["on"] > 0 < timing["hashes"]["off"]
+    assert timing["worker_cpu_seconds_per_million"]["on"] > 0
+    assert "stage timing (batch 1000" in result.stdout
     assert "soak" not in report
 
 

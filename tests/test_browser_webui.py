@@ -2,8 +2,6 @@
 
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +14,8 @@ import redis
 
 from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
-from dockercoins.schema import RNG_MODE_KEY
 from tests.conftest import ROOT, service_env, skip_unless_ci
+from tests.stack import ServiceProcesses, python_m
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -39,42 +37,6 @@ def wait_for(what: str, check: Callable[[], T], timeout: float = 20.0) -> T:
             last_error = exc
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
-
-
-class Stack:
-    """Real processes started by this test, stopped by pid at the end."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def stop_all(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name)
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n" + path.read_text(errors="replace")[-1500:]
-            for path in sorted(self.logs.glob("*.log"))
-        )
-
-
-def python_m(module: str) -> list[str]:
-    return [sys.executable, "-m", module]
 
 
 @pytest.fixture
@@ -127,13 +89,14 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         hasher_latency=0.01,
         worker_think_time=0.01,
         worker_flush_interval=0.5,
+        worker_stage_window=3,
         rng_addr=f"127.0.0.1:{rng_port}",
         hasher_addr=f"127.0.0.1:{hasher_port}",
         redis_url=redis_url,
         webui_port=webui_port,
     )
     url = f"http://127.0.0.1:{webui_port}"
-    stack = Stack(tmp_path)
+    stack = ServiceProcesses(tmp_path)
 
     def redis_up() -> bool:
         return bool(redis.Redis.from_url(redis_url, socket_timeout=1).ping())
@@ -151,6 +114,19 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
     def status() -> str:
         return text("status").lower()
 
+    def stage_bars() -> dict[str, float]:
+        """Stage -> the drawn width of its bar, in CSS pixels."""
+        return dict(
+            browser.execute_script(
+                "return [...document.querySelectorAll('#stages .stage')].map((li) => "
+                "[li.dataset.stage, li.querySelector('.stage-fill').getBoundingClientRect().width])"
+            )
+        )
+
+    def rng_widest(widths: dict[str, float]) -> dict[str, float] | None:
+        others = [width for stage, width in widths.items() if stage != "rng"]
+        return widths if widths["rng"] > 1.5 * max(others) else None
+
     def screenshot(name: str) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / name))
@@ -158,7 +134,6 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
     try:
         stack.start("redis", redis_argv)
         wait_for("redis-server", redis_up, 10)
-        redis.Redis.from_url(redis_url).set(RNG_MODE_KEY, "blocking")  # as the launcher does
         stack.start("rng", python_m("rng_svc"), env)
         stack.start("hasher", python_m("hasher_svc"), env)
         stack.start("worker-1", python_m("worker_svc"), env)
@@ -181,11 +156,16 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         assert int(text("hashes").replace(",", "")) > 0
         one_worker = speed()
 
-        stack.start("worker-2", python_m("worker_svc"), env)
+        # The second worker runs 4 loops: 5 loops ask rng for more than its 100 reads/s.
+        stack.start("worker-2", python_m("worker_svc"), {**env, "DOCKERCOINS_WORKER_LOOPS": "4"})
         wait_for("2 workers", lambda: text("workers") == "2")
         wait_for("a mark at 2 workers", lambda: chart("data-last-mark") == "2")
         assert int(chart("data-marks")) >= 1
         assert "2 workers" in text("marks")
+        widths = wait_for("rng's bar the widest", lambda: rng_widest(stage_bars()), 25)
+        assert all(width > 0 for stage, width in widths.items() if stage != "redis"), widths
+        assert browser.find_element(By.ID, "stages").get_attribute("data-widest") == "rng"
+        assert " ms · " in browser.find_element(By.CSS_SELECTOR, "[data-stage=rng]").text
         wait_for("the chart to move on", lambda: int(chart("data-points")) >= 8)
         screenshot("webui.png")
         assert one_worker > 0
@@ -217,6 +197,13 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         )
         assert overflow <= 0, f"the page scrolls sideways on a phone ({overflow} px)"
         screenshot("webui-phone.png")
+        browser.execute_script("document.getElementById('stages').scrollIntoView()")
+        clipped = browser.execute_script(
+            "return [...document.querySelectorAll('#stages .stage > *')]"
+            ".filter((e) => e.getBoundingClientRect().right > window.innerWidth).length"
+        )
+        assert clipped == 0, "a stage's name, figure or bar runs off a phone's screen"
+        screenshot("webui-phone-stages.png")
     except AssertionError as exc:
         screenshot("webui-failure.png")
         raise AssertionError(f"{exc}\n{stack.log_tail()}") from None

@@ -10,6 +10,7 @@ Where no engine answers they skip, except under CI=true (scripts/test-prerequisi
 The lesson's figures with the classic costs are in docs/deploy.md.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -143,6 +144,18 @@ class ComposeStack:
             time.sleep(0.5)
         raise AssertionError(f"the web UI counts {seen} workers, not {count}")
 
+    def json_until(self, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
+        """The web UI's /json once `check` holds for it."""
+        deadline = time.monotonic() + timeout
+        data = None
+        while time.monotonic() < deadline:
+            data = self.json()
+            with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+                if data and check(data):
+                    return data
+            time.sleep(0.5)
+        raise AssertionError(f"{what}: not within {timeout:g} s; /json: {data}")
+
     def rate(self, window: float = 5.0, warmup: float = 2.0) -> float:
         """Hashes per second: a slope fitted over `window` s of /json samples, after `warmup` s."""
         time.sleep(warmup)
@@ -251,6 +264,14 @@ def test_more_workers_hit_the_blocking_rng_plateau(stack: ComposeStack) -> None:
     assert plateau < 1.15 / COST, f"{plateau:.1f} h/s is above the rng's ceiling {1 / COST:.0f}"
     assert plateau > 0.5 / COST, f"{plateau:.1f} h/s: the plateau should be near {1 / COST:.0f}"
     assert plateau < 0.7 * WORKERS * one, f"{plateau:.1f} h/s grew linearly, no plateau"
+    # The page says why, in compose too: rng's mode and stage times reach it from the workers.
+    stack.json_until(
+        lambda data: (
+            data["rng_mode"] == "blocking"
+            and data["latency"]["rng"]["p50"] > 3 * data["latency"]["hasher"]["p50"]
+        ),
+        "rng's p50 several times hasher's",
+    )
 
 
 def crash(container: str) -> None:
@@ -330,6 +351,13 @@ def test_buffered_rng_grows_with_the_workers(stack: ComposeStack) -> None:
     # Eight busy workers share two cores with everything else here: far from the model's line,
     # yet far above what blocking rng allows.
     assert 0.45 * linear < buffered < 1.15 * linear, f"{buffered:.1f} h/s, linear is {linear:.1f}"
+    stack.json_until(
+        lambda data: (
+            data["rng_mode"] == "buffered"
+            and data["latency"]["rng"]["p50"] < 2 * data["latency"]["hasher"]["p50"]
+        ),
+        "the buffered rng named by the workers, its stage back to hasher's size",
+    )
 
 
 def test_turbo_moves_real_hashes_by_the_thousand(stack: ComposeStack) -> None:

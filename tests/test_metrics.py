@@ -1,6 +1,5 @@
 """Prometheus metrics of every service, scraped from a real `dockercoins up` as Prometheus would."""
 
-import time
 import urllib.request
 
 import grpc
@@ -8,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
-from tests.stack import RunningStack
+from tests.stack import RunningStack, wait_until
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -57,7 +56,14 @@ def test_every_service_exports_its_metrics(stack) -> None:
             rng_pb2.StreamRandomRequest(size=32, messages=3)
         )
         assert len(list(stream)) == 3
-    time.sleep(2)
+
+    def mining(name: str) -> bool:
+        try:
+            return value(scrape(endpoints[name]), "dockercoins_worker_hashes_total") > 5
+        except OSError:  # its /metrics not served yet: a worker starts slowly on a busy machine
+            return False
+
+    wait_until(lambda: mining("worker.1") and mining("worker.2"), 30, "both workers mining", stack)
 
     rng = scrape(endpoints["rng"])
     method = {"grpc_service": "dockercoins.v1.Rng", "grpc_method": "GetRandom"}

@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
 from dockercoins.net import free_port
-from dockercoins.schema import RNG_MODE_KEY, announce_worker
+from dockercoins.schema import announce_worker
 from dockercoins.settings import load_settings
+from dockercoins.stages import StageTimes
 from tests.conftest import service_env
 from webui.config import WebuiSettings
 from webui.server import _Server, bind_listener, connect_redis, create_app
@@ -111,10 +112,9 @@ async def test_page_and_vendored_chart_are_served_locally(client: httpx.AsyncCli
 
 async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) -> None:
     client: Redis = connect_redis(redis_url)
-    monitor = SpeedMonitor(client, window=5)
+    monitor = SpeedMonitor(client, window=5, mark_settle=0.3)
     try:
-        await client.set(RNG_MODE_KEY, "buffered")
-        await announce_worker(client, "one", {"loops": 1}, ttl=30)
+        await announce_worker(client, "one", {"loops": 1, "rng_mode": "buffered"}, ttl=30)
         for step in range(12):
             await client.incrby("hashes", 50)
             await monitor.sample_once()
@@ -134,6 +134,106 @@ async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) ->
         assert newer["points"] == [] and newer["marks"] == [] and not newer["reset"]
     finally:
         await client.aclose()
+
+
+async def test_one_scaling_step_draws_one_mark_where_it_began(redis_url: str) -> None:
+    client: Redis = connect_redis(redis_url)
+    monitor = SpeedMonitor(client, mark_settle=0.6)
+
+    async def sample_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await monitor.sample_once()
+            await asyncio.sleep(0.05)
+
+    try:
+        for name in range(3):
+            await announce_worker(client, f"w{name}", {}, ttl=30)
+        await monitor.sample_once()
+        began = None
+        for name in range(3, 10):  # `scale worker=10`: seven heartbeats over about a second
+            await announce_worker(client, f"w{name}", {}, ttl=30)
+            await monitor.sample_once()
+            began = began or monitor.totals.now
+            await asyncio.sleep(0.15)
+        assert monitor.snapshot()["marks"] == []  # not settled yet
+        await sample_for(1.0)
+        assert monitor.snapshot()["marks"] == [[pytest.approx(began, abs=0.01), 10]]
+
+        seq = monitor.last_seq
+        await client.delete("dockercoins:worker:w9")  # a heartbeat missed, then back: no mark
+        await monitor.sample_once()
+        await announce_worker(client, "w9", {}, ttl=30)
+        await sample_for(1.0)
+        assert monitor.snapshot(after=seq)["marks"] == []
+        assert monitor.workers == 10
+    finally:
+        await client.aclose()
+
+
+async def test_the_rng_mode_comes_from_the_heartbeats_and_says_mixed(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    sync = redis.Redis.from_url(redis_url)
+
+    def beat(name: str, mode: str) -> None:
+        sync.set(f"dockercoins:worker:{name}", json.dumps({"rng_mode": mode}), ex=30)
+
+    async def json_when(check) -> dict:
+        deadline = time.monotonic() + 10
+        while not check(body := (await client.get("/json")).json()):
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+        return body
+
+    body = await json_when(lambda body: body["status"] == "live")
+    assert body["rng_mode"] is None and body["rng_modes"] == {}
+    beat("a", "blocking")
+    await json_when(lambda body: body["rng_mode"] == "blocking")
+    # During a change of mode: one worker already served by a buffered rng, one by both.
+    beat("b", "buffered")
+    beat("c", "blocking,buffered")
+    body = await json_when(lambda body: body["rng_mode"] == "mixed")
+    assert body["rng_modes"] == {"blocking": 2, "buffered": 2}
+    sync.delete("dockercoins:worker:a", "dockercoins:worker:c")
+    await json_when(lambda body: body["rng_mode"] == "buffered")
+
+
+async def test_json_and_metrics_give_the_workers_stage_times(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    body = (await client.get("/json")).json()
+    assert body["latency"] == {"think": None, "rng": None, "hasher": None, "redis": None}
+
+    for name, rng_seconds in (("slow", 0.8), ("fast", 0.1)):
+        times = StageTimes(10)
+        for _ in range(50):
+            times.add(0.1, rng_seconds, 0.1, 0.00002)
+        info = {"latency": times.summary(hashes_per_unit=1)}
+        sync.set(f"dockercoins:worker:{name}", json.dumps(info), ex=30)
+    sync.set("dockercoins:worker:older", json.dumps({"mining": True}), ex=30)  # no stage times
+
+    deadline = time.monotonic() + 10
+    while (body := (await client.get("/json")).json())["latency"]["rng"] is None:
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.1)
+    assert {"coins", "hashes", "now"} <= body.keys()
+    latency = body["latency"]
+    assert set(latency) == {"think", "rng", "hasher", "redis"}
+    assert all(set(stage) == {"p50", "p99"} for stage in latency.values())
+    assert latency["rng"]["p99"] == pytest.approx(0.8, rel=0.03)
+    assert latency["hasher"]["p50"] == pytest.approx(0.1, rel=0.03)
+    assert latency["redis"]["p50"] == pytest.approx(0.00002, rel=0.03)
+    assert body["latency_share"]["rng"] == pytest.approx(45 / 65, rel=0.01)
+    assert body["latency_unit"]["units"] == 100 and body["hashes_per_unit"] == 1
+
+    metrics = (await client.get("/metrics")).text
+    rng_p99 = re.search(
+        r'^dockercoins_stage_latency_seconds\{quantile="0.99",stage="rng"\} (\S+)$', metrics, re.M
+    )
+    assert rng_p99 and float(rng_p99[1]) == latency["rng"]["p99"]
+    assert 'dockercoins_stage_share{stage="rng"}' in metrics
 
 
 async def test_monitor_says_why_when_redis_is_down() -> None:

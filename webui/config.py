@@ -17,3 +17,10 @@ class WebuiSettings(BaseServiceSettings):
         description="Live /events streams (open pages) the web UI serves at once; past it, "
         "503 with Retry-After.",
     )
+    webui_mark_settle: float = Field(
+        2.5,
+        ge=0,
+        le=60,
+        description="Seconds the worker count must hold still before the chart marks the "
+        "change (where it began): one scaling step, one mark.",
+    )

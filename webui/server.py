@@ -22,10 +22,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockercoins.errors import DockercoinsError, PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals, watch_task
+from dockercoins.metrics import watch_stages
 from dockercoins.schema import BadData, read_totals
 from dockercoins.settings import env_name
 from webui.config import WebuiSettings
-from webui.service import READ_TIMEOUT, SpeedMonitor, bad_data_reason, redis_reason
+from webui.service import (
+    READ_TIMEOUT,
+    SpeedMonitor,
+    bad_data_reason,
+    latency_fields,
+    redis_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +119,8 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
         redis = connect_redis(settings.redis_url)
-        monitor = SpeedMonitor(redis)
+        monitor = SpeedMonitor(redis, mark_settle=settings.webui_mark_settle)
+        unwatch = watch_stages(monitor)
         app.state.redis = redis
         app.state.monitor = monitor
         sampler = asyncio.create_task(monitor.run(app.state.stopping), name="webui-sampler")
@@ -122,6 +130,7 @@ def create_app(settings: WebuiSettings) -> FastAPI:
         finally:
             app.state.stopping.set()
             await asyncio.gather(sampler, return_exceptions=True)
+            unwatch()
             await redis.aclose()
 
     def crash(why: str) -> None:
@@ -177,6 +186,8 @@ def create_app(settings: WebuiSettings) -> FastAPI:
             "hashes_per_second": monitor.rate.per_second if monitor.rate else None,
             "workers": monitor.workers,
             "rng_mode": monitor.rng_mode,
+            "rng_modes": monitor.rng_modes,
+            **latency_fields(monitor.stages),
             "status": monitor.status,
             "reason": monitor.error,
         }

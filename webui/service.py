@@ -11,8 +11,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from dockercoins import stages
 from dockercoins.rate import DEFAULT_WINDOW, Rate, Sample, window_rate
-from dockercoins.schema import RNG_MODE_KEY, BadData, Totals, mining_workers, read_totals
+from dockercoins.schema import BadData, Totals, is_mining, live_heartbeats, read_totals
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ HISTORY = 300.0
 
 READ_TIMEOUT = 2.0
 """Seconds one reading of Redis may take before Redis counts as unreachable."""
+
+MARK_SETTLE = 2.5
+"""Seconds the worker count must hold still before the chart marks its change."""
 
 
 def redis_reason(exc: BaseException) -> str:
@@ -103,11 +107,44 @@ class WorkerMark:
     workers: int
 
 
+def rng_modes(heartbeats: list[dict[str, Any]]) -> dict[str, int]:
+    """Mode -> workers whose rng named it lately (a worker served by rng of both modes, as
+    during a change, counts in both)."""
+    counts: dict[str, int] = {}
+    for heartbeat in heartbeats:
+        named = heartbeat.get("rng_mode")
+        if isinstance(named, str):
+            for mode in set(named.split(",")) - {""}:
+                counts[mode] = counts.get(mode, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def latency_fields(merged: dict[str, Any] | None) -> dict[str, Any]:
+    """/json's and the page's view of the workers' stage times (`stages.merge`): `latency`
+    (p50 and p99 seconds per stage, each null when no worker reports), each stage's share of
+    a unit's time, the whole unit's figures and the hashes per unit (1, or a turbo batch)."""
+    if merged is None:
+        return {
+            "latency": dict.fromkeys(stages.STAGES),
+            "latency_share": dict.fromkeys(stages.STAGES),
+            "latency_unit": None,
+            "hashes_per_unit": None,
+        }
+    return {
+        "latency": merged["latency"],
+        "latency_share": merged["share"],
+        "latency_unit": {**merged["unit"], "units": merged["units"]},
+        "hashes_per_unit": merged["hashes_per_unit"],
+    }
+
+
 class SpeedMonitor:
     """Reads Redis every `sample_interval` seconds and keeps what the page draws.
 
     Samples are timestamped by Redis `TIME`, so the rate is the same whichever
-    process reads it; the chart gets one point per `point_interval`.
+    process reads it; the chart gets one point per `point_interval`. A change of the worker
+    count is marked once it has held for `mark_settle` seconds, where it began: one scaling
+    step, whose heartbeats arrive over a second or two, draws one mark.
     """
 
     def __init__(
@@ -118,8 +155,10 @@ class SpeedMonitor:
         point_interval: float = POINT_INTERVAL,
         window: float = DEFAULT_WINDOW,
         history: float = HISTORY,
+        mark_settle: float = MARK_SETTLE,
     ) -> None:
         self.redis = redis
+        self.mark_settle = mark_settle
         self.sample_interval = sample_interval
         self.point_interval = point_interval
         self.window = window
@@ -130,7 +169,13 @@ class SpeedMonitor:
         self.totals: Totals | None = None
         self.rate: Rate | None = None
         self.workers: int | None = None
-        self.rng_mode: str | None = None
+        self.rng_modes: dict[str, int] = {}
+        self.stages: dict[str, Any] | None = None
+        """Every live worker's stage times, merged (stages.merge); None when none reports."""
+        self._marked: int | None = None
+        """The worker count of the last mark (or the first reading)."""
+        self._change: tuple[float, float] | None = None
+        """Since the last mark: when the count first changed, and when it last changed."""
         self.error: str | None = "Redis not read yet"
         self.status = "redis-unreachable"
         self._seq = 0
@@ -154,12 +199,11 @@ class SpeedMonitor:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 totals = await read_totals(self.redis)
-                workers = await mining_workers(self.redis)
+                heartbeats = await live_heartbeats(self.redis)
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.get(RNG_MODE_KEY)
                     pipe.info("memory")  # both INFO: ~25 µs of Redis's time each sample
                     pipe.info("errorstats")
-                    mode, memory, errors = await pipe.execute(raise_on_error=False)
+                    memory, errors = await pipe.execute(raise_on_error=False)
         except BadData as exc:
             self._failed("bad-data", bad_data_reason(exc))
             return
@@ -179,15 +223,36 @@ class SpeedMonitor:
             self.status, self.error = "live", None
         self._clock_offset = totals.now - time.time()
         self.totals = totals
-        self.rng_mode = mode.decode(errors="replace") if isinstance(mode, bytes) else None
-        if self.workers is not None and workers != self.workers:
-            self._seq += 1
-            self.marks.append(WorkerMark(self._seq, totals.now, workers))
-        self.workers = workers
+        self.rng_modes = rng_modes(heartbeats)
+        self.stages = stages.merge(
+            h["latency"] for h in heartbeats if isinstance(h.get("latency"), dict)
+        )
+        self._count_workers(sum(map(is_mining, heartbeats)), totals.now)
         self.samples.append(Sample(totals.now, totals.hashes))
         while self.samples and self.samples[0].time < totals.now - self.window - 1:
             self.samples.popleft()
         self.rate = window_rate(self.samples, self.window)
+
+    @property
+    def rng_mode(self) -> str | None:
+        """The mode the workers' rng named, "mixed" while they disagree; None if none did."""
+        if not self.rng_modes:
+            return None
+        return next(iter(self.rng_modes)) if len(self.rng_modes) == 1 else "mixed"
+
+    def _count_workers(self, workers: int, now: float) -> None:
+        """Take a new count; mark a change, at its first step, once it has settled."""
+        if self.workers is None:
+            self._marked = workers
+        elif workers != self.workers:
+            self._change = (self._change[0] if self._change else now, now)
+        self.workers = workers
+        if self._change is not None and now - self._change[1] >= self.mark_settle:
+            if workers != self._marked:
+                self._seq += 1
+                self.marks.append(WorkerMark(self._seq, self._change[0], workers))
+                self._marked = workers
+            self._change = None
 
     def add_point(self) -> ChartPoint:
         """Close one chart interval: the current rate, or a gap while Redis cannot be read."""
@@ -246,6 +311,8 @@ class SpeedMonitor:
             "window": self.window,
             "workers": self.workers,
             "rng_mode": self.rng_mode,
+            "rng_modes": self.rng_modes,
+            **latency_fields(self.stages),
             "reset": after == 0,
             "seq": self._seq,
             "points": [[p.time, p.rate] for p in self.points if p.seq > after],

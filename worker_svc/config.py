@@ -85,6 +85,17 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         description="Coins written to Redis per command (a unit's coins are never split), so "
         "that a backlog drains in steps that each fit DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
     )
+    worker_stage_timing: bool = Field(
+        True,
+        description="Time each stage of every unit of work (think, rng, hasher, Redis) for the "
+        "heartbeat, the web UI's bars and /json's `latency`; false only to measure its cost.",
+    )
+    worker_stage_window: float = Field(
+        10.0,
+        ge=1,
+        le=3600,
+        description="Seconds of recent units whose stage times (p50, p99) the heartbeat reports.",
+    )
     worker_ready_timeout: float | None = Field(
         None,
         gt=0,

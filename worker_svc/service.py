@@ -19,6 +19,7 @@ from dockercoins import schema
 from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
 from dockercoins.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
+from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from worker_svc.config import WorkerSettings
 
@@ -193,6 +194,8 @@ class Miner:
     Readiness is "mining now": no upstream unreachable, room in the backlog, a unit finished
     recently. Liveness is "every loop and the flusher still step"; an outage, however long,
     does not fail it, so that a supervisor never restarts a worker holding a backlog.
+    Each unit's stages (think, rng, hasher, its wait on Redis) are timed, one ending where
+    the next begins, for the heartbeat (dockercoins.stages), with the mode rng names.
     """
 
     def __init__(
@@ -227,6 +230,14 @@ class Miner:
         self._steps: dict[str, float] = {}
         """Last step (time.monotonic()) of each loop and of the flusher."""
         self._last_unit = float("-inf")
+        self.stage_times = (
+            StageTimes(settings.worker_stage_window) if settings.worker_stage_timing else None
+        )
+        """Each stage of the recent units, for the heartbeat; None when timing is off."""
+        self._rng_modes: set[str] = set()
+        """The modes rng named in its replies since the last heartbeat."""
+        self.rng_mode = ""
+        """The mode(s) rng named lately, comma-separated if several rng disagree."""
 
     def stop(self) -> None:
         """Ask the loops to finish the unit in hand and return."""
@@ -290,12 +301,17 @@ class Miner:
             return not self.stopping.is_set()
         return not await _wait_for_event(self.stopping, self.settings.worker_think_time)
 
-    async def _next_unit(self, step: str) -> bool:
-        """Wait for room in the backlog, then think; False once the worker is stopping."""
-        while not self._room.is_set():
-            self._step(step)
-            await _wait_for_event(self._room, PAUSE_TICK)
-        return await self._think()
+    async def _next_unit(self, step: str) -> float | None:
+        """Wait for room in the backlog, then think; the seconds spent waiting for room (for
+        Redis to take the backlog), or None once the worker is stopping."""
+        paused = 0.0
+        if not self._room.is_set():
+            started = time.monotonic()
+            while not self._room.is_set():
+                self._step(step)
+                await _wait_for_event(self._room, PAUSE_TICK)
+            paused = time.monotonic() - started
+        return paused if await self._think() else None
 
     def _record(self, step: str, data: bytes, digests: bytes) -> dict[str, bytes]:
         """Count a finished unit; wake the flusher, or pause, as the backlog grows."""
@@ -318,14 +334,25 @@ class Miner:
     async def _unary_loop(self, index: int) -> None:
         """The original's loop: think, then one unary call to rng and one to hasher."""
         step = f"loop-{index}"
-        while await self._next_unit(step):
+        while True:
+            started = time.monotonic()
+            paused = await self._next_unit(step)
+            if paused is None:
+                return
             try:
-                await self.mine_once(step)
+                await self.mine_once(step, started, paused)
             except _Abandoned:
                 return
 
-    async def mine_once(self, step: str = "loop-0") -> None:
-        """One unit of work: random bytes from rng, their hashes, the coin check."""
+    async def mine_once(
+        self, step: str = "loop-0", started: float | None = None, paused: float = 0.0
+    ) -> None:
+        """One unit of work: random bytes from rng, their hashes, the coin check.
+
+        With `started` (when the unit began, before `paused` seconds waiting for room and its
+        think time), the unit's stages are timed.
+        """
+        thought = time.monotonic()
         random = await self._call(
             "rng",
             step,
@@ -334,6 +361,8 @@ class Miner:
                 timeout=self.settings.rpc_timeout,
             ),
         )
+        self._rng_modes.add(random.mode)
+        fetched = time.monotonic()
         hashed = await self._call(
             "hasher",
             step,
@@ -342,8 +371,16 @@ class Miner:
                 timeout=self.settings.rpc_timeout,
             ),
         )
+        answered = time.monotonic()
         for digest in self._record(step, random.data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
+        if self.stage_times is not None and started is not None:
+            self.stage_times.add(
+                thought - started - paused,
+                fetched - thought,
+                answered - fetched,
+                paused + time.monotonic() - answered,
+            )
 
     async def _call(self, name: str, step: str, attempt: Callable[[], Awaitable[Reply]]) -> Reply:
         """Call until it succeeds, backing off; give up only when stopping."""
@@ -413,7 +450,8 @@ class Miner:
         )
         hashes = hasher_stub.HashStream()
         deadline = self.settings.rpc_timeout
-        in_flight: deque[tuple[bytes, float]] = deque()
+        # Batches at hasher: data, when sent, and the unit's think, rng and pause seconds.
+        in_flight: deque[tuple[bytes, float, float, float, float]] = deque()
         window = asyncio.Semaphore(STREAM_WINDOW)
         rng_asked: float | None = None
         closing: float | None = None
@@ -421,21 +459,26 @@ class Miner:
         rng_seconds = WORKER_RPC_SECONDS.labels("rng")
         hasher_seconds = WORKER_RPC_SECONDS.labels("hasher")
         clock = time.monotonic
+        stage_times = self.stage_times
+        rng_modes = self._rng_modes
 
         async def write() -> None:
             nonlocal rng_asked, closing
             while True:
                 await window.acquire()
-                if not await self._next_unit(step):
+                started = clock()  # a unit starts when it has its place in the window
+                paused = await self._next_unit(step)
+                if paused is None:
                     break
-                rng_asked = clock()
+                asked = rng_asked = clock()
                 reply = await _read(randoms, "rng")
                 if reply is None:
                     break  # rng ended the stream (e.g. max connection age): reopen
                 sent = self._steps[step] = clock()
-                rng_seconds.observe(sent - rng_asked)
+                rng_seconds.observe(sent - asked)
                 rng_asked = None
-                in_flight.append((reply.data, sent))
+                rng_modes.add(reply.mode)
+                in_flight.append((reply.data, sent, asked - started - paused, sent - asked, paused))
                 await _write(
                     hashes, hasher_pb2.HashRequest(data=reply.data, block_size=BLOCK_SIZE, raw=True)
                 )
@@ -452,10 +495,13 @@ class Miner:
                     return
                 if not in_flight:
                     raise _StreamBroken("hasher", ValueError("a reply to no request"))
-                data, sent = in_flight.popleft()
-                hasher_seconds.observe(clock() - sent)
+                data, sent, think, rng, paused = in_flight.popleft()
+                hashed = clock()
+                hasher_seconds.observe(hashed - sent)
                 answered += 1
                 self._record(step, data, reply.digests)
+                if stage_times is not None:
+                    stage_times.add(think, rng, hashed - sent, paused + clock() - hashed)
                 self.outages.recovered("hasher")
                 window.release()
 
@@ -509,10 +555,21 @@ class Miner:
 
     async def flush_counters(self) -> bool:
         """Flush pending hashes and coins and renew the heartbeat; False if Redis failed."""
+        info: dict[str, Any] = {
+            "pid": os.getpid(),
+            "loops": self.settings.worker_loops,
+            "mining": self.ready,
+        }
+        seen = sorted(self._rng_modes - {""})  # "": an rng that does not name its mode
+        self._rng_modes.clear()
+        if seen:
+            self.rng_mode = ",".join(seen)
+        if self.rng_mode:
+            info["rng_mode"] = self.rng_mode
+        if self.stage_times is not None:
+            info["latency"] = self.stage_times.summary(self.settings.worker_batch)
         heartbeat = schema.Heartbeat(
-            self.worker_id,
-            {"pid": os.getpid(), "loops": self.settings.worker_loops, "mining": self.ready},
-            max(3 * self.settings.worker_flush_interval, 2.0),
+            self.worker_id, info, max(3 * self.settings.worker_flush_interval, 2.0)
         )
         return await self._flush(heartbeat=heartbeat)
 

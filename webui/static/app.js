@@ -19,6 +19,9 @@ const els = {
   hashes: document.getElementById("hashes"),
   workers: document.getElementById("workers"),
   mode: document.getElementById("mode"),
+  modeDetail: document.getElementById("mode-detail"),
+  stages: document.getElementById("stages"),
+  stagesNote: document.getElementById("stages-note"),
   chart: document.getElementById("chart"),
   marks: document.getElementById("marks"),
 };
@@ -141,6 +144,61 @@ function renderMarks() {
   els.chart.dataset.lastMark = marks.length ? String(marks[marks.length - 1][1]) : "";
 }
 
+function formatTime(seconds) {
+  // Seconds as s, ms (classic units) or µs (turbo, per hash), with 3 significant digits.
+  if (seconds >= 1) return `${seconds.toFixed(2)} s`;
+  const [value, unit] = seconds >= 0.001 ? [seconds * 1000, "ms"] : [seconds * 1e6, "µs"];
+  const digits = value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  return `${value.toFixed(digits)} ${unit}`;
+}
+
+function renderStages(state) {
+  // One bar per stage: its share of a unit's time; the figure is its p50 (per hash in turbo).
+  const perHash = state.hashes_per_unit > 1 ? state.hashes_per_unit : 1;
+  const shares = state.latency_share || {};
+  const known = Object.entries(shares).filter(([, share]) => share !== null);
+  const widest = known.length ? known.reduce((a, b) => (b[1] > a[1] ? b : a))[0] : "";
+  for (const li of els.stages.children) {
+    const stage = li.dataset.stage;
+    const share = shares[stage];
+    const latency = state.latency ? state.latency[stage] : null;
+    const fill = li.querySelector(".stage-fill");
+    const figure = li.querySelector(".stage-figure");
+    const reported = share !== null && share !== undefined;
+    fill.style.width = reported ? `${(share * 100).toFixed(1)}%` : "0";
+    li.dataset.share = reported ? String(share) : "";
+    li.classList.toggle("slowest", stage === widest);
+    if (!reported || !latency || latency.p50 === null) {
+      figure.textContent = "–";
+      figure.title = "";
+      continue;
+    }
+    const per = perHash > 1 ? "/hash" : "";
+    figure.textContent = `${formatTime(latency.p50 / perHash)}${per} · ${Math.round(share * 100)} %`;
+    figure.title = `p50 ${formatTime(latency.p50)}, p99 ${formatTime(latency.p99)} per unit of work`;
+  }
+  els.stages.dataset.widest = widest;
+  const unit = state.latency_unit;
+  if (!unit) {
+    els.stagesNote.textContent = "no worker has reported its stage times yet";
+    els.stagesNote.title = "";
+    return;
+  }
+  els.stagesNote.textContent = perHash > 1
+    ? `p50 per hash · units of ${number.format(Math.round(perHash))} hashes, ${formatTime(unit.p50)} each`
+    : `p50 · a unit of work takes ${formatTime(unit.p50)}`;
+  els.stagesNote.title = `over the ${number.format(unit.units)} units the workers finished lately`;
+}
+
+function renderMode(state) {
+  // "mixed" while the workers' rng disagree (a change of mode under way), with the counts.
+  const modes = Object.entries(state.rng_modes || {});
+  els.mode.textContent = state.rng_mode || "–";
+  els.modeDetail.textContent =
+    modes.length > 1 ? modes.map(([mode, workers]) => `${mode} ${workers}`).join(" · ") : "";
+  els.mode.title = modes.map(([mode, workers]) => `${mode}: ${workers} worker(s)`).join(", ");
+}
+
 function apply(state) {
   if (state.reset) {
     // A (re)connected server sends its whole history; keep what this page saw
@@ -186,7 +244,8 @@ function apply(state) {
   els.coins.textContent = formatCount(state.coins);
   els.hashes.textContent = formatCount(state.hashes);
   els.workers.textContent = formatCount(state.workers);
-  els.mode.textContent = state.rng_mode || "–";
+  renderMode(state);
+  renderStages(state);
 
   if (state.status === "live") setStatus("live", "live");
   else setStatus(state.status, TROUBLE[state.status] || state.status, state.reason);

@@ -1,0 +1,127 @@
+"""Where the time goes, with real processes: the workers' stage times reach /json, the
+bottleneck shows in them, and a unit's stages add up to its wall time."""
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from dockercoins.embedded_redis import redis_server_argv
+from dockercoins.net import free_port
+from tests.conftest import service_env
+from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
+from tests.test_worker import start_worker
+
+COST = FAST_COSTS["worker_think_time"]
+"""Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""
+
+
+def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
+    tmp_path: Path,
+) -> None:
+    """Ten loops against one blocking rng: rng's p50 is several times hasher's, as `probe`
+    would say; the same rng restarted buffered: no longer. The rng mode reaches the web UI
+    from rng's replies through the worker's heartbeat. (Ten loops of one worker process load
+    rng as ten workers do, without starting ten interpreters on a busy machine.)"""
+    redis_port, rng_port, hasher_port, webui_port = (free_port() for _ in range(4))
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = service_env(
+        rng_port=rng_port,
+        hasher_port=hasher_port,
+        webui_port=webui_port,
+        rng_addr=f"127.0.0.1:{rng_port}",
+        hasher_addr=f"127.0.0.1:{hasher_port}",
+        redis_url=redis_url,
+        worker_loops=10,
+        worker_stage_window=3,
+        **FAST_COSTS,
+    )
+    url = f"http://127.0.0.1:{webui_port}/json"
+    stack = ServiceProcesses(tmp_path)
+    state: dict[str, Any] = {}
+
+    def json_says(check: Any) -> bool:
+        try:
+            state.update(get_json(url))
+        except OSError:
+            return False
+        return bool(state.get("latency", {}).get("rng")) and check(state)
+
+    def ratio() -> float:
+        return float(state["latency"]["rng"]["p50"] / state["latency"]["hasher"]["p50"])
+
+    try:
+        stack.start("redis", [*redis_server_argv("127.0.0.1", redis_port, None), "--dir", "."])
+        wait_until(lambda: _pings(redis_url), 10, "redis-server")
+        stack.start("rng", python_m("rng_svc"), {**env, "DOCKERCOINS_RNG_MODE": "blocking"})
+        stack.start("hasher", python_m("hasher_svc"), env)
+        stack.start("worker", python_m("worker_svc"), env)
+        stack.start("webui", python_m("webui"), env)
+        wait_until(lambda: json_says(lambda s: s["latency_unit"]["units"] >= 60), 30, "units")
+        assert state["rng_mode"] == "blocking" and state["rng_modes"] == {"blocking": 1}
+        assert ratio() >= 3, state["latency"]
+        assert max(state["latency_share"], key=state["latency_share"].get) == "rng"
+
+        stack.stop("rng")
+        stack.start("rng", python_m("rng_svc"), {**env, "DOCKERCOINS_RNG_MODE": "buffered"})
+        wait_until(
+            lambda: json_says(lambda s: s["rng_mode"] == "buffered" and ratio() < 2),
+            30,
+            "the rng stage back to the size of hasher's",
+        )
+        assert state["latency_unit"]["units"] >= 30, state
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n/json: {state}\n{stack.log_tail()}") from None
+    finally:
+        stack.stop_all()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
+
+
+async def test_a_units_stages_add_up_to_its_wall_time(servers, redis_url, tmp_path) -> None:
+    """The worker's own sum of its stages, against the time its units take seen from outside:
+    the wall time between two of its counts in Redis over the units they counted."""
+    rng, hasher = await servers.upstreams(COST)
+    fields = {"rng_addr": rng, "hasher_addr": hasher, "redis_url": redis_url}
+    worker = await start_worker(
+        tmp_path / "worker.log", worker_think_time=COST, worker_stage_window=4, **fields
+    )
+    client = Redis.from_url(redis_url)
+    try:
+        counts: list[tuple[float, int]] = []  # (when seen, hashes flushed), at each change
+        info: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while len(counts) < 20 or info.get("latency", {}).get("units", 0) < 60:
+            assert time.monotonic() < deadline, (counts, info)
+            keys = await client.keys("dockercoins:worker:*")
+            value = await client.get(keys[0]) if keys else None
+            if value is not None:
+                info = json.loads(value)
+                flushed = info.get("hashes_flushed", 0)
+                if flushed and (not counts or flushed != counts[-1][1]):
+                    counts.append((time.monotonic(), flushed))
+            await asyncio.sleep(0.005)
+    finally:
+        await client.aclose()
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 15)
+
+    (first, start), (last, end) = counts[2], counts[-1]
+    seen = (last - first) / (end - start)  # one loop: units follow each other, 1 hash each
+    stages = info["latency"]
+    units = stages["units"]
+    stage_sum = sum(stages[name]["sum"] for name in ("think", "rng", "hasher", "redis")) / units
+    assert stages["unit"]["sum"] / units == pytest.approx(stage_sum, rel=1e-6)
+    assert stage_sum == pytest.approx(seen, rel=0.05), (stage_sum, seen, stages)
+    assert stages["think"]["p50"] == pytest.approx(COST, rel=0.5)
