@@ -6,11 +6,16 @@ on a shared, noisy machine: absolute numbers are quoted, never asserted.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 import platform
+import re
+import signal
 import tempfile
 import time
 import urllib.request
@@ -20,14 +25,17 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from dockercoins import schema
+from dockercoins.errors import DockercoinsError
 from dockercoins.launcher import Stack
+from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.probe import probe
 from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
@@ -131,19 +139,96 @@ def measure_ceiling(seconds: float, cores: int) -> dict[str, float]:
 # -- (b) the pipeline ------------------------------------------------------------------
 
 
-async def _counter_rate(redis: Redis, seconds: float, every: float = 0.25) -> tuple[float, float]:
-    samples: list[Sample] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        totals = await schema.read_totals(redis)
-        samples.append(Sample(totals.now, totals.hashes))
-        await asyncio.sleep(every)
-    rate = fit_slope(samples)
-    return (rate.per_second, rate.stderr) if rate else (0.0, 0.0)
+def _stack(
+    data_dir: Path, workers: int, log: TextIO, env: dict[str, str], log_level: str = "WARNING"
+) -> Stack:
+    return Stack.on_free_ports(data_dir, log, env, workers=workers, log_level=log_level)
 
 
-def _stack(data_dir: Path, workers: int, log: TextIO, env: dict[str, str]) -> Stack:
-    return Stack.on_free_ports(data_dir, log, env, workers=workers, log_level="WARNING")
+@dataclass(frozen=True)
+class Reading:
+    """One reading of the counter: `at` on this process's monotonic clock."""
+
+    at: float
+    hashes: int
+    redis_time: float
+
+
+class StackSampler:
+    """Every `every` s until stopped: the `hashes` counter (a reading Redis does not answer,
+    paused or restarting, is skipped) and, with a `stack`, the VmRSS of each of its processes."""
+
+    def __init__(self, redis: Redis, stack: Stack | None = None, every: float = 0.25) -> None:
+        self.redis = redis
+        self.stack = stack
+        self.every = every
+        self.readings: list[Reading] = []
+        self.rss: list[tuple[float, dict[str, float]]] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Sample until `stop()`; stopped by an event, never cancelled mid-reading."""
+        while not self._stop.is_set():
+            asked = time.monotonic()
+            if self.stack is not None:
+                pids = self.stack.pids().items()
+                self.rss.append((asked, {name: memory_mb(pid, "VmRSS") for name, pid in pids}))
+            try:
+                totals = await schema.read_totals(self.redis)
+            except (RedisError, OSError):  # Redis paused or restarting: no reading this time
+                raise_if_cancelling()
+            else:
+                at = (asked + time.monotonic()) / 2
+                self.readings.append(Reading(at, totals.hashes, totals.now))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.every):
+                    await self._stop.wait()
+
+    async def run_for(self, seconds: float) -> None:
+        """Sample for `seconds`, then stop."""
+        task = asyncio.create_task(self.run())
+        await asyncio.sleep(seconds)
+        self.stop()
+        await task
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def between(self, start: float, end: float = math.inf) -> list[Reading]:
+        """The readings taken from `start` to `end` (monotonic clock)."""
+        return [r for r in self.readings if start <= r.at <= end]
+
+    def peak_rss(self, name: str, start: float, end: float = math.inf) -> float:
+        """The highest VmRSS of process `name` sampled from `start` to `end`, in MB."""
+        return max((rss.get(name, 0.0) for at, rss in self.rss if start <= at <= end), default=0)
+
+
+def flushes(readings: list[Reading]) -> list[Reading]:
+    """The readings where the counter had moved: the workers' flushes, as Redis took them."""
+    return [r for previous, r in itertools.pairwise(readings) if r.hashes > previous.hashes]
+
+
+def flush_rate(readings: list[Reading]) -> float:
+    """The counter's rate from its first flush to its last in `readings`: a window that
+    begins and ends on a flush counts whole flushes only (0 under two flushes)."""
+    moved = flushes(readings)
+    if len(moved) < 2 or moved[-1].at <= moved[0].at:
+        return 0.0
+    return (moved[-1].hashes - moved[0].hashes) / (moved[-1].at - moved[0].at)
+
+
+def recovered_at(readings: list[Reading], rate: float, window: float) -> float | None:
+    """The first flush from which the counter's rate over the next `window` seconds is back to
+    RECOVERED of `rate`; None if none is yet. The first flush after a fault also carries what
+    was mined while Redis could not take it: windows start on it, so it does not count."""
+    moved = flushes(readings)
+    for index, start in enumerate(moved):
+        for end in moved[index + 1 :]:
+            if end.at - start.at >= window:
+                if (end.hashes - start.hashes) / (end.at - start.at) >= RECOVERED * rate:
+                    return start.at
+                break
+    return None
 
 
 async def measure_pipeline(
@@ -163,7 +248,10 @@ async def measure_pipeline(
         await asyncio.sleep(warmup)
         pids = stack.pids()
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        rate, stderr = await _counter_rate(redis, window)
+        sampler = StackSampler(redis)
+        await sampler.run_for(window)
+        fitted = fit_slope([Sample(r.redis_time, r.hashes) for r in sampler.readings])
+        rate, stderr = (fitted.per_second, fitted.stderr) if fitted else (0.0, 0.0)
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         processes = {
             name: ProcessFigures(round(used[name], 2), round(memory_mb(pid), 1))
@@ -390,37 +478,279 @@ async def measure_overhead(calls: int, data_dir: Path, log: TextIO) -> dict[str,
 
 # -- soak ------------------------------------------------------------------------------
 
+SOAK_DIFFICULTY = 3
+"""The soak's coin rule: one coin in 4,096 hashes keeps the wallet near 30 MB over 10 minutes
+of turbo; at difficulty 1 (one in 16) it passes the embedded Redis's 1 GiB maxmemory in about
+two minutes, after which Redis refuses writes and the worker pauses (nothing lost, but the
+soak would measure a full Redis instead of the faults)."""
 
-async def soak(seconds: float, data_dir: Path, log: TextIO, every: float = 5.0) -> dict[str, Any]:
-    """Turbo for `seconds`: RSS of every process sampled, errors counted."""
-    stack = _stack(data_dir, 1, log, {"DOCKERCOINS_PROFILE": "turbo"})
-    series: dict[str, list[float]] = {}
+RECOVERED = 0.8
+"""A fault is over once the counter's rate is back to this fraction of the rate before it."""
+
+PAUSE, KILL = "pause", "kill"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the soak does to one process of the stack: `pause` (SIGSTOP, later SIGCONT) or
+    `kill` (SIGKILL: the launcher restarts it)."""
+
+    target: str
+    action: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.action} {self.target}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        """`rng:pause`, `worker.1:kill`... as given on the command line."""
+        target, _, action = text.partition(":")
+        if target not in FAULT_TARGETS or action not in (PAUSE, KILL):
+            raise ValueError(
+                f"expected TARGET:pause or TARGET:kill with TARGET one of "
+                f"{', '.join(FAULT_TARGETS)}, got {text!r}"
+            )
+        return cls(target, action)
+
+
+FAULT_TARGETS = ("rng", "hasher", "redis", "worker.1")
+ALL_FAULTS = tuple(Fault(target, action) for target in FAULT_TARGETS for action in (PAUSE, KILL))
+QUICK_FAULTS = (Fault("redis", PAUSE), Fault("worker.1", KILL))
+
+
+@dataclass(frozen=True)
+class SoakPlan:
+    """How long the soak lasts and what it does meanwhile: each fault in turn, in a slot of
+    `seconds / len(faults)`: the rate before it over the slot's first fifth (at least
+    `window` + 0.5 s), a pause of two fifths, then the recovery, watched to the slot's end and
+    on, while not recovered, for up to `patience` more seconds."""
+
+    seconds: float = 600.0
+    faults: tuple[Fault, ...] = ALL_FAULTS
+    window: float = 3.0
+    patience: float = 60.0
+    difficulty: int = SOAK_DIFFICULTY
+
+    @property
+    def slot(self) -> float:
+        return self.seconds / max(len(self.faults), 1)
+
+    @property
+    def before(self) -> float:
+        return max(0.2 * self.slot, self.window + 0.5)
+
+    @property
+    def pause(self) -> float:
+        return max(0.4 * self.slot, 1.0)
+
+
+class LineRecorder(io.TextIOBase):
+    """The stack's log, passed on to `out`, each line also kept with the time it came."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.lines: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        now = time.monotonic()
+        self.lines.extend((now, line) for line in text.splitlines())
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def between(self, start: float, end: float = math.inf) -> list[str]:
+        return [line for at, line in self.lines if start <= at <= end]
+
+
+STOPPED_LINE = re.compile(r"worker stopped: (\d+) hashes, \d+ coins, (\d+) hashes unflushed")
+
+
+async def _heartbeat_key(redis: Redis, pid: int, timeout: float = 10.0) -> str:
+    """The heartbeat key of the worker process `pid`, once it has written one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        keys = [key async for key in redis.scan_iter(match=schema.WORKER_KEY_PREFIX + "*")]
+        for key, value in zip(keys, await redis.mget(keys) if keys else [], strict=True):
+            if value is not None and json.loads(value).get("pid") == pid:
+                return key.decode() if isinstance(key, bytes) else str(key)
+        if time.monotonic() > deadline:
+            raise DockercoinsError(f"worker pid {pid} wrote no heartbeat within {timeout:g} s")
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class FaultResult:
+    """What one fault cost: seconds (monotonic) from the fault's end to the recovery."""
+
+    fault: str
+    seconds: float
+    rate_before: float
+    recovered_after: float | None
+    rate_after: float
+    worker_peak_rss_mb: float
+    redis_peak_rss_mb: float
+    lines: list[str] = field(default_factory=list)
+    flushes: list[tuple[float, int]] = field(default_factory=list)
+    """The counter at each flush seen, seconds from the fault's end (negative: before)."""
+
+
+class FaultSoak:
+    """Turbo with faults inflicted in turn on a running stack; what each cost, and whether
+    the counter holds exactly what the workers say they counted."""
+
+    def __init__(self, plan: SoakPlan, stack: Stack, redis: Redis, log: LineRecorder) -> None:
+        self.plan = plan
+        self.stack = stack
+        self.redis = redis
+        self.log = log
+        self.sampler = StackSampler(redis, stack)
+        self.paused: set[int] = set()
+        self.killed_flushed: list[int] = []
+
+    async def inflict(self, fault: Fault) -> FaultResult:
+        """Measure the rate, inflict `fault`, watch the recovery."""
+        plan = self.plan
+        began = time.monotonic()
+        await asyncio.sleep(plan.before)
+        struck = time.monotonic()
+        before = flush_rate(self.sampler.between(struck - plan.before, struck))
+        pid = self.stack.pids()[fault.target]
+        if fault.action == PAUSE:
+            os.kill(pid, signal.SIGSTOP)
+            self.paused.add(pid)
+            await asyncio.sleep(plan.pause)
+            os.kill(pid, signal.SIGCONT)
+            self.paused.discard(pid)
+        elif fault.target.startswith("worker"):
+            key = await _heartbeat_key(self.redis, pid)
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)  # whatever it had sent has reached Redis
+            # Written in the same transaction as its last count: what it flushed, exactly.
+            beat = await self.redis.get(key)
+            if beat is None:
+                raise DockercoinsError(f"the killed worker's heartbeat {key} expired unread")
+            self.killed_flushed.append(int(json.loads(beat).get("hashes_flushed", 0)))
+        else:
+            os.kill(pid, signal.SIGKILL)
+        ended = time.monotonic()
+        planned, limit = began + plan.slot, began + plan.slot + plan.patience
+        while True:
+            recovered = recovered_at(self.sampler.between(ended), before, plan.window)
+            now = time.monotonic()
+            if now >= limit or (now >= planned and recovered is not None):
+                break
+            await asyncio.sleep(0.25)
+        after = self.sampler.between(recovered if recovered is not None else now)
+        return FaultResult(
+            fault=fault.label,
+            seconds=round(plan.pause if fault.action == PAUSE else 0.0, 1),
+            rate_before=round(before),
+            recovered_after=None if recovered is None else round(recovered - ended, 1),
+            rate_after=round(flush_rate(after)),
+            worker_peak_rss_mb=round(self.sampler.peak_rss("worker.1", struck), 1),
+            redis_peak_rss_mb=round(self.sampler.peak_rss("redis", struck), 1),
+            lines=self.log.between(struck)[:40],
+            flushes=[
+                (round(r.at - ended, 2), r.hashes)
+                for r in flushes(self.sampler.between(struck - plan.before))
+            ],
+        )
+
+    def resume_paused(self) -> None:
+        """SIGCONT whatever is still paused (the soak was interrupted mid-fault)."""
+        for pid in self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.paused.clear()
+
+    async def count(self) -> dict[str, Any]:
+        """Stop the workers (each flushes and says its total), then compare with the counter."""
+        await self.stack.scale_workers(0)
+        counter = (await schema.read_totals(self.redis)).hashes
+        stopped = [
+            (int(m.group(1)), int(m.group(2)))
+            for line in self.log.between(0.0)
+            if (m := STOPPED_LINE.search(line))
+        ]
+        flushed = sum(total - unflushed for total, unflushed in stopped)
+        expected = flushed + sum(self.killed_flushed)
+        return {
+            "counter": counter,
+            "workers_stopped": [total for total, _ in stopped],
+            "unflushed": sum(unflushed for _, unflushed in stopped),
+            "killed_workers_flushed": self.killed_flushed,
+            "expected": expected,
+            "exact": counter == expected and all(not u for _, u in stopped),
+        }
+
+
+async def soak(plan: SoakPlan, data_dir: Path, log: TextIO, every: float = 5.0) -> dict[str, Any]:
+    """Turbo for `plan.seconds`, with `plan.faults` in turn: per fault the rate before, the
+    time to recover and the peak RSS of the worker and Redis; RSS of every process every
+    `every` s; at the end, the counter against the sum of the workers' own totals."""
+    recorder = LineRecorder(log)
+    env = {"DOCKERCOINS_PROFILE": "turbo", "DOCKERCOINS_DIFFICULTY": str(plan.difficulty)}
+    stack = _stack(data_dir, 1, cast(TextIO, recorder), env, log_level="INFO")
+    redis: Redis | None = None
     try:
         await stack.start()
-        redis = Redis.from_url(stack.redis_url)
-        first = await schema.read_totals(redis)
-        end = time.monotonic() + seconds
-        while True:
-            for name, pid in stack.pids().items():
-                series.setdefault(name, []).append(round(memory_mb(pid, "VmRSS"), 1))
-            if time.monotonic() >= end:
-                break
-            await asyncio.sleep(min(every, max(0.0, end - time.monotonic())))
-        last = await schema.read_totals(redis)
-        await redis.aclose()
+        redis = Redis.from_url(stack.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        run = FaultSoak(plan, stack, redis, recorder)
+        sampling = asyncio.create_task(run.sampler.run())
+        try:
+            await _first_flushes(run.sampler, 2)
+            started = time.monotonic()
+            results = []
+            for fault in plan.faults:
+                results.append(await run.inflict(fault))
+            await asyncio.sleep(max(0.0, started + plan.seconds - time.monotonic()))
+            ended = time.monotonic()
+        finally:
+            run.resume_paused()
+            run.sampler.stop()
+            await sampling
         restarts = sum(p.restarts for p in stack.processes())
+        count = await run.count()
     finally:
+        if redis is not None:
+            await redis.aclose()
         await stack.stop()
+    soaked = run.sampler.between(started, ended)
+    series: dict[str, list[float]] = {}
+    next_at = started
+    for at, rss in run.sampler.rss:
+        if started <= at <= ended and at >= next_at:
+            next_at = at + every
+            for name, mb in rss.items():
+                series.setdefault(name, []).append(round(mb, 1))
+    hashes = soaked[-1].hashes - soaked[0].hashes if soaked else 0
+    span = soaked[-1].redis_time - soaked[0].redis_time if len(soaked) > 1 else 0
     return {
-        "seconds": seconds,
-        "hashes": last.hashes - first.hashes,
-        "hashes_per_second": round((last.hashes - first.hashes) / (last.now - first.now)),
+        "seconds": round(ended - started, 1),
+        "difficulty": plan.difficulty,
+        "hashes": hashes,
+        "hashes_per_second": round(hashes / span) if span else 0,
         "restarts": restarts,
+        "kills": sum(f.action == KILL for f in plan.faults),
+        "faults": [asdict(r) for r in results],
+        "count": count,
         "rss_mb": {
             name: {"first": s[0], "last": s[-1], "max": max(s), "samples": s}
             for name, s in series.items()
         },
     }
+
+
+async def _first_flushes(sampler: StackSampler, count: int, timeout: float = 60.0) -> None:
+    """Wait until the counter has moved `count` times: the worker is mining and flushing."""
+    deadline = time.monotonic() + timeout
+    while len(flushes(sampler.readings)) < count:
+        if time.monotonic() > deadline:
+            raise DockercoinsError(f"the worker did not flush within {timeout:g} s")
+        await asyncio.sleep(0.1)
 
 
 # -- the whole run ---------------------------------------------------------------------
@@ -434,14 +764,15 @@ class BenchOptions:
     warmup: float = 3.0
     ceiling_seconds: float = 10.0
     latency_calls: int = 100
-    soak_seconds: float = 60.0
     grid: tuple[PipelineConfig, ...] = FULL_GRID
+    soak: SoakPlan = SoakPlan()
     stage_timing_halves: int = 2
     stage_timing_rounds: int = 4
 
     @classmethod
     def quick(cls) -> "BenchOptions":
-        return cls(1.5, 1.0, 1.0, 5, 2.0, QUICK_GRID, stage_timing_halves=1, stage_timing_rounds=1)
+        soak = SoakPlan(seconds=12.0, faults=QUICK_FAULTS, window=2.0, patience=20.0)
+        return cls(1.5, 1.0, 1.0, 5, QUICK_GRID, soak, stage_timing_halves=1, stage_timing_rounds=1)
 
 
 async def run_bench(
@@ -458,7 +789,7 @@ async def run_bench(
             "grpcio": grpc.__version__,
             "platform": platform.platform(),
         },
-        "options": {k: v for k, v in asdict(options).items() if k != "grid"},
+        "options": {k: v for k, v in asdict(options).items() if k not in ("grid", "soak")},
     }
     started = time.monotonic()
     with (
@@ -547,18 +878,8 @@ async def run_bench(
                 f"{service} plumbing over the simulated 0.1 s: p50 {figures['p50_ms']:.2f} ms, "
                 f"p99 {figures['p99_ms']:.2f} ms ({figures['calls']} calls)"
             )
-        if options.soak_seconds:
-            soaked = await soak(options.soak_seconds, data_dir, log)
-            report["soak"] = soaked
-            for name, rss in soaked["rss_mb"].items():
-                say(
-                    f"soak {name}: RSS {rss['first']:.1f} -> {rss['last']:.1f} MB "
-                    f"(max {rss['max']:.1f})"
-                )
-            say(
-                f"soak: {soaked['hashes_per_second']:,.0f} hashes/s for {soaked['seconds']:.0f} s, "
-                f"{soaked['restarts']} restarts"
-            )
+        if options.soak.seconds:
+            report["soak"] = await run_soak(options.soak, out_dir, say, data_dir, log)
     report["duration_seconds"] = round(time.monotonic() - started, 1)
     say(
         f"best: {best.config.label}: {best.hashes_per_second:,.0f} hashes/s = "
@@ -572,3 +893,53 @@ async def run_bench(
     )
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+async def run_soak(
+    plan: SoakPlan,
+    out_dir: Path,
+    say: Callable[[str], None] = print,
+    data_dir: Path | None = None,
+    log: TextIO | None = None,
+) -> dict[str, Any]:
+    """Run the fault soak, print its table, write `soak.json` (and, run alone, its stack's log
+    `soak-stack.log`) in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    with contextlib.ExitStack() as closing:
+        if data_dir is None:
+            data_dir = Path(
+                closing.enter_context(tempfile.TemporaryDirectory(prefix="dockercoins-soak-"))
+            )
+        if log is None:
+            log = closing.enter_context((out_dir / "soak-stack.log").open("w"))
+        faults = f"{len(plan.faults)} faults in turn, one every {plan.slot:.0f} s"
+        say(
+            f"soak: {plan.seconds:.0f} s of turbo at difficulty {plan.difficulty}, "
+            f"{faults if plan.faults else 'no fault'}"
+        )
+        soaked = await soak(plan, data_dir, log)
+    if soaked["faults"]:
+        say(
+            f"{'fault':<24} {'rate before':>12} {'recovered':>10} {'rate after':>12} "
+            f"{'worker MB':>10} {'redis MB':>9}"
+        )
+    for fault in soaked["faults"]:
+        what = fault["fault"] + (f" {fault['seconds']:.0f} s" if fault["seconds"] else "")
+        back = fault["recovered_after"]
+        say(
+            f"{what:<24} {fault['rate_before']:>12,.0f} "
+            f"{'never' if back is None else f'{back:.1f} s':>10} {fault['rate_after']:>12,.0f} "
+            f"{fault['worker_peak_rss_mb']:>10.1f} {fault['redis_peak_rss_mb']:>9.1f}"
+        )
+    for name, rss in soaked["rss_mb"].items():
+        say(f"soak {name}: RSS {rss['first']:.1f} -> {rss['last']:.1f} MB (max {rss['max']:.1f})")
+    count = soaked["count"]
+    say(
+        f"soak: {soaked['hashes_per_second']:,.0f} hashes/s over {soaked['seconds']:.0f} s, "
+        f"{soaked['restarts']} restarts ({soaked['kills']} kills); counter {count['counter']:,} "
+        f"{'=' if count['exact'] else '!='} workers' totals {sum(count['workers_stopped']):,} "
+        f"+ killed workers' flushed {sum(count['killed_workers_flushed']):,}"
+        + (f", {count['unflushed']:,} unflushed" if count["unflushed"] else "")
+    )
+    (out_dir / "soak.json").write_text(json.dumps(soaked, indent=2) + "\n")
+    return soaked

@@ -155,7 +155,15 @@ def _add_tools(commands: Any) -> None:
     )
     bench.add_argument("--out", default="bench-results", help="output directory")
     bench.add_argument("--window", type=float, help="seconds measured per configuration (10)")
-    bench.add_argument("--soak", type=float, help="seconds of the turbo soak (60; 0: none)")
+    bench.add_argument("--soak", type=float, help="seconds of the turbo fault soak (600; 0: none)")
+    bench.add_argument(
+        "--faults",
+        help="the soak's faults in turn, TARGET:pause or TARGET:kill, comma-separated, TARGET "
+        "one of rng, hasher, redis, worker.1 (default: each paused, then killed); none: no fault",
+    )
+    bench.add_argument(
+        "--soak-only", action="store_true", help="run the fault soak alone (soak.json)"
+    )
     bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
     from dockercoins.experiment import add_arguments
 
@@ -287,10 +295,21 @@ def run_bench(options: dict[str, Any]) -> int:
     chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
     if options["window"] is not None:
         chosen = dataclasses.replace(chosen, window=options["window"])
+    soak = chosen.soak
     if options["soak"] is not None:
-        chosen = dataclasses.replace(chosen, soak_seconds=options["soak"])
+        soak = dataclasses.replace(soak, seconds=options["soak"])
+    if options["faults"] is not None:
+        try:
+            faults = [] if options["faults"] == "none" else options["faults"].split(",")
+            soak = dataclasses.replace(soak, faults=tuple(map(bench.Fault.parse, faults)))
+        except ValueError as exc:
+            print(f"dockercoins bench: --faults: {exc}", file=sys.stderr)
+            return 2
     configure_logging("WARNING")
-    asyncio.run(bench.run_bench(chosen, Path(options["out"])))
+    if options["soak_only"]:
+        report = asyncio.run(bench.run_soak(soak, Path(options["out"])))
+        return 0 if report["count"]["exact"] else 1
+    asyncio.run(bench.run_bench(dataclasses.replace(chosen, soak=soak), Path(options["out"])))
     return 0
 
 

@@ -383,7 +383,17 @@ class KubectlBackend:
             )
         except FileNotFoundError:
             raise ExperimentError(f"{self.kubectl}: not found on PATH") from None
-        out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:  # an OSError too on 3.11: said here, not taken for a network error
+            raise ExperimentError(
+                f"`{' '.join(argv)}` gave no answer within {self.timeout:g} s"
+            ) from None
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: no kubectl left behind
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         if proc.returncode:
             detail = (err or out).decode(errors="replace").strip().splitlines()
             raise ExperimentError(

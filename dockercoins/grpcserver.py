@@ -28,6 +28,22 @@ SMALL_REQUEST_BYTES = 4096
 """Receive limit of a server whose requests are all small: rng's (at most 33 bytes), health
 checks and reflection requests."""
 
+
+async def write_or_gone(context: grpc.aio.ServicerContext, reply: object, method: str) -> bool:
+    """Write one reply of a server stream; False if the client has gone.
+
+    A write fails once the client went away (killed, or a worker stopping cancels its
+    stream): nobody is left to answer, so the handler ends quietly, where a handler that
+    yields its replies would have grpcio log an `ExecuteBatchError` traceback.
+    """
+    try:
+        await context.write(reply)
+    except Exception as exc:  # grpcio raises a private ExecuteBatchError here
+        log.debug("%s ended by its client: %s", method, type(exc).__name__)
+        return False
+    return True
+
+
 BASE_OPTIONS: Sequence[tuple[str, int]] = (
     # Off, or a second server on a busy port starts silently and steals connections.
     ("grpc.so_reuseport", 0),

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from dockercoins.backoff import Backoff
 from dockercoins.embedded_redis import LockedRedis
 from dockercoins.errors import ConfigError, DockercoinsError
-from dockercoins.lifecycle import stop_event_on_signals, watch_task
+from dockercoins.lifecycle import raise_if_cancelling, stop_event_on_signals, watch_task
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
 from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
@@ -313,9 +313,11 @@ async def _wait_until(
 ) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        with contextlib.suppress(Exception):
+        try:
             if await check():
                 return
+        except Exception:  # not ready yet, whatever the reason; a cancellation still ends it
+            raise_if_cancelling()
         if process is not None and process.proc is not None and process.proc.returncode is not None:
             raise DockercoinsError(
                 f"{what} exited with status {process.proc.returncode} before it was ready"

@@ -30,3 +30,16 @@ def watch_task(task: "asyncio.Task[Any]", on_crash: Callable[[str], None]) -> No
         on_crash(f"{finished.get_name()} failed: {error!r}")
 
     task.add_done_callback(done)
+
+
+def raise_if_cancelling() -> None:
+    """Raise CancelledError if the current task is being cancelled.
+
+    For a broad `except` around a library call: a library's timeout that expires as its task
+    is cancelled can raise TimeoutError (an OSError on 3.11) or its own timeout error instead
+    of CancelledError (3.11's `asyncio.wait_for`, which redis-py uses, can even return a
+    result); swallowed, the cancelled task would run on.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from dockercoins.errors import InvalidArgument, RequestError, ResourceExhausted
+from dockercoins.grpcserver import write_or_gone
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.config import HasherSettings
 
@@ -142,9 +143,12 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
         self,
         request_iterator: AsyncIterator[hasher_pb2.HashRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[hasher_pb2.HashReply]:
+    ) -> None:
         async for request in request_iterator:
             try:
-                yield await self._answer(request)
+                reply = await self._answer(request)
             except RequestError as exc:
                 await context.abort(exc.code, str(exc))
+                raise  # unreachable: abort raises
+            if not await write_or_gone(context, reply, "HashStream"):
+                return

@@ -9,6 +9,7 @@ from typing import Protocol
 import grpc
 
 from dockercoins.errors import InvalidArgument, RequestError
+from dockercoins.grpcserver import write_or_gone
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -171,11 +172,6 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         sent = 0
         while not request.messages or sent < request.messages:
             reply = await self._reply(request.size, request.count)
-            try:
-                await context.write(reply)
-            except Exception as exc:  # grpcio raises a private ExecuteBatchError here
-                # A write fails once the client went away (a worker stopping cancels its
-                # stream): nobody is left to answer, so end quietly rather than log an error.
-                log.debug("StreamRandom ended by its client: %s", type(exc).__name__)
+            if not await write_or_gone(context, reply, "StreamRandom"):
                 return
             sent += 1

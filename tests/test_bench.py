@@ -6,20 +6,24 @@ import subprocess
 from tests.conftest import dockercoins_cmd, service_env
 
 
-def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        dockercoins_cmd("bench", "--quick", "--out", str(tmp_path)),
+        dockercoins_cmd("bench", "--quick", *args),
         env=service_env(),
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
+    result = bench("--soak", "0", "--out", str(tmp_path))
     assert "ceiling (in-process" in result.stdout
     assert "best:" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
 
-    assert report["machine"]["cores"] >= 1
     assert report["ceiling"]["hashes_per_second"] > 0
     assert len(report["pipeline"]) == 2
     for point in report["pipeline"]:
@@ -40,6 +44,37 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     assert timing["windows"] == 1 and timing["hashes"]["on"] > 0 < timing["hashes"]["off"]
     assert timing["worker_cpu_seconds_per_million"]["on"] > 0
     assert "stage timing (batch 1000" in result.stdout
-    assert report["soak"]["restarts"] == 0
-    assert report["soak"]["hashes"] > 0
-    assert set(report["soak"]["rss_mb"]) >= {"rng", "hasher", "worker.1"}
+    assert "soak" not in report
+
+
+def test_fault_soak_recovers_from_each_fault_and_counts_every_hash_once(tmp_path) -> None:
+    """Redis paused past the worker's Redis timeout, then the worker killed with -9."""
+    result = bench("--soak-only", "--out", str(tmp_path))
+    soaked = json.loads((tmp_path / "soak.json").read_text())
+
+    faults = {fault["fault"]: fault for fault in soaked["faults"]}
+    assert list(faults) == ["pause redis", "kill worker.1"]
+    for fault in faults.values():
+        assert fault["rate_before"] > 0
+        # Back to 80 % of the rate before, well within the 20 s the quick soak waits.
+        assert fault["recovered_after"] is not None, fault
+        assert fault["worker_peak_rss_mb"] > 0 and fault["redis_peak_rss_mb"] > 0
+    assert faults["pause redis"]["seconds"] > 2  # longer than the worker's Redis timeout
+    assert "worker.1  | exited with status -9; restarting" in "\n".join(
+        faults["kill worker.1"]["lines"]
+    )
+    # The launcher restarted the killed worker, and nothing else; every process was sampled.
+    assert soaked["restarts"] == soaked["kills"] == 1
+    assert soaked["hashes"] > 0
+    assert set(soaked["rss_mb"]) >= {"redis", "rng", "hasher", "worker.1"}
+
+    # Nothing lost, nothing twice: the counter holds the stopped worker's own total plus
+    # what the killed one had flushed (its last heartbeat), to the hash.
+    count = soaked["count"]
+    (killed,) = count["killed_workers_flushed"]
+    (stopped,) = count["workers_stopped"]
+    assert killed > 0 and stopped > 0 and count["unflushed"] == 0
+    assert count["counter"] == stopped + killed
+    assert count["exact"]
+    assert f"counter {count['counter']:,} = workers' totals" in result.stdout
+    assert "pause redis" in result.stdout and "kill worker.1" in result.stdout

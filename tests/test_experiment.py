@@ -12,6 +12,7 @@ import pytest
 from dockercoins.errors import ConfigError
 from dockercoins.experiment import (
     Costs,
+    ExperimentError,
     KubectlBackend,
     Point,
     expected_rate,
@@ -20,7 +21,7 @@ from dockercoins.experiment import (
 )
 from dockercoins.settings import env_name
 from tests.conftest import dockercoins_cmd, service_env
-from tests.stack import FAST_COSTS, RunningStack
+from tests.stack import FAST_COSTS, RunningStack, alive
 
 SCALED_COSTS = (
     "--read-cost", "0.02", "--hasher-latency", "0.01", "--think-time", "0.01",
@@ -237,6 +238,19 @@ async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     missing = KubectlBackend("http://127.0.0.1:9", kubectl=str(tmp_path / "nowhere"))
     with pytest.raises(Exception, match="not found"):
         await missing.scale_workers(2)
+
+
+async def test_a_kubectl_that_hangs_is_killed_and_said_not_a_traceback(tmp_path: Path) -> None:
+    """kubectl waiting on a cluster that does not answer: the experiment stops with one line
+    (a TimeoutError, an OSError on 3.11, used to escape as a traceback) and no kubectl is left."""
+    pid_file = tmp_path / "kubectl.pid"
+    script = tmp_path / "kubectl"
+    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    script.chmod(0o755)
+    backend = KubectlBackend("http://127.0.0.1:9", "ns1", kubectl=str(script), timeout=0.5)
+    with pytest.raises(ExperimentError, match=r"`.*kubectl get deployment/worker -n ns1` gave no"):
+        await backend.run("get", "deployment/worker")
+    assert not alive(int(pid_file.read_text())), "the hung kubectl was left running"
 
 
 async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dockercoins.backoff import Backoff
-from dockercoins.launcher import Console, ManagedProcess
+from dockercoins.launcher import Console, ManagedProcess, _wait_until
 from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, alive, get_json, scale
 
@@ -233,6 +233,31 @@ async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> N
     finally:
         await child.stop(timeout=5)
     assert "exited with status 7; restarting in 0 s" in out.getvalue()
+
+
+async def test_a_cancelled_start_ends_even_when_a_check_hides_the_cancellation() -> None:
+    """Ctrl-C while `dockercoins up` waits for a piece to be ready cancels the start. A
+    library's timeout that expires as its task is cancelled can raise TimeoutError (an OSError
+    on 3.11) instead of CancelledError: the readiness wait must not take it for "not ready
+    yet" and wait on for its 30 s."""
+
+    async def check() -> bool:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise TimeoutError("timed out") from None  # as 3.11's wait_for may, on a race
+        return True
+
+    waiting = asyncio.create_task(_wait_until("rng", check, None))
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    done, _ = await asyncio.wait({waiting}, timeout=3)
+    try:
+        assert waiting in done and waiting.cancelled()
+    finally:
+        while not waiting.done():
+            waiting.cancel()
+            await asyncio.wait({waiting}, timeout=1)
 
 
 async def wait_until_in(out: io.StringIO, text: str, count: int = 1, timeout: float = 10) -> None:

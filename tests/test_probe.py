@@ -1,7 +1,10 @@
 """`dockercoins probe`: httping-style lines and summary against a real, loaded stack."""
 
 import re
+import resource
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,3 +86,37 @@ def test_probe_of_a_dead_address_prints_the_error_and_fails(tmp_path: Path) -> N
         rf"^hasher {re.escape(addr)}: seq=1 error (UNAVAILABLE|DEADLINE_EXCEEDED)", lines[0]
     )
     assert lines[-1] == "2 calls, 0 ok, 2 failed"
+
+
+def _cpu_seconds(argv: list[str]) -> float:
+    """CPU (user + system) that running `argv` to its end cost; it must exit 0."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(argv, env=service_env(), capture_output=True, text=True, timeout=30)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def test_the_container_healthcheck_asks_the_named_service_and_costs_little() -> None:
+    """`python -m dockercoins.healthcheck`, what compose runs every 5 s in every container."""
+    from dockercoins.net import free_port
+    from tests.test_signals import Service
+
+    port = free_port()
+    rng = Service("rng", rng_port=port)
+    address = f"127.0.0.1:{port}"
+    check = [sys.executable, "-m", "dockercoins.healthcheck", address, "--timeout", "2"]
+    try:
+        rng.wait_for("listening on")
+        named = subprocess.run([*check, "--service", "dockercoins.v1.Rng"], capture_output=True)
+        assert named.returncode == 0 and b"dockercoins.v1.Rng: SERVING" in named.stdout, named
+        assert subprocess.run(check, capture_output=True).returncode == 0  # overall status
+        unknown = subprocess.run([*check, "--service", "nosuch"], capture_output=True, text=True)
+        assert unknown.returncode == 1 and "nosuch: NOT_FOUND" in unknown.stderr, unknown
+        # It imports gRPC alone; the CLI's probe loads settings, TLS and every stub first.
+        probe_argv = dockercoins_cmd("probe", "rng", "--health", "-c", "1", "--addr", address)
+        light = statistics.median(_cpu_seconds(check) for _ in range(3))
+        heavy = statistics.median(_cpu_seconds(probe_argv) for _ in range(3))
+        assert light < 0.7 * heavy, f"healthcheck {light:.3f} s of CPU, probe {heavy:.3f} s"
+    finally:
+        rng.terminate()
