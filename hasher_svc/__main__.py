@@ -2,6 +2,6 @@
 
 import sys
 
-from dockercoins.cli import main
+from dockercoins_tools.cli import main
 
 main(["hasher", *sys.argv[1:]])

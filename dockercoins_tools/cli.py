@@ -80,8 +80,8 @@ SERVICES: dict[str, Command] = {
         ),
     ),
     "up": Command(
-        "dockercoins.launcher:StackSettings",
-        "dockercoins.launcher:serve",
+        "dockercoins_tools.launcher:StackSettings",
+        "dockercoins_tools.launcher:serve",
         "start redis, rng, hasher, the workers and the web UI",
         (
             Flag("--workers", "workers", int, "number of worker processes (default 1)"),
@@ -165,7 +165,7 @@ def _add_tools(commands: Any) -> None:
         "--soak-only", action="store_true", help="run the fault soak alone (soak.json)"
     )
     bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
-    from dockercoins.experiment import add_arguments
+    from dockercoins_tools.experiment import add_arguments
 
     add_arguments(
         commands.add_parser(
@@ -179,7 +179,7 @@ def _add_tools(commands: Any) -> None:
 
 def run_scale(options: dict[str, Any]) -> int:
     """`dockercoins scale worker=N rng=K` against the stack of this data directory."""
-    from dockercoins.launcher import StackSettings, send_control
+    from dockercoins_tools.launcher import StackSettings, send_control
 
     counts: dict[str, int] = {}
     for item in options["counts"]:
@@ -208,9 +208,9 @@ def run_scale(options: dict[str, Any]) -> int:
 
 def run_probe(options: dict[str, Any]) -> int:
     """`dockercoins probe rng|hasher`."""
-    from dockercoins.probe import probe
     from dockercoins.settings import TlsSettings
     from dockercoins.tls import channel_credentials
+    from dockercoins_tools.probe import probe
     from worker_svc.config import WorkerSettings
 
     credentials = channel_credentials(load_settings(TlsSettings))
@@ -260,7 +260,7 @@ SETTINGS_CLASSES = (
     ("hasher", "hasher_svc.config:HasherSettings"),
     ("worker", "worker_svc.config:WorkerSettings"),
     ("webui", "webui.config:WebuiSettings"),
-    ("up", "dockercoins.launcher:StackSettings"),
+    ("up", "dockercoins_tools.launcher:StackSettings"),
 )
 
 
@@ -290,7 +290,7 @@ def run_bench(options: dict[str, Any]) -> int:
     import dataclasses
     from pathlib import Path
 
-    from dockercoins import bench
+    from dockercoins_tools import bench
 
     chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
     if options["window"] is not None:
@@ -321,7 +321,7 @@ def run_settings(options: dict[str, Any]) -> int:
 
 def run_experiment(options: dict[str, Any]) -> int:
     """`dockercoins experiment`."""
-    from dockercoins.experiment import run
+    from dockercoins_tools.experiment import run
 
     return run(options)
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from dockercoins.errors import ConfigError, DockercoinsError
-from dockercoins.procstat import cpu_seconds, machine_busy_cpu
 from dockercoins.rate import Rate, Sample, fit_slope
 from dockercoins.settings import SettingsT, env_name, load_settings
+from dockercoins_tools.procstat import cpu_seconds, machine_busy_cpu
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class LocalBackend:
     async def _start_stack(self, mode: str, rng_replicas: int) -> None:
         from redis.asyncio import Redis
 
-        from dockercoins.launcher import Stack
+        from dockercoins_tools.launcher import Stack
 
         self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
         self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")
@@ -274,13 +274,13 @@ class LocalBackend:
         await self.stack.scale("worker", count)
 
     async def running_workers(self) -> int:
-        from dockercoins.schema import mining_workers
+        from dockercoins.redis_store import mining_workers
 
         alive = sum(1 for worker in self.stack.workers if worker.running)
         return min(alive, await mining_workers(self.redis))
 
     async def read(self) -> Sample:
-        from dockercoins.schema import read_totals
+        from dockercoins.redis_store import read_totals
 
         totals = await read_totals(self.redis)
         return Sample(totals.now, totals.hashes)
@@ -696,7 +696,7 @@ class Experiment:
                 )
         if charts:
             try:
-                from dockercoins.chart import draw_experiment
+                from dockercoins_tools.chart import draw_experiment
 
                 draw_experiment(data, self.output / "experiment.png")
             except ImportError:
