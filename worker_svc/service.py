@@ -18,10 +18,10 @@ from redis.exceptions import RedisError
 from dockercoins import redis_store
 from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
-from dockercoins.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from worker_svc.config import WorkerSettings
+from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
 
 log = logging.getLogger(__name__)
 
