@@ -758,7 +758,8 @@ def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
     as the containers read them, and never from the environment of the machine it runs on."""
     from dataclasses import replace
 
-    from dockercoins_tools.experiment import PROFILES, Costs, costs_of_containers
+    from dockercoins_tools.cost_model import PROFILES, Costs
+    from dockercoins_tools.experiment import costs_of_containers
 
     def plain(costs: Costs) -> Costs:  # rng_latency unset means: the read cost
         return replace(costs, rng_latency=costs.rng_request)

@@ -11,12 +11,11 @@ import pytest
 
 from dockercoins.errors import ConfigError
 from dockercoins.settings import env_name
+from dockercoins_tools.cost_model import Costs, expected_rate
 from dockercoins_tools.experiment import (
-    Costs,
     ExperimentError,
     KubectlBackend,
     Point,
-    expected_rate,
     parse_point,
     plan,
 )
