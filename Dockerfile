@@ -38,6 +38,7 @@ RUN sh scripts/protos /opt/tools/bin/python
 # final stage copies the unchanged dependencies and the fresh package as separate layers.
 COPY README.md ./
 COPY dockercoins/ dockercoins/
+COPY dockercoins_tools/ dockercoins_tools/
 COPY rng_svc/ rng_svc/
 COPY hasher_svc/ hasher_svc/
 COPY worker_svc/ worker_svc/

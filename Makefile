@@ -17,7 +17,7 @@ ARGS ?=
 help:
 	@echo "make run     start redis + rng + hasher + worker + webui (ARGS='--workers 3')"
 	@echo "make test    run the test suite"
-	@echo "make lint    ruff and mypy"
+	@echo "make lint    ruff, mypy and the import contract"
 	@echo "make protos  generate the gRPC stubs from protos/ (installs grpcio-tools only)"
 	@echo "make bench   run the benchmarks, results in bench-results/"
 	@echo "make image   build $(IMAGE) with its version, git revision and source labels"
@@ -54,6 +54,7 @@ lint: $(STAMP) $(STUBS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 bench: $(STAMP) $(STUBS)
 	$(VENV)/bin/dockercoins bench $(ARGS)

@@ -1,1 +1,1 @@
-"""Shared pieces of DockerCoins: settings, servers, channels, Redis schema, launcher, CLI."""
+"""The core of DockerCoins: settings, servers, channels, Redis keys; no service, no tool."""

@@ -1,5 +1,5 @@
-"""Prometheus metrics: per-method gRPC server metrics, rng's buffer, the worker's work, the
-workers' stage times (from the web UI), /metrics."""
+"""Prometheus metrics every service shares: per-method gRPC server metrics, the latency buckets,
+exporting a collector, /metrics. Each service defines its own metrics in its `metrics.py`."""
 
 import asyncio
 import contextlib
@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dockercoins.net import ensure_free
@@ -41,18 +40,6 @@ SERVER_MSG_RECEIVED = Counter(
 )
 SERVER_MSG_SENT = Counter(
     "grpc_server_msg_sent_total", "Stream messages sent by the server.", _SERVER_LABELS
-)
-
-WORKER_ERRORS = Counter(
-    "dockercoins_worker_errors_total",
-    "Failed calls to an upstream, by upstream and status (gRPC code or Redis error class).",
-    ("upstream", "code"),
-)
-WORKER_RPC_SECONDS = Histogram(
-    "dockercoins_worker_rpc_seconds",
-    "Seconds of every successful call the worker makes to rng and hasher.",
-    ("upstream",),
-    buckets=LATENCY_BUCKETS,
 )
 
 
@@ -123,114 +110,8 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
     return None
 
 
-class RngBufferCollector(Collector):
-    """rng's source as Prometheus sees it, read at scrape time: reads, buffer level, refills."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def collect(self) -> Iterator[Any]:
-        entropy = getattr(self.source, "source", None)
-        reads = getattr(entropy, "reads", None)
-        if reads is not None:
-            yield CounterMetricFamily(
-                "dockercoins_rng_entropy_reads", "Reads of the slow entropy source.", value=reads
-            )
-        level = getattr(self.source, "level", None)
-        if level is None:
-            return  # blocking mode: no buffer
-        yield GaugeMetricFamily(
-            "dockercoins_rng_buffer_bytes", "Random bytes in the buffer now.", value=level
-        )
-        capacity = getattr(self.source, "buffer_size", None)
-        if capacity is not None:
-            yield GaugeMetricFamily(
-                "dockercoins_rng_buffer_capacity_bytes",
-                "Random bytes the buffer holds at most.",
-                value=capacity,
-            )
-        yield CounterMetricFamily(
-            "dockercoins_rng_refills",
-            "Blocks the producer read from the source into the buffer.",
-            value=getattr(self.source, "refills", 0),
-        )
-        yield CounterMetricFamily(
-            "dockercoins_rng_underruns",
-            "Requests that found the buffer too empty and had to wait.",
-            value=getattr(self.source, "underruns", 0),
-        )
-
-
-class LedgerCollector(Collector):
-    """A worker's totals as Prometheus sees them, read from its ledger at scrape time."""
-
-    def __init__(self, ledger: Any) -> None:
-        self.ledger = ledger
-
-    def collect(self) -> Iterator[Any]:
-        yield CounterMetricFamily(
-            "dockercoins_worker_hashes", "Hashes this worker computed.", self.ledger.total_hashes
-        )
-        yield CounterMetricFamily(
-            "dockercoins_worker_coins", "Coins this worker found.", self.ledger.total_coins
-        )
-
-
-class StageCollector(Collector):
-    """The web UI's view of the workers' stage times and rng modes, read at scrape time:
-    the same figures as /json's `latency`, `latency_share` and `rng_modes`."""
-
-    def __init__(self, monitor: Any) -> None:
-        self.monitor = monitor
-
-    def collect(self) -> Iterator[Any]:
-        merged = self.monitor.stages
-        latency = GaugeMetricFamily(
-            "dockercoins_stage_latency_seconds",
-            "Seconds a unit of work spends in each stage (think, rng, hasher, redis), p50 and "
-            "p99 over every live worker's recent units.",
-            labels=("stage", "quantile"),
-        )
-        share = GaugeMetricFamily(
-            "dockercoins_stage_share",
-            "Share of a unit of work's time each stage takes, over every live worker.",
-            labels=("stage",),
-        )
-        if merged is not None:
-            for stage, figures in merged["latency"].items():
-                for name, quantile in (("p50", "0.5"), ("p99", "0.99")):
-                    if figures[name] is not None:
-                        latency.add_metric((stage, quantile), figures[name])
-                if merged["share"][stage] is not None:
-                    share.add_metric((stage,), merged["share"][stage])
-        yield latency
-        yield share
-        modes = GaugeMetricFamily(
-            "dockercoins_rng_mode_workers",
-            "Live workers whose rng named this mode lately.",
-            labels=("mode",),
-        )
-        for mode, workers in self.monitor.rng_modes.items():
-            modes.add_metric((mode,), workers)
-        yield modes
-
-
-def watch_stages(monitor: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
-    """Export a web UI monitor's stage times; returns the function that stops exporting them."""
-    return _export(StageCollector(monitor), registry)
-
-
-def watch_ledger(ledger: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
-    """Export a worker's totals; returns the function that stops exporting them."""
-    return _export(LedgerCollector(ledger), registry)
-
-
-def watch_rng_source(source: Any, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
-    """Export `source`'s buffer metrics; returns the function that stops exporting them."""
-    return _export(RngBufferCollector(source), registry)
-
-
-def _export(collector: Collector, registry: CollectorRegistry) -> Callable[[], None]:
+def export(collector: Collector, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Register `collector` (read at every scrape); returns the function that unregisters it."""
     registry.register(collector)
     return lambda: registry.unregister(collector)
 

@@ -1,7 +1,7 @@
 """python -m hasher_svc: the same as `dockercoins hasher`."""
 
-import sys
+from dockercoins.service_main import service_main
+from hasher_svc.config import FLAGS, HasherSettings
+from hasher_svc.server import serve
 
-from dockercoins.cli import main
-
-main(["hasher", *sys.argv[1:]])
+service_main("dockercoins hasher", HasherSettings, serve, FLAGS)

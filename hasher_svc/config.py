@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
 
 MESSAGE_CEILING = 16 << 20
@@ -55,3 +56,10 @@ class HasherSettings(GrpcServerSettings):
         description="Largest payload in bytes hashed on the event loop; larger ones are "
         "hashed in the same thread as large batches.",
     )
+
+
+FLAGS = (
+    Flag("--port", "hasher_port", int, "port to listen on (0: any free)"),
+    Flag("--latency", "hasher_latency", float, "seconds per request"),
+)
+"""`python -m hasher_svc` and `dockercoins hasher`: flags over these settings."""

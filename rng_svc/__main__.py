@@ -1,7 +1,7 @@
 """python -m rng_svc: the same as `dockercoins rng`."""
 
-import sys
+from dockercoins.service_main import service_main
+from rng_svc.config import FLAGS, RngSettings
+from rng_svc.server import serve
 
-from dockercoins.cli import main
-
-main(["rng", *sys.argv[1:]])
+service_main("dockercoins rng", RngSettings, serve, FLAGS)

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
 
 RngMode = Literal["blocking", "buffered"]
@@ -56,3 +57,11 @@ class RngSettings(GrpcServerSettings):
                 "in buffered mode"
             )
         return self
+
+
+FLAGS = (
+    Flag("--port", "rng_port", int, "port to listen on (0: any free)"),
+    Flag("--mode", "rng_mode", help="blocking or buffered"),
+    Flag("--read-cost", "rng_read_cost", float, "seconds per entropy read"),
+)
+"""`python -m rng_svc` and `dockercoins rng`: flags over these settings."""

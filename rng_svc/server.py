@@ -3,10 +3,11 @@
 import logging
 
 from dockercoins.grpcserver import GrpcServer
-from dockercoins.metrics import start_metrics_endpoint, watch_rng_source
+from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.tls import server_credentials
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
+from rng_svc.metrics import watch_source
 from rng_svc.service import BlockingRng, BufferedRng, RandomSource, RngServicer, SlowEntropySource
 
 log = logging.getLogger(__name__)
@@ -14,7 +15,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
 
 
-def build_source(settings: RngSettings) -> RandomSource:
+def build_source(settings: RngSettings) -> BlockingRng | BufferedRng:
     """The random source for the configured mode (call inside the running loop)."""
     entropy = SlowEntropySource(settings.rng_read_cost)
     if settings.rng_mode == "blocking":
@@ -43,7 +44,7 @@ async def serve(settings: RngSettings) -> None:
     server = build_server(settings, source)
     metrics = start_metrics_endpoint(settings.host, settings.metrics_port)
     if metrics is not None:
-        watch_rng_source(source)
+        watch_source(source)
     log.info(
         "rng listening on %s:%d (mode %s, read cost %.3f s, %.3f s per request)",
         settings.host,

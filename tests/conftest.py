@@ -11,8 +11,8 @@ from typing import NoReturn
 import pytest
 import redis
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def skip_unless_ci(reason: str) -> NoReturn:
 
 def dockercoins_cmd(*args: str) -> list[str]:
     """Command line of the dockercoins CLI in this interpreter."""
-    return [sys.executable, "-m", "dockercoins", *args]
+    return [sys.executable, "-m", "dockercoins_tools", *args]
 
 
 class GrpcServers:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.conftest import ROOT, service_env, skip_unless_ci
 from tests.stack import ServiceProcesses, python_m
 

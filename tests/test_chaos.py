@@ -24,8 +24,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.conftest import service_env
 from tests.stack import LoggedProcess, wait_until
 

@@ -1,10 +1,14 @@
 """Bad configuration: exit status 2 and one line naming the variable; busy ports named too."""
 
+import importlib
+import re
 import socket
 import subprocess
+import sys
 
 import pytest
 
+from dockercoins.service_main import COMMON_FLAGS
 from tests.conftest import dockercoins_cmd, service_env
 
 
@@ -51,3 +55,48 @@ def test_a_busy_port_is_one_line_naming_the_port() -> None:
             expected = f"port {port} on 127.0.0.1 is already in use (DOCKERCOINS_{field.upper()})"
             assert expected in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# Each service alone (`python -m rng_svc`, what the launcher and the containers' commands run)
+# and under the CLI (`dockercoins rng`), with a flag whose value is out of bounds.
+SERVICE_ALONE = {
+    "rng": ("rng_svc", ["--port", "70000"], "DOCKERCOINS_RNG_PORT"),
+    "hasher": ("hasher_svc", ["--latency", "-1"], "DOCKERCOINS_HASHER_LATENCY"),
+    "worker": ("worker_svc", ["--loops", "0"], "DOCKERCOINS_WORKER_LOOPS"),
+    "webui": ("webui", ["--port", "70000"], "DOCKERCOINS_WEBUI_PORT"),
+}
+
+
+def options_in(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text))
+
+
+@pytest.mark.parametrize("command", SERVICE_ALONE)
+def test_a_service_alone_takes_the_flags_of_its_cli_command(command: str) -> None:
+    """The same flags, from the service's own config module, and the same error and status."""
+    module, bad_flag, variable = SERVICE_ALONE[command]
+    argvs = {"alone": [sys.executable, "-m", module], "cli": dockercoins_cmd(command)}
+    runs = {
+        (how, what): subprocess.Popen(
+            [*argv, *extra],
+            env=service_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for how, argv in argvs.items()
+        for what, extra in (("help", ["--help"]), ("bad", bad_flag))
+    }
+    done = {key: (*proc.communicate(timeout=60), proc.returncode) for key, proc in runs.items()}
+    flags = importlib.import_module(f"{module}.config").FLAGS
+    expected = {"--help"} | {flag.name for flag in (*flags, *COMMON_FLAGS)}
+    for how in argvs:
+        out, err, status = done[how, "help"]
+        assert status == 0, err
+        assert options_in(out) == expected, how
+    _, alone_err, alone_status = done["alone", "bad"]
+    _, cli_err, cli_status = done["cli", "bad"]
+    assert alone_status == cli_status == 2
+    assert alone_err == cli_err
+    assert alone_err.startswith(f"dockercoins {command}: {variable}:"), alone_err
+    assert len(alone_err.strip().splitlines()) == 1, alone_err

@@ -128,7 +128,7 @@ def compose_variant(variant: str) -> dict[str, Any]:
 @cache
 def settings_class(command: str) -> Any:
     """The settings class of `dockercoins <command>`, from the CLI's own table."""
-    cli = importlib.import_module("dockercoins.cli")
+    cli = importlib.import_module("dockercoins_tools.cli")
     module, _, name = cli.SERVICES[command].settings.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -758,7 +758,8 @@ def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
     as the containers read them, and never from the environment of the machine it runs on."""
     from dataclasses import replace
 
-    from dockercoins.experiment import PROFILES, Costs, costs_of_containers
+    from dockercoins_tools.cost_model import PROFILES, Costs
+    from dockercoins_tools.experiment import costs_of_containers
 
     def plain(costs: Costs) -> Costs:  # rng_latency unset means: the read cost
         return replace(costs, rng_latency=costs.rng_request)

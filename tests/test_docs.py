@@ -2,7 +2,7 @@
 
 import re
 
-from dockercoins.cli import settings_table
+from dockercoins_tools.cli import settings_table
 from tests.conftest import ROOT
 
 

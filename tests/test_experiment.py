@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 
 from dockercoins.errors import ConfigError
-from dockercoins.experiment import (
-    Costs,
+from dockercoins.settings import env_name
+from dockercoins_tools.cost_model import Costs, expected_rate
+from dockercoins_tools.experiment import (
     ExperimentError,
     KubectlBackend,
     Point,
-    expected_rate,
     parse_point,
     plan,
 )
-from dockercoins.settings import env_name
 from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import FAST_COSTS, RunningStack, alive
 
@@ -141,7 +140,7 @@ if args[:1] == ["scale"]:
     service = {{"deployment/worker": "worker", "deployment/rng": "rng"}}[args[1]]
     replicas = [a.split("=", 1)[1] for a in args if a.startswith("--replicas=")][0]
     env = dict(os.environ, DOCKERCOINS_DATA_DIR={data_dir!r})
-    command = [sys.executable, "-m", "dockercoins", "scale", f"{{service}}={{replicas}}"]
+    command = [sys.executable, "-m", "dockercoins_tools", "scale", f"{{service}}={{replicas}}"]
     sys.exit(subprocess.run(command, env=env).returncode)
 """
 

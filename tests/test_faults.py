@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import RunningStack, alive, get_json, wait_until
 
 WORKERS = 2

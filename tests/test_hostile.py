@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from dockercoins.net import free_port
-from dockercoins.procstat import memory_mb
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from dockercoins_tools.procstat import memory_mb
 from tests.test_grpcurl import grpcurl
 from tests.test_signals import Service
 

@@ -12,8 +12,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.conftest import service_env
 from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
 from tests.test_worker import start_worker

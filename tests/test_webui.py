@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
 from dockercoins.net import free_port
-from dockercoins.schema import announce_worker
+from dockercoins.redis_store import announce_worker
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
 from tests.conftest import service_env

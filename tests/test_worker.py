@@ -92,7 +92,7 @@ async def test_worker_keeps_counts_while_redis_is_down(servers, tmp_path) -> Non
     log = tmp_path / "worker.log"
     worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=url)
     await asyncio.sleep(2)
-    from dockercoins.embedded_redis import redis_server_argv
+    from dockercoins_tools.embedded_redis import redis_server_argv
 
     server = await asyncio.create_subprocess_exec(
         *redis_server_argv("127.0.0.1", redis_port, None),
@@ -240,7 +240,7 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
         import sys
 
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dockercoins", "probe", "worker", *args,
+            sys.executable, "-m", "dockercoins_tools", "probe", "worker", *args,
             env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await proc.communicate()
@@ -276,7 +276,7 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
 
     async def probe(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dockercoins", "probe", "worker", "--health", "-c", "1",
+            sys.executable, "-m", "dockercoins_tools", "probe", "worker", "--health", "-c", "1",
             "--addr", f"127.0.0.1:{port}", *args,
             env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip

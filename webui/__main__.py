@@ -1,7 +1,7 @@
 """python -m webui: the same as `dockercoins webui`."""
 
-import sys
+from dockercoins.service_main import service_main
+from webui.config import FLAGS, WebuiSettings
+from webui.server import serve
 
-from dockercoins.cli import main
-
-main(["webui", *sys.argv[1:]])
+service_main("dockercoins webui", WebuiSettings, serve, FLAGS)

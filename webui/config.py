@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from dockercoins.service_main import Flag
 from dockercoins.settings import BaseServiceSettings
 
 
@@ -24,3 +25,10 @@ class WebuiSettings(BaseServiceSettings):
         description="Seconds the worker count must hold still before the chart marks the "
         "change (where it began): one scaling step, one mark.",
     )
+
+
+FLAGS = (
+    Flag("--port", "webui_port", int, "port to listen on (0: any free)"),
+    Flag("--redis", "redis_url", help="Redis URL"),
+)
+"""`python -m webui` and `dockercoins webui`: flags over these settings."""

@@ -22,10 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockercoins.errors import DockercoinsError, PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals, watch_task
-from dockercoins.metrics import watch_stages
-from dockercoins.schema import BadData, read_totals
+from dockercoins.redis_store import BadData, read_totals
 from dockercoins.settings import env_name
 from webui.config import WebuiSettings
+from webui.metrics import watch_stages
 from webui.service import (
     READ_TIMEOUT,
     SpeedMonitor,

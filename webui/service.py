@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from dockercoins import stages
 from dockercoins.rate import DEFAULT_WINDOW, Rate, Sample, window_rate
-from dockercoins.schema import BadData, Totals, is_mining, live_heartbeats, read_totals
+from dockercoins.redis_store import BadData, Totals, is_mining, live_heartbeats, read_totals
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """python -m worker_svc: the same as `dockercoins worker`."""
 
-import sys
+from dockercoins.service_main import service_main
+from worker_svc.config import FLAGS, WorkerSettings
+from worker_svc.server import serve
 
-from dockercoins.cli import main
-
-main(["worker", *sys.argv[1:]])
+service_main("dockercoins worker", WorkerSettings, serve, FLAGS)

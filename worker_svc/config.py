@@ -3,6 +3,7 @@
 from pydantic import Field, model_validator
 
 from dockercoins.backoff import MAX_BACKOFF
+from dockercoins.service_main import Flag
 from dockercoins.settings import MetricsSettings, TlsSettings
 
 
@@ -148,3 +149,13 @@ class WorkerSettings(TlsSettings, MetricsSettings):
                 f"({step:g} s)"
             )
         return self
+
+
+FLAGS = (
+    Flag("--rng", "rng_addr", help="rng target"),
+    Flag("--hasher", "hasher_addr", help="hasher target"),
+    Flag("--redis", "redis_url", help="Redis URL"),
+    Flag("--think-time", "worker_think_time", float, "seconds per unit of work"),
+    Flag("--loops", "worker_loops", int, "concurrent mining loops"),
+)
+"""`python -m worker_svc` and `dockercoins worker`: flags over these settings."""

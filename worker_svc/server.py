@@ -10,9 +10,10 @@ from redis.asyncio import Redis
 from dockercoins.channels import ChannelPool, keepalive_options
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
-from dockercoins.metrics import start_metrics_endpoint, watch_ledger
+from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.tls import channel_credentials, server_credentials
 from worker_svc.config import WorkerSettings
+from worker_svc.metrics import watch_ledger
 from worker_svc.service import Miner
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ import grpc
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from dockercoins import schema
+from dockercoins import redis_store
 from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
-from dockercoins.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from worker_svc.config import WorkerSettings
+from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Ledger:
         self,
         redis: Redis,
         coins_only: bool = False,
-        heartbeat: schema.Heartbeat | None = None,
+        heartbeat: redis_store.Heartbeat | None = None,
         step: Callable[[], object] = lambda: None,
     ) -> None:
         """Write what is pending, a chunk of coins per round trip; on error it stays pending.
@@ -142,7 +142,7 @@ class Ledger:
         """
         if self._in_doubt is not None:
             sequence, doubtful = self._in_doubt
-            await schema.record(redis, doubtful, {}, self.writer, sequence)
+            await redis_store.record(redis, doubtful, {}, self.writer, sequence)
             self._in_doubt = None
             self.flushed_hashes += doubtful
             step()
@@ -150,7 +150,7 @@ class Ledger:
         for _ in range(chunks if coins_only else chunks - 1):
             chunk = self._take_chunk()
             try:
-                await schema.record(redis, 0, chunk)
+                await redis_store.record(redis, 0, chunk)
             except BaseException:
                 self._give_back(chunk)
                 raise
@@ -166,9 +166,9 @@ class Ledger:
         self.pending_hashes -= hashes
         if heartbeat is not None:
             info = {**heartbeat.info, "hashes_flushed": self.flushed_hashes + hashes}
-            heartbeat = schema.Heartbeat(heartbeat.worker, info, heartbeat.ttl)
+            heartbeat = redis_store.Heartbeat(heartbeat.worker, info, heartbeat.ttl)
         try:
-            await schema.record(redis, hashes, coins, self.writer, self._sequence, heartbeat)
+            await redis_store.record(redis, hashes, coins, self.writer, self._sequence, heartbeat)
         except BaseException:
             if hashes:
                 self._in_doubt = (self._sequence, hashes)
@@ -568,13 +568,13 @@ class Miner:
             info["rng_mode"] = self.rng_mode
         if self.stage_times is not None:
             info["latency"] = self.stage_times.summary(self.settings.worker_batch)
-        heartbeat = schema.Heartbeat(
+        heartbeat = redis_store.Heartbeat(
             self.worker_id, info, max(3 * self.settings.worker_flush_interval, 2.0)
         )
         return await self._flush(heartbeat=heartbeat)
 
     async def _flush(
-        self, coins_only: bool = False, heartbeat: schema.Heartbeat | None = None
+        self, coins_only: bool = False, heartbeat: redis_store.Heartbeat | None = None
     ) -> bool:
         """One flush; an error of Redis (down, full, too slow) is an outage, logged once."""
         try:
@@ -677,7 +677,7 @@ class Miner:
 
     async def _flush_all(self) -> None:
         await self.ledger.flush(self.redis)
-        await self.redis.delete(schema.WORKER_KEY_PREFIX + self.worker_id)
+        await self.redis.delete(redis_store.WORKER_KEY_PREFIX + self.worker_id)
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

@@ -8,24 +8,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.logs import configure_logging
+from dockercoins.service_main import Flag, add_flags, exit_status, run_service
 from dockercoins.settings import load_settings
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A command-line flag that overrides one settings field."""
-
-    name: str
-    field: str
-    type: Callable[[str], Any] = str
-    help: str = ""
+from hasher_svc.config import FLAGS as HASHER_FLAGS
+from rng_svc.config import FLAGS as RNG_FLAGS
+from webui.config import FLAGS as WEBUI_FLAGS
+from worker_svc.config import FLAGS as WORKER_FLAGS
 
 
 @dataclass(frozen=True)
 class Command:
-    """A service subcommand: its settings class, its serve() and its flags (import paths, lazy)."""
+    """A service subcommand: its settings class and its serve() as import paths (loaded only to
+    run it or list its settings), and its flags (the service's own, from its config module)."""
 
     settings: str
     serve: str
@@ -33,55 +28,28 @@ class Command:
     flags: Sequence[Flag] = field(default_factory=tuple)
 
 
-COMMON_FLAGS = (
-    Flag("--host", "host", help="address to bind (default 127.0.0.1)"),
-    Flag("--log-level", "log_level", str.upper, "DEBUG, INFO, WARNING or ERROR"),
-)
-
 SERVICES: dict[str, Command] = {
     "rng": Command(
-        "rng_svc.config:RngSettings",
-        "rng_svc.server:serve",
-        "run the rng service",
-        (
-            Flag("--port", "rng_port", int, "port to listen on (0: any free)"),
-            Flag("--mode", "rng_mode", help="blocking or buffered"),
-            Flag("--read-cost", "rng_read_cost", float, "seconds per entropy read"),
-        ),
+        "rng_svc.config:RngSettings", "rng_svc.server:serve", "run the rng service", RNG_FLAGS
     ),
     "hasher": Command(
         "hasher_svc.config:HasherSettings",
         "hasher_svc.server:serve",
         "run the hasher service",
-        (
-            Flag("--port", "hasher_port", int, "port to listen on (0: any free)"),
-            Flag("--latency", "hasher_latency", float, "seconds per request"),
-        ),
+        HASHER_FLAGS,
     ),
     "worker": Command(
         "worker_svc.config:WorkerSettings",
         "worker_svc.server:serve",
         "run one worker",
-        (
-            Flag("--rng", "rng_addr", help="rng target"),
-            Flag("--hasher", "hasher_addr", help="hasher target"),
-            Flag("--redis", "redis_url", help="Redis URL"),
-            Flag("--think-time", "worker_think_time", float, "seconds per unit of work"),
-            Flag("--loops", "worker_loops", int, "concurrent mining loops"),
-        ),
+        WORKER_FLAGS,
     ),
     "webui": Command(
-        "webui.config:WebuiSettings",
-        "webui.server:serve",
-        "run the web UI",
-        (
-            Flag("--port", "webui_port", int, "port to listen on (0: any free)"),
-            Flag("--redis", "redis_url", help="Redis URL"),
-        ),
+        "webui.config:WebuiSettings", "webui.server:serve", "run the web UI", WEBUI_FLAGS
     ),
     "up": Command(
-        "dockercoins.launcher:StackSettings",
-        "dockercoins.launcher:serve",
+        "dockercoins_tools.launcher:StackSettings",
+        "dockercoins_tools.launcher:serve",
         "start redis, rng, hasher, the workers and the web UI",
         (
             Flag("--workers", "workers", int, "number of worker processes (default 1)"),
@@ -109,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SERVICES.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
-        for flag in (*command.flags, *COMMON_FLAGS):
-            sub.add_argument(flag.name, dest=flag.field, type=flag.type, help=flag.help)
+        add_flags(sub, command.flags)
         if name == "up":
             sub.add_argument(
                 "--fresh",
@@ -165,7 +132,7 @@ def _add_tools(commands: Any) -> None:
         "--soak-only", action="store_true", help="run the fault soak alone (soak.json)"
     )
     bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
-    from dockercoins.experiment import add_arguments
+    from dockercoins_tools.experiment import add_arguments
 
     add_arguments(
         commands.add_parser(
@@ -179,7 +146,7 @@ def _add_tools(commands: Any) -> None:
 
 def run_scale(options: dict[str, Any]) -> int:
     """`dockercoins scale worker=N rng=K` against the stack of this data directory."""
-    from dockercoins.launcher import StackSettings, send_control
+    from dockercoins_tools.launcher import StackSettings, send_control
 
     counts: dict[str, int] = {}
     for item in options["counts"]:
@@ -189,15 +156,8 @@ def run_scale(options: dict[str, Any]) -> int:
             return 2
         counts[service] = int(number)
     settings = load_settings(StackSettings, data_dir=options.get("data_dir"))
-    try:
-        reply = asyncio.run(
-            send_control(settings.data_dir, {"scale": counts}, settings.control_timeout)
-        )
-    except ConfigError:
-        raise
-    except DockercoinsError as exc:
-        print(f"dockercoins scale: {exc}", file=sys.stderr)
-        return 1
+    timeout = settings.control_timeout
+    reply = asyncio.run(send_control(settings.data_dir, {"scale": counts}, timeout))
     if not reply.get("ok"):
         print(f"dockercoins scale: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -208,9 +168,9 @@ def run_scale(options: dict[str, Any]) -> int:
 
 def run_probe(options: dict[str, Any]) -> int:
     """`dockercoins probe rng|hasher`."""
-    from dockercoins.probe import probe
     from dockercoins.settings import TlsSettings
     from dockercoins.tls import channel_credentials
+    from dockercoins_tools.probe import probe
     from worker_svc.config import WorkerSettings
 
     credentials = channel_credentials(load_settings(TlsSettings))
@@ -250,18 +210,7 @@ def run_probe(options: dict[str, Any]) -> int:
     except ValueError as exc:
         print(f"dockercoins probe: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
     return 1 if result.errors else 0
-
-
-SETTINGS_CLASSES = (
-    ("rng", "rng_svc.config:RngSettings"),
-    ("hasher", "hasher_svc.config:HasherSettings"),
-    ("worker", "worker_svc.config:WorkerSettings"),
-    ("webui", "webui.config:WebuiSettings"),
-    ("up", "dockercoins.launcher:StackSettings"),
-)
 
 
 def settings_table() -> str:
@@ -269,8 +218,8 @@ def settings_table() -> str:
     from dockercoins.settings import env_name
 
     rows: dict[str, dict[str, Any]] = {}
-    for service, path in SETTINGS_CLASSES:
-        for name, info in _load(path).model_fields.items():
+    for service, command in SERVICES.items():
+        for name, info in _load(command.settings).model_fields.items():
             row = rows.setdefault(env_name(name), {"default": info.default, "readers": {}})
             row["readers"][service] = info.description or ""
     lines = ["| variable | default | read by | meaning |", "|---|---|---|---|"]
@@ -290,7 +239,7 @@ def run_bench(options: dict[str, Any]) -> int:
     import dataclasses
     from pathlib import Path
 
-    from dockercoins import bench
+    from dockercoins_tools import bench
 
     chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
     if options["window"] is not None:
@@ -321,7 +270,7 @@ def run_settings(options: dict[str, Any]) -> int:
 
 def run_experiment(options: dict[str, Any]) -> int:
     """`dockercoins experiment`."""
-    from dockercoins.experiment import run
+    from dockercoins_tools.experiment import run
 
     return run(options)
 
@@ -335,33 +284,12 @@ TOOLS: dict[str, Callable[[dict[str, Any]], int]] = {
 }
 
 
-def run_service(name: str, options: dict[str, Any]) -> int:
-    """Settings from environment and flags, logging, then serve until stopped."""
-    command = SERVICES[name]
-    prog = f"dockercoins {name}"
-    try:
-        settings = load_settings(_load(command.settings), **options)
-        configure_logging(settings.log_level)
-        asyncio.run(_load(command.serve)(settings))
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    except DockercoinsError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `dockercoins` command."""
     args = vars(build_parser().parse_args(argv))
     name = args.pop("command")
+    prog = f"dockercoins {name}"
     if name in TOOLS:
-        try:
-            sys.exit(TOOLS[name](args))
-        except ConfigError as exc:
-            print(f"dockercoins {name}: {exc}", file=sys.stderr)
-            sys.exit(2)
-    sys.exit(run_service(name, args))
+        sys.exit(exit_status(prog, lambda: TOOLS[name](args)))
+    command = SERVICES[name]
+    sys.exit(run_service(prog, _load(command.settings), _load(command.serve), args))

@@ -1,4 +1,5 @@
-"""Redis keys, compatible with the original DockerCoins, and the few added beside them."""
+"""Redis keys, compatible with the original DockerCoins, the few added beside them, and every
+read and write of them."""
 
 import json
 from dataclasses import dataclass

@@ -21,13 +21,13 @@ from pydantic_core import PydanticCustomError
 from redis.asyncio import Redis
 
 from dockercoins.backoff import Backoff
-from dockercoins.embedded_redis import LockedRedis
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.lifecycle import raise_if_cancelling, stop_event_on_signals, watch_task
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
 from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
 from dockercoins.tls import channel_credentials, open_channel
+from dockercoins_tools.embedded_redis import LockedRedis
 from rng_svc.config import RngMode
 
 log = logging.getLogger(__name__)

@@ -32,14 +32,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from dockercoins import schema
+from dockercoins import redis_store
 from dockercoins.errors import DockercoinsError
-from dockercoins.launcher import Stack
 from dockercoins.lifecycle import raise_if_cancelling
-from dockercoins.probe import probe
-from dockercoins.procstat import cpu_seconds, memory_mb
 from dockercoins.rate import Sample, fit_slope
 from dockercoins.stages import StageTimes
+from dockercoins_tools.launcher import Stack
+from dockercoins_tools.probe import probe
+from dockercoins_tools.procstat import cpu_seconds, memory_mb
 
 CLASSIC_COST = 0.1
 
@@ -174,7 +174,7 @@ class StackSampler:
                 pids = self.stack.pids().items()
                 self.rss.append((asked, {name: memory_mb(pid, "VmRSS") for name, pid in pids}))
             try:
-                totals = await schema.read_totals(self.redis)
+                totals = await redis_store.read_totals(self.redis)
             except (RedisError, OSError):  # Redis paused or restarting: no reading this time
                 raise_if_cancelling()
             else:
@@ -572,7 +572,7 @@ async def _heartbeat_key(redis: Redis, pid: int, timeout: float = 10.0) -> str:
     """The heartbeat key of the worker process `pid`, once it has written one."""
     deadline = time.monotonic() + timeout
     while True:
-        keys = [key async for key in redis.scan_iter(match=schema.WORKER_KEY_PREFIX + "*")]
+        keys = [key async for key in redis.scan_iter(match=redis_store.WORKER_KEY_PREFIX + "*")]
         for key, value in zip(keys, await redis.mget(keys) if keys else [], strict=True):
             if value is not None and json.loads(value).get("pid") == pid:
                 return key.decode() if isinstance(key, bytes) else str(key)
@@ -669,7 +669,7 @@ class FaultSoak:
     async def count(self) -> dict[str, Any]:
         """Stop the workers (each flushes and says its total), then compare with the counter."""
         await self.stack.scale_workers(0)
-        counter = (await schema.read_totals(self.redis)).hashes
+        counter = (await redis_store.read_totals(self.redis)).hashes
         stopped = [
             (int(m.group(1)), int(m.group(2)))
             for line in self.log.between(0.0)

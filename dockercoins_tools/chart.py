@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from dockercoins.experiment import Costs, expected_rate
+from dockercoins_tools.cost_model import Costs, expected_rate
 
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from dockercoins.errors import ConfigError, DockercoinsError
-from dockercoins.procstat import cpu_seconds, machine_busy_cpu
 from dockercoins.rate import Rate, Sample, fit_slope
 from dockercoins.settings import SettingsT, env_name, load_settings
+from dockercoins_tools.cost_model import PROFILES, Costs, expected_rate
+from dockercoins_tools.procstat import cpu_seconds, machine_busy_cpu
 
 log = logging.getLogger(__name__)
 
@@ -40,54 +41,6 @@ DEFAULT_WORKERS = (1, 2, 3, 5, 10)
 
 class ExperimentError(DockercoinsError):
     """The experiment could not scale, read or wait as it needed to."""
-
-
-@dataclass(frozen=True)
-class Costs:
-    """The simulated costs the stack runs with (local) or was deployed with (kubectl)."""
-
-    rng_read_cost: float = 0.1
-    hasher_latency: float = 0.1
-    worker_think_time: float = 0.1
-    worker_flush_interval: float = 1.0
-    rng_latency: float | None = None
-    profile: str = "classic"
-
-    @property
-    def rng_request(self) -> float:
-        """Least time of an rng request: rng_latency, or the read cost when unset."""
-        return self.rng_read_cost if self.rng_latency is None else self.rng_latency
-
-    def env(self) -> dict[str, str]:
-        """The DOCKERCOINS_* variables that give the services these costs."""
-        return {
-            env_name(name): str(value) for name, value in asdict(self).items() if value is not None
-        }
-
-
-PROFILES: dict[str, Costs] = {
-    "classic": Costs(),
-    "turbo": Costs(0.0, 0.0, 0.0, 1.0, 0.0, profile="turbo"),
-}
-"""Named cost sets for `--profile`; flags override single costs of the chosen profile."""
-
-
-def expected_rate(mode: str, workers: float, rng_replicas: int, costs: Costs) -> float:
-    """The model: hashes/s of `workers` one-loop workers against `rng_replicas` rng processes.
-
-    A loop pays think + rng's time per request + hasher's latency; rng answers no
-    sooner than its request time (by default its read cost), concurrently.
-    Blocking: each request also does its own read under one lock, so each rng serves
-    at most 1 / read cost requests per second: the rate is the smaller of the two.
-    Buffered: requests are served from the buffer, so nothing queues and the rate
-    grows with the workers (its source is far from being the limit).
-    """
-    rng_request = max(costs.rng_request, costs.rng_read_cost if mode == "blocking" else 0.0)
-    loop = costs.worker_think_time + rng_request + costs.hasher_latency
-    if mode == "blocking":
-        ceiling = rng_replicas / costs.rng_read_cost if costs.rng_read_cost else float("inf")
-        return min(workers / loop, ceiling) if loop else ceiling
-    return workers / loop if loop else float("inf")
 
 
 @dataclass(frozen=True, order=True)
@@ -240,7 +193,7 @@ class LocalBackend:
     async def _start_stack(self, mode: str, rng_replicas: int) -> None:
         from redis.asyncio import Redis
 
-        from dockercoins.launcher import Stack
+        from dockercoins_tools.launcher import Stack
 
         self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
         self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")
@@ -274,13 +227,13 @@ class LocalBackend:
         await self.stack.scale("worker", count)
 
     async def running_workers(self) -> int:
-        from dockercoins.schema import mining_workers
+        from dockercoins.redis_store import mining_workers
 
         alive = sum(1 for worker in self.stack.workers if worker.running)
         return min(alive, await mining_workers(self.redis))
 
     async def read(self) -> Sample:
-        from dockercoins.schema import read_totals
+        from dockercoins.redis_store import read_totals
 
         totals = await read_totals(self.redis)
         return Sample(totals.now, totals.hashes)
@@ -696,7 +649,7 @@ class Experiment:
                 )
         if charts:
             try:
-                from dockercoins.chart import draw_experiment
+                from dockercoins_tools.chart import draw_experiment
 
                 draw_experiment(data, self.output / "experiment.png")
             except ImportError:

@@ -1,4 +1,4 @@
-"""`python -m dockercoins.healthcheck HOST:PORT --service NAME`: one gRPC health Check, for
+"""`python -m dockercoins_tools.healthcheck HOST:PORT --service NAME`: one gRPC health Check, for
 container health checks.
 
 Compose runs a container's health check every few seconds for as long as it lives, so this
@@ -34,7 +34,7 @@ def check(address: str, service: str, timeout: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 if SERVING, 1 if not (or unreachable), 2 on bad arguments; one line either way."""
     parser = argparse.ArgumentParser(
-        prog="python -m dockercoins.healthcheck",
+        prog="python -m dockercoins_tools.healthcheck",
         description="One grpc.health.v1 Check; exit 0 if the service answers SERVING.",
     )
     parser.add_argument("address", help="HOST:PORT of the gRPC server")
