@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from dockercoins.errors import DockercoinsError
@@ -18,6 +20,18 @@ WALLET_KEY = "wallet"
 
 WORKER_KEY_PREFIX = "dockercoins:worker:"
 """String per live worker, JSON, expiring: workers announce themselves with a heartbeat."""
+
+REDIS_TIMEOUT = 2.0
+"""Seconds a Redis call or connect may take before it fails, unless the caller says otherwise."""
+
+
+def connect(url: str, timeout: float = REDIS_TIMEOUT) -> Redis:
+    """The one way this project makes a Redis client: every call and every connect fails after
+    `timeout` seconds, and the client never retries on its own, so that an outage is seen at
+    once and each caller retries at its own pace (with its backoff, or its next sample)."""
+    return Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,7 @@ async def measure_pipeline(
     stack = _stack(data_dir, config.workers, log, env)
     try:
         await stack.start()
-        redis = Redis.from_url(stack.redis_url)
+        redis = redis_store.connect(stack.redis_url)
         await asyncio.sleep(warmup)
         pids = stack.pids()
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -697,7 +697,7 @@ async def soak(plan: SoakPlan, data_dir: Path, log: TextIO, every: float = 5.0) 
     redis: Redis | None = None
     try:
         await stack.start()
-        redis = Redis.from_url(stack.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        redis = redis_store.connect(stack.redis_url, 1.0)
         run = FaultSoak(plan, stack, redis, recorder)
         sampling = asyncio.create_task(run.sampler.run())
         try:

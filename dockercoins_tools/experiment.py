@@ -29,6 +29,7 @@ from typing import Any, Protocol, TextIO
 
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.rate import Rate, Sample, fit_slope
+from dockercoins.redis_store import connect
 from dockercoins.settings import SettingsT, env_name, load_settings
 from dockercoins_tools.cost_model import PROFILES, Costs, expected_rate
 from dockercoins_tools.procstat import cpu_seconds, machine_busy_cpu
@@ -191,8 +192,6 @@ class LocalBackend:
         await self._start_stack(mode, rng_replicas)
 
     async def _start_stack(self, mode: str, rng_replicas: int) -> None:
-        from redis.asyncio import Redis
-
         from dockercoins_tools.launcher import Stack
 
         self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
@@ -210,7 +209,7 @@ class LocalBackend:
         except BaseException:
             await self._stop_stack()
             raise
-        self.redis = Redis.from_url(self.stack.redis_url, socket_timeout=5)
+        self.redis = connect(self.stack.redis_url, 5.0)
 
     async def _stop_stack(self) -> None:
         if self.redis is not None:

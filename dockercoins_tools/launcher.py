@@ -18,13 +18,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
-from redis.asyncio import Redis
 
 from dockercoins.backoff import Backoff
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.lifecycle import raise_if_cancelling, stop_event_on_signals, watch_task
 from dockercoins.net import ensure_free
 from dockercoins.redaction import redact_url
+from dockercoins.redis_store import connect
 from dockercoins.settings import MetricsSettings, TlsSettings, env_name, load_settings
 from dockercoins.tls import channel_credentials, open_channel
 from dockercoins_tools.embedded_redis import LockedRedis
@@ -458,7 +458,7 @@ class Stack:
             self.redis = self._process("redis", locked.argv, self._env(), stdin=locked.config())
             await self.redis.start()
             self.redis_url = locked.url(self.client_host, port)
-        client = Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        client = connect(self.redis_url)
         try:
             await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
         finally:

@@ -21,12 +21,12 @@ from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
 from dockercoins.net import free_port
-from dockercoins.redis_store import announce_worker
+from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
 from tests.conftest import service_env
 from webui.config import WebuiSettings
-from webui.server import _Server, bind_listener, connect_redis, create_app
+from webui.server import _Server, bind_listener, create_app
 from webui.service import SpeedMonitor
 
 LISTENING = re.compile(r"webui listening on http://([\d.]+):(\d+)")
@@ -111,7 +111,7 @@ async def test_page_and_vendored_chart_are_served_locally(client: httpx.AsyncCli
 
 
 async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) -> None:
-    client: Redis = connect_redis(redis_url)
+    client: Redis = connect(redis_url)
     monitor = SpeedMonitor(client, window=5, mark_settle=0.3)
     try:
         await announce_worker(client, "one", {"loops": 1, "rng_mode": "buffered"}, ttl=30)
@@ -137,7 +137,7 @@ async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) ->
 
 
 async def test_one_scaling_step_draws_one_mark_where_it_began(redis_url: str) -> None:
-    client: Redis = connect_redis(redis_url)
+    client: Redis = connect(redis_url)
     monitor = SpeedMonitor(client, mark_settle=0.6)
 
     async def sample_for(seconds: float) -> None:
@@ -237,7 +237,7 @@ async def test_json_and_metrics_give_the_workers_stage_times(
 
 
 async def test_monitor_says_why_when_redis_is_down() -> None:
-    client = connect_redis(f"redis://127.0.0.1:{free_port()}/0")
+    client = connect(f"redis://127.0.0.1:{free_port()}/0")
     monitor = SpeedMonitor(client)
     try:
         await monitor.sample_once()
@@ -343,7 +343,7 @@ async def test_every_response_carries_the_security_headers(client: httpx.AsyncCl
 
 
 async def test_only_mining_workers_are_counted(redis_url: str) -> None:
-    client: Redis = connect_redis(redis_url)
+    client: Redis = connect(redis_url)
     monitor = SpeedMonitor(client)
     try:
         await announce_worker(client, "busy", {"mining": True}, ttl=30)

@@ -342,8 +342,8 @@ class _Reports:
 
 def _miner(cls, servers_addr: tuple[str, str], redis_url: str, reports: _Reports, **fields):
     from dockercoins.channels import ChannelPool
+    from dockercoins.redis_store import connect
     from worker_svc.config import WorkerSettings
-    from worker_svc.server import connect_redis
 
     settings = WorkerSettings(
         rng_addr=servers_addr[0],
@@ -352,7 +352,7 @@ def _miner(cls, servers_addr: tuple[str, str], redis_url: str, reports: _Reports
         **{**FAST, "grace": 1.0, **fields},
     )
     rng, hasher = ChannelPool(settings.rng_addr), ChannelPool(settings.hasher_addr)
-    return cls(settings, rng, hasher, connect_redis(redis_url), report_health=reports)
+    return cls(settings, rng, hasher, connect(redis_url), report_health=reports)
 
 
 async def test_a_stuck_loop_fails_liveness_and_ends_the_worker(servers, redis_url) -> None:

@@ -14,15 +14,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockercoins.errors import DockercoinsError, PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals, watch_task
-from dockercoins.redis_store import BadData, read_totals
+from dockercoins.redis_store import BadData, connect, read_totals
 from dockercoins.settings import env_name
 from webui.config import WebuiSettings
 from webui.metrics import watch_stages
@@ -38,7 +35,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-REDIS_SOCKET_TIMEOUT = 1.0
+REDIS_TIMEOUT = 1.0
 """Seconds a Redis connect or reply may take: a dead Redis must give a 503, not a hang."""
 
 BACKLOG = 128
@@ -97,16 +94,6 @@ class CountedStream(StreamingResponse):
             self.release()
 
 
-def connect_redis(url: str) -> Redis:
-    """A Redis client that fails fast: short timeouts, no retries (the sampler retries)."""
-    return Redis.from_url(
-        url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
 def unavailable(reason: str, status: str = "unavailable") -> JSONResponse:
     """503 with the reason, the answer of every endpoint that needs Redis while it is away."""
     return JSONResponse({"status": status, "reason": reason}, status_code=503)
@@ -118,7 +105,7 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
-        redis = connect_redis(settings.redis_url)
+        redis = connect(settings.redis_url, REDIS_TIMEOUT)
         monitor = SpeedMonitor(redis, mark_settle=settings.webui_mark_settle)
         unwatch = watch_stages(monitor)
         app.state.redis = redis

@@ -5,12 +5,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health_pb2
-from redis.asyncio import Redis
 
 from dockercoins.channels import ChannelPool, keepalive_options
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.metrics import start_metrics_endpoint
+from dockercoins.redis_store import connect
 from dockercoins.tls import channel_credentials, server_credentials
 from worker_svc.config import WorkerSettings
 from worker_svc.metrics import watch_ledger
@@ -29,11 +29,6 @@ _STATUS = {
     True: health_pb2.HealthCheckResponse.SERVING,
     False: health_pb2.HealthCheckResponse.NOT_SERVING,
 }
-
-
-def connect_redis(url: str, timeout: float = 2.0) -> Redis:
-    """A Redis client with short timeouts, so that an outage is noticed and retried."""
-    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -63,7 +58,7 @@ async def serve(settings: WorkerSettings) -> None:
     options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
     rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, options, credentials)
     hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, options, credentials)
-    redis = connect_redis(settings.redis_url, settings.worker_redis_timeout)
+    redis = connect(settings.redis_url, settings.worker_redis_timeout)
     miner = Miner(settings, rng, hasher, redis, report_health=report)
     if settings.metrics_port:
         watch_ledger(miner.ledger)
