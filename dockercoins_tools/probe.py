@@ -13,8 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dockercoins.channels import normalize_target
 from dockercoins.tls import open_channel
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from hasher_svc import config as hasher_config
+from rng_svc import config as rng_config
 
-SERVICE_NAMES = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher", "worker": ""}
+SERVICE_NAMES = {"rng": rng_config.SERVICE_NAME, "hasher": hasher_config.SERVICE_NAME, "worker": ""}
 """The health service name each target answers for by default (the worker: its readiness)."""
 
 

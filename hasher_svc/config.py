@@ -4,6 +4,10 @@ from pydantic import Field
 
 from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
+from dockercoins.v1 import hasher_pb2
+
+SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
+"""hasher's gRPC service, as reflection, health checks and probes name it."""
 
 MESSAGE_CEILING = 16 << 20
 """The most any size setting may allow: parsing or serializing a message on the event loop

@@ -5,13 +5,11 @@ import logging
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.tls import server_credentials
-from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
-from hasher_svc.config import HasherSettings
+from dockercoins.v1 import hasher_pb2_grpc
+from hasher_svc.config import SERVICE_NAME, HasherSettings
 from hasher_svc.service import REQUEST_FRAMING, HasherServicer
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = hasher_pb2.DESCRIPTOR.services_by_name["Hasher"].full_name
 
 
 def build_server(settings: HasherSettings) -> GrpcServer:

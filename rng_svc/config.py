@@ -6,6 +6,10 @@ from pydantic import Field, model_validator
 
 from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
+from dockercoins.v1 import rng_pb2
+
+SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
+"""rng's gRPC service, as reflection, health checks and probes name it."""
 
 RngMode = Literal["blocking", "buffered"]
 

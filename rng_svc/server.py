@@ -5,14 +5,12 @@ import logging
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.tls import server_credentials
-from dockercoins.v1 import rng_pb2, rng_pb2_grpc
-from rng_svc.config import RngSettings
+from dockercoins.v1 import rng_pb2_grpc
+from rng_svc.config import SERVICE_NAME, RngSettings
 from rng_svc.metrics import watch_source
 from rng_svc.service import BlockingRng, BufferedRng, RandomSource, RngServicer, SlowEntropySource
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
 
 
 def build_source(settings: RngSettings) -> BlockingRng | BufferedRng:
