@@ -37,7 +37,7 @@ from dockercoins.errors import DockercoinsError
 from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.rate import Sample, fit_slope
 from dockercoins.stages import StageTimes
-from dockercoins_tools.launcher import Stack
+from dockercoins_tools.launcher.stack import Stack
 from dockercoins_tools.probe import probe
 from dockercoins_tools.procstat import cpu_seconds, memory_mb
 
