@@ -30,6 +30,7 @@ from typing import Any, Protocol, TextIO
 from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.rate import Rate, Sample, fit_slope
 from dockercoins.redis_store import connect
+from dockercoins.service_main import exit_status
 from dockercoins.settings import SettingsT, env_name, load_settings
 from dockercoins_tools.cost_model import PROFILES, Costs, expected_rate
 from dockercoins_tools.procstat import cpu_seconds, machine_busy_cpu
@@ -781,12 +782,8 @@ def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
         experiment = Experiment(
             backend, points, costs, timing, output, options["profile"], command_line(argv)
         )
-        try:
+
+        def measure() -> None:
             asyncio.run(experiment.run(sys.stdout))
-        except KeyboardInterrupt:
-            print("\ndockercoins experiment: interrupted", file=sys.stderr)
-            return 130
-        except DockercoinsError as exc:
-            print(f"\ndockercoins experiment: {exc}", file=sys.stderr)
-            return 1
-    return 0
+
+        return exit_status("dockercoins experiment", measure, progress=True)
