@@ -237,4 +237,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(run_service(prog, StackSettings, serve, args))
     service = SERVICES[name]
-    sys.exit(run_service(prog, service.settings, service.serve(), args))
+    sys.exit(run_service(prog, service.settings, service.load_serve(), args))

@@ -30,8 +30,8 @@ class Service:
         """The command that runs it as a process of its own, with this interpreter."""
         return [sys.executable, "-m", self.package]
 
-    def serve(self) -> Callable[[Any], Coroutine[Any, Any, None]]:
-        """Its serve(settings), imported now."""
+    def load_serve(self) -> Callable[[Any], Coroutine[Any, Any, None]]:
+        """Its serve(settings), imported now (not when the CLI starts: a server imports a lot)."""
         serve: Callable[[Any], Coroutine[Any, Any, None]]
         serve = importlib.import_module(f"{self.package}.server").serve
         return serve
