@@ -14,6 +14,7 @@ from dockercoins_tools.services import SERVICES
 from rng_svc.config import RngMode
 
 CONTROL_SOCKET = "control.sock"
+"""The control socket's name in the data directory (`dockercoins scale` connects to it)."""
 
 UNIX_PATH_MAX = 107
 """Bytes of a Unix socket's path that Linux takes (sun_path is 108, with its final NUL)."""
