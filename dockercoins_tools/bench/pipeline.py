@@ -33,18 +33,25 @@ class PipelineConfig:
     def env(self) -> dict[str, str]:
         """The worker's settings for this point, as its environment."""
         return settings_env(
-            worker_batch=self.batch,
-            worker_loops=self.loops,
-            worker_pool_size=self.pool,
-            difficulty=self.difficulty,
-            worker_stage_timing=self.stage_timing,
+            **{setting: getattr(self, name) for name, setting in WORKER_SETTINGS.items()}
         )
 
 
+WORKER_SETTINGS = {
+    "batch": "worker_batch",
+    "loops": "worker_loops",
+    "pool": "worker_pool_size",
+    "difficulty": "difficulty",
+    "stage_timing": "worker_stage_timing",
+}
+"""PipelineConfig field -> the worker's setting it gives."""
+
 TURBO = PipelineConfig(
-    batch=WorkerSettings.TURBO_DEFAULTS["worker_batch"],
-    loops=WorkerSettings.TURBO_DEFAULTS["worker_loops"],
-    pool=WorkerSettings.TURBO_DEFAULTS["worker_pool_size"],
+    **{
+        name: WorkerSettings.TURBO_DEFAULTS[setting]
+        for name, setting in WORKER_SETTINGS.items()
+        if setting in WorkerSettings.TURBO_DEFAULTS
+    }
 )
 """The worker's turbo defaults (batch 1000, 4 loops, 2 channels): the grid varies them."""
 
