@@ -9,7 +9,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker_svc.service import Ledger
+from worker_svc.ledger import Ledger
 
 
 class ReplyDroppingProxy:
