@@ -16,7 +16,8 @@ LIVENESS = "liveness"
 """Health service that says whether the worker's loops still step (restart it if not)."""
 
 HEALTH_TICK = 0.25
-"""Seconds between two evaluations of readiness and liveness."""
+"""Seconds between two evaluations of readiness and liveness (and two looks of the watchdog of a
+stream session with nothing in flight)."""
 
 
 class WorkerSettings(TlsSettings, MetricsSettings):
