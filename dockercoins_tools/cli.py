@@ -13,6 +13,7 @@ from dockercoins.settings import BaseServiceSettings, env_name, load_settings
 from dockercoins_tools.launcher.settings import FLAGS as UP_FLAGS
 from dockercoins_tools.launcher.settings import StackSettings
 from dockercoins_tools.services import SERVICES
+from worker_svc.config import LIVENESS, READINESS
 
 UP_HELP = "start redis, rng, hasher, the workers and the web UI"
 
@@ -62,8 +63,8 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument(
         "--service",
         dest="health_service",
-        help="with --health: the health service to check (a worker: readiness, the default, "
-        "or liveness)",
+        help=f"with --health: the health service to check (a worker: {READINESS}, the default, "
+        f"or {LIVENESS})",
     )
     commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
     bench = commands.add_parser(
@@ -83,7 +84,7 @@ def _add_tools(commands: Any) -> None:
         "--soak-only", action="store_true", help="run the fault soak alone (soak.json)"
     )
     bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
-    from dockercoins_tools.experiment import add_arguments
+    from dockercoins_tools.experiment.command import add_arguments
 
     add_arguments(
         commands.add_parser(
@@ -181,7 +182,8 @@ def run_bench(options: dict[str, Any]) -> int:
     import dataclasses
     from pathlib import Path
 
-    from dockercoins_tools import bench
+    from dockercoins_tools.bench import command as bench
+    from dockercoins_tools.bench.faults import Fault
 
     chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
     if options["window"] is not None:
@@ -192,7 +194,7 @@ def run_bench(options: dict[str, Any]) -> int:
     if options["faults"] is not None:
         try:
             faults = [] if options["faults"] == "none" else options["faults"].split(",")
-            soak = dataclasses.replace(soak, faults=tuple(map(bench.Fault.parse, faults)))
+            soak = dataclasses.replace(soak, faults=tuple(map(Fault.parse, faults)))
         except ValueError as exc:
             raise ConfigError(f"--faults: {exc}") from None
     configure_logging("WARNING")
@@ -211,7 +213,7 @@ def run_settings(options: dict[str, Any]) -> int:
 
 def run_experiment(options: dict[str, Any]) -> int:
     """`dockercoins experiment`."""
-    from dockercoins_tools.experiment import run
+    from dockercoins_tools.experiment.command import run
 
     return run(options)
 
