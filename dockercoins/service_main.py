@@ -45,21 +45,25 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
         parser.add_argument(flag.name, dest=flag.field, type=flag.type, help=flag.help)
 
 
-def exit_status(prog: str, run: Callable[[], int | None]) -> int:
+def exit_status(prog: str, run: Callable[[], int | None], *, progress: bool = False) -> int:
     """Call `run` and turn its end into an exit status, with one line on stderr for an error.
 
     ConfigError: 2; any other DockercoinsError: 1; Ctrl-C: 130; else what `run` returned (0
-    for None).
+    for None). With `progress` (`run` prints progress lines that an error may cut short), the
+    error line starts on a fresh line, and Ctrl-C is said too.
     """
+    fresh = "\n" if progress else ""
     try:
         return run() or 0
     except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{fresh}{prog}: {exc}", file=sys.stderr)
         return CONFIG_ERROR
     except DockercoinsError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{fresh}{prog}: {exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
+        if progress:
+            print(f"{fresh}{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 

@@ -2,69 +2,20 @@
 
 import argparse
 import asyncio
-import importlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from dockercoins.errors import ConfigError, DockercoinsError
 from dockercoins.logs import configure_logging
-from dockercoins.service_main import Flag, add_flags, exit_status, run_service
-from dockercoins.settings import load_settings
-from hasher_svc.config import FLAGS as HASHER_FLAGS
-from rng_svc.config import FLAGS as RNG_FLAGS
-from webui.config import FLAGS as WEBUI_FLAGS
-from worker_svc.config import FLAGS as WORKER_FLAGS
+from dockercoins.service_main import add_flags, exit_status, run_service
+from dockercoins.settings import BaseServiceSettings, env_name, load_settings
+from dockercoins_tools.launcher.settings import FLAGS as UP_FLAGS
+from dockercoins_tools.launcher.settings import StackSettings
+from dockercoins_tools.services import SERVICES
+from worker_svc.config import LIVENESS, READINESS
 
-
-@dataclass(frozen=True)
-class Command:
-    """A service subcommand: its settings class and its serve() as import paths (loaded only to
-    run it or list its settings), and its flags (the service's own, from its config module)."""
-
-    settings: str
-    serve: str
-    help: str
-    flags: Sequence[Flag] = field(default_factory=tuple)
-
-
-SERVICES: dict[str, Command] = {
-    "rng": Command(
-        "rng_svc.config:RngSettings", "rng_svc.server:serve", "run the rng service", RNG_FLAGS
-    ),
-    "hasher": Command(
-        "hasher_svc.config:HasherSettings",
-        "hasher_svc.server:serve",
-        "run the hasher service",
-        HASHER_FLAGS,
-    ),
-    "worker": Command(
-        "worker_svc.config:WorkerSettings",
-        "worker_svc.server:serve",
-        "run one worker",
-        WORKER_FLAGS,
-    ),
-    "webui": Command(
-        "webui.config:WebuiSettings", "webui.server:serve", "run the web UI", WEBUI_FLAGS
-    ),
-    "up": Command(
-        "dockercoins_tools.launcher:StackSettings",
-        "dockercoins_tools.launcher:serve",
-        "start redis, rng, hasher, the workers and the web UI",
-        (
-            Flag("--workers", "workers", int, "number of worker processes (default 1)"),
-            Flag("--rng-mode", "rng_mode", help="blocking or buffered"),
-            Flag("--profile", "profile", help="classic (the lesson's costs) or turbo (fast)"),
-            Flag("--redis", "redis_url", help="use this Redis instead of starting one"),
-            Flag("--data-dir", "data_dir", help="where the embedded Redis keeps its data"),
-        ),
-    ),
-}
-
-
-def _load(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+UP_HELP = "start redis, rng, hasher, the workers and the web UI"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,16 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
         "flags override them.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in SERVICES.items():
-        sub = commands.add_parser(name, help=command.help, description=command.help)
-        add_flags(sub, command.flags)
-        if name == "up":
-            sub.add_argument(
-                "--fresh",
-                action="store_true",
-                default=None,
-                help="empty the embedded Redis's data first (start from zero)",
-            )
+    for name, service in SERVICES.items():
+        sub = commands.add_parser(name, help=service.help, description=service.help)
+        add_flags(sub, service.flags)
+    up = commands.add_parser("up", help=UP_HELP, description=UP_HELP)
+    add_flags(up, UP_FLAGS)
+    up.add_argument(
+        "--fresh",
+        action="store_true",
+        default=None,
+        help="empty the embedded Redis's data first (start from zero)",
+    )
     _add_tools(commands)
     return parser
 
@@ -111,8 +63,8 @@ def _add_tools(commands: Any) -> None:
     probe.add_argument(
         "--service",
         dest="health_service",
-        help="with --health: the health service to check (a worker: readiness, the default, "
-        "or liveness)",
+        help=f"with --health: the health service to check (a worker: {READINESS}, the default, "
+        f"or {LIVENESS})",
     )
     commands.add_parser("settings", help="print every DOCKERCOINS_* setting as a Markdown table")
     bench = commands.add_parser(
@@ -146,21 +98,19 @@ def _add_tools(commands: Any) -> None:
 
 def run_scale(options: dict[str, Any]) -> int:
     """`dockercoins scale worker=N rng=K` against the stack of this data directory."""
-    from dockercoins_tools.launcher import StackSettings, send_control
+    from dockercoins_tools.launcher.control import send_control
 
     counts: dict[str, int] = {}
     for item in options["counts"]:
         service, _, number = item.partition("=")
         if service not in ("worker", "rng") or not number.isdigit():
-            print(f"dockercoins scale: expected worker=N or rng=N, got {item!r}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"expected worker=N or rng=N, got {item!r}")
         counts[service] = int(number)
     settings = load_settings(StackSettings, data_dir=options.get("data_dir"))
     timeout = settings.control_timeout
     reply = asyncio.run(send_control(settings.data_dir, {"scale": counts}, timeout))
     if not reply.get("ok"):
-        print(f"dockercoins scale: {reply.get('error')}", file=sys.stderr)
-        return 1
+        raise DockercoinsError(str(reply.get("error")))
     status = reply["status"]
     print(f"worker={status['worker']} rng={status['rng']}")
     return 0
@@ -179,20 +129,12 @@ def run_probe(options: dict[str, Any]) -> int:
         settings = load_settings(WorkerSettings)
         if options["service"] == "worker":
             if not settings.worker_health_port:
-                print(
-                    "dockercoins probe: give --addr, or set DOCKERCOINS_WORKER_HEALTH_PORT",
-                    file=sys.stderr,
-                )
-                return 2
+                raise ConfigError("give --addr, or set DOCKERCOINS_WORKER_HEALTH_PORT")
             address = f"127.0.0.1:{settings.worker_health_port}"
         else:
             address = settings.rng_addr if options["service"] == "rng" else settings.hasher_addr
     if options["count"] < 1 or options["interval"] < 0 or options["timeout"] <= 0:
-        print(
-            "dockercoins probe: --count must be >= 1, --interval >= 0, --timeout > 0",
-            file=sys.stderr,
-        )
-        return 2
+        raise ConfigError("--count must be >= 1, --interval >= 0, --timeout > 0")
     try:
         result = asyncio.run(
             probe(
@@ -208,18 +150,19 @@ def run_probe(options: dict[str, Any]) -> int:
             )
         )
     except ValueError as exc:
-        print(f"dockercoins probe: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(exc)) from None
     return 1 if result.errors else 0
 
 
 def settings_table() -> str:
     """Every setting of every service as a Markdown table: variable, default, readers, meaning."""
-    from dockercoins.settings import env_name
-
+    classes: dict[str, type[BaseServiceSettings]] = {
+        **{name: service.settings for name, service in SERVICES.items()},
+        "up": StackSettings,
+    }
     rows: dict[str, dict[str, Any]] = {}
-    for service, command in SERVICES.items():
-        for name, info in _load(command.settings).model_fields.items():
+    for service, settings_class in classes.items():
+        for name, info in settings_class.model_fields.items():
             row = rows.setdefault(env_name(name), {"default": info.default, "readers": {}})
             row["readers"][service] = info.description or ""
     lines = ["| variable | default | read by | meaning |", "|---|---|---|---|"]
@@ -253,8 +196,7 @@ def run_bench(options: dict[str, Any]) -> int:
             faults = [] if options["faults"] == "none" else options["faults"].split(",")
             soak = dataclasses.replace(soak, faults=tuple(map(Fault.parse, faults)))
         except ValueError as exc:
-            print(f"dockercoins bench: --faults: {exc}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--faults: {exc}") from None
     configure_logging("WARNING")
     if options["soak_only"]:
         report = asyncio.run(bench.run_soak(soak, Path(options["out"])))
@@ -292,5 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prog = f"dockercoins {name}"
     if name in TOOLS:
         sys.exit(exit_status(prog, lambda: TOOLS[name](args)))
-    command = SERVICES[name]
-    sys.exit(run_service(prog, _load(command.settings), _load(command.serve), args))
+    if name == "up":
+        from dockercoins_tools.launcher.up import serve
+
+        sys.exit(run_service(prog, StackSettings, serve, args))
+    service = SERVICES[name]
+    sys.exit(run_service(prog, service.settings, service.load_serve(), args))

@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from dockercoins.ports import HASHER_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2
@@ -20,7 +21,7 @@ class HasherSettings(GrpcServerSettings):
     TURBO_DEFAULTS = {"hasher_latency": 0.0}
 
     hasher_port: int = Field(
-        50052, ge=0, le=65535, description="Port hasher listens on (0: any free)."
+        HASHER_PORT, ge=0, le=65535, description="Port hasher listens on (0: any free)."
     )
     hasher_latency: float = Field(
         0.1, ge=0, le=60, description="Seconds every request costs; requests do not queue."

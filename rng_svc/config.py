@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dockercoins.ports import RNG_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import rng_pb2
@@ -19,7 +20,9 @@ class RngSettings(GrpcServerSettings):
 
     TURBO_DEFAULTS = {"rng_read_cost": 0.0}
 
-    rng_port: int = Field(50051, ge=0, le=65535, description="Port rng listens on (0: any free).")
+    rng_port: int = Field(
+        RNG_PORT, ge=0, le=65535, description="Port rng listens on (0: any free)."
+    )
     rng_mode: RngMode = Field(
         "blocking",
         description="blocking: every request pays a read under one lock (the original); "

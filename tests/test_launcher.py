@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dockercoins.backoff import Backoff
-from dockercoins_tools.launcher import Console, ManagedProcess, _wait_until
+from dockercoins_tools.launcher.stack import _wait_until
+from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
 from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, alive, get_json, scale
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dockercoins_tools.launcher.settings import StackSettings
+from dockercoins_tools.services import SERVICES
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -96,3 +98,24 @@ def test_make_protos_installs_grpcio_tools_and_nothing_else(tmp_path: Path) -> N
     assert installs[-1].endswith("'grpcio-tools>=1.62'"), installs
     assert not any(".[dev]" in line for line in installs), installs
     assert result.stdout.strip().splitlines()[-1].startswith("scripts/protos ")
+
+
+def test_each_port_is_its_services_default_everywhere() -> None:
+    """The worker's default targets, `dockercoins up`'s ports and the image's EXPOSE all are the
+    ports the services' own settings listen on by default."""
+    ports = {
+        field: SERVICES[service].default(field)
+        for service, field in (
+            ("rng", "rng_port"),
+            ("hasher", "hasher_port"),
+            ("webui", "webui_port"),
+        )
+    }
+    assert len(set(ports.values())) == 3 and 0 not in ports.values()
+    worker = SERVICES["worker"]
+    assert worker.default("rng_addr") == f"127.0.0.1:{ports['rng_port']}"
+    assert worker.default("hasher_addr") == f"127.0.0.1:{ports['hasher_port']}"
+    assert {field: StackSettings.model_fields[field].default for field in ports} == ports
+    expose = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert expose is not None
+    assert set(ports.values()) <= {int(port) for port in expose.group(1).split()}

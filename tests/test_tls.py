@@ -16,7 +16,7 @@ from dockercoins.errors import ConfigError
 from dockercoins.grpcserver import GrpcServer
 from dockercoins.tls import channel_credentials, server_credentials
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
-from dockercoins_tools.launcher import grpc_serving
+from dockercoins_tools.launcher.stack import grpc_serving
 from hasher_svc.config import SERVICE_NAME, HasherSettings
 from hasher_svc.service import HasherServicer
 from tests.conftest import dockercoins_cmd, service_env

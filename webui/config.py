@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from dockercoins.ports import WEBUI_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import BaseServiceSettings
 
@@ -9,7 +10,7 @@ from dockercoins.settings import BaseServiceSettings
 class WebuiSettings(BaseServiceSettings):
     """DOCKERCOINS_WEBUI_* settings and the Redis to read."""
 
-    webui_port: int = Field(8000, ge=0, le=65535, description="Port the web UI listens on.")
+    webui_port: int = Field(WEBUI_PORT, ge=0, le=65535, description="Port the web UI listens on.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis the web UI reads.")
     webui_max_streams: int = Field(
         100,

@@ -3,6 +3,7 @@
 from pydantic import Field, model_validator
 
 from dockercoins.backoff import MAX_BACKOFF
+from dockercoins.ports import HASHER_PORT, RNG_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import MetricsSettings, TlsSettings
 
@@ -32,11 +33,11 @@ class WorkerSettings(TlsSettings, MetricsSettings):
     }
 
     rng_addr: str = Field(
-        "127.0.0.1:50051",
+        f"127.0.0.1:{RNG_PORT}",
         description="rng's gRPC target: host:port, ipv4:a:p,b:q (several, round-robin) or dns:///name:port.",
     )
     hasher_addr: str = Field(
-        "127.0.0.1:50052", description="hasher's gRPC target, in the same forms as rng's."
+        f"127.0.0.1:{HASHER_PORT}", description="hasher's gRPC target, in the same forms as rng's."
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis the worker writes to.")
     worker_think_time: float = Field(

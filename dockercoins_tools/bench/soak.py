@@ -29,7 +29,7 @@ from dockercoins_tools.bench.faults import (
     recovered_at,
 )
 from dockercoins_tools.bench.stacks import SAMPLE_EVERY, bench_stack, settings_env
-from dockercoins_tools.launcher import Stack
+from dockercoins_tools.launcher.stack import Stack
 from dockercoins_tools.procstat import memory_mb
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dockercoins.settings import env_name
-from dockercoins_tools.launcher import Stack
+from dockercoins_tools.launcher.stack import Stack
 
 SAMPLE_EVERY = 0.25
 """Seconds between two readings of the counter (and of the processes' memory, in the soak)."""

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dockercoins.stages import StageTimes
 from dockercoins_tools.bench.pipeline import TURBO
 from dockercoins_tools.bench.stacks import bench_stack, settings_env
-from dockercoins_tools.launcher import Stack
+from dockercoins_tools.launcher.stack import Stack
 from dockercoins_tools.procstat import cpu_seconds
 
 STAGE_TIMING_CONFIG = TURBO

@@ -69,7 +69,7 @@ class LocalBackend:
         await self._start_stack(mode, rng_replicas)
 
     async def _start_stack(self, mode: str, rng_replicas: int) -> None:
-        from dockercoins_tools.launcher import Stack  # not for `dockercoins --help`
+        from dockercoins_tools.launcher.stack import Stack  # not for `dockercoins --help`
 
         self._data_dir = Path(tempfile.mkdtemp(prefix="dockercoins-experiment-"))
         self.log_out.write(f"--- stack: rng mode {mode}, {rng_replicas} rng ---\n")

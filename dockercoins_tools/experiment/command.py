@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dockercoins.errors import ConfigError, DockercoinsError
+from dockercoins.errors import ConfigError
+from dockercoins.service_main import exit_status
 from dockercoins_tools.cost_model import PROFILES, Costs, profile_costs
 from dockercoins_tools.experiment.backends import Backend, LocalBackend
 from dockercoins_tools.experiment.kubectl import KubectlBackend
@@ -138,12 +139,8 @@ def run(options: dict[str, Any], argv: Sequence[str] | None = None) -> int:
         experiment = Experiment(
             backend, points, costs, timing, output, options["profile"], command_line(argv)
         )
-        try:
+
+        def measure() -> None:
             asyncio.run(experiment.run(sys.stdout))
-        except KeyboardInterrupt:
-            print("\ndockercoins experiment: interrupted", file=sys.stderr)
-            return 130
-        except DockercoinsError as exc:
-            print(f"\ndockercoins experiment: {exc}", file=sys.stderr)
-            return 1
-    return 0
+
+        return exit_status("dockercoins experiment", measure, progress=True)
