@@ -14,8 +14,8 @@ import redis
 
 from dockercoins.net import free_port
 from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.conftest import ROOT, service_env, skip_unless_ci
 from tests.stack import ServiceProcesses, python_m
+from tests.support import ROOT, service_env, skip_unless_ci
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

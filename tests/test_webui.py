@@ -24,7 +24,7 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
-from tests.conftest import service_env
+from tests.support import service_env
 from webui.config import WebuiSettings
 from webui.server import _Server, bind_listener, create_app
 from webui.service import SpeedMonitor

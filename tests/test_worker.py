@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
-from tests.conftest import service_env
+from tests.support import service_env
 
 FAST = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
 
