@@ -238,7 +238,7 @@ async def test_a_connection_past_its_stream_bound_waits_others_do_not(servers) -
             await stub.Hash(hasher_pb2.HashRequest(data=b"third"), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         other_stub = hasher_pb2_grpc.HasherStub(other)
-        assert await other_stub.Hash(hasher_pb2.HashRequest(data=b"x"), timeout=5)
+        assert (await other_stub.Hash(hasher_pb2.HashRequest(data=b"x"), timeout=5)).hexdigests
         waiting = asyncio.ensure_future(stub.Hash(hasher_pb2.HashRequest(data=b"3"), timeout=5))
         await streams[0].done_writing()
         assert (await waiting).hexdigests
