@@ -160,8 +160,8 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         stack.start("worker-2", python_m("worker_svc"), {**env, "DOCKERCOINS_WORKER_LOOPS": "4"})
         wait_for("2 workers", lambda: text("workers") == "2")
         wait_for("a mark at 2 workers", lambda: chart("data-last-mark") == "2")
-        assert int(chart("data-marks")) == 1  # one scaling step, one mark
-        assert "2 workers" in text("marks")
+        assert int(chart("data-marks")) >= 1
+        assert text("marks").count("→ 2 workers") == 1  # one scaling step, one mark
         widths = wait_for("rng's bar the widest", lambda: rng_widest(stage_bars()), 25)
         assert all(width > 0 for stage, width in widths.items() if stage != "redis"), widths
         assert browser.find_element(By.ID, "stages").get_attribute("data-widest") == "rng"
