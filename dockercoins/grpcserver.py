@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -9,9 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dockercoins.calls import CallInterceptor, CallSlots
 from dockercoins.errors import PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals
+from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.net import ensure_free
 from dockercoins.reflection import enable_reflection
-from dockercoins.settings import GrpcServerSettings
+from dockercoins.settings import GrpcServerSettings, TlsSettings, env_name
+from dockercoins.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,12 @@ class GrpcServer:
             raise PortInUseError(setting, host, port)
         return self.port
 
+    def listen(self, settings: TlsSettings, port_field: str) -> int:
+        """Listen on DOCKERCOINS_HOST and the port of the field `port_field` of `settings`, over
+        TLS when they name a certificate; a busy port raises PortInUseError naming its variable."""
+        port = getattr(settings, port_field)
+        return self.bind(settings.host, port, env_name(port_field), server_credentials(settings))
+
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""
         await self.server.start()
@@ -174,3 +183,36 @@ class GrpcServer:
         if on_stop is not None:
             await on_stop()
         log.info("%s stopped", self.name)
+
+
+def build_service_server(
+    name: str,
+    service_name: str,
+    settings: GrpcServerSettings,
+    port_field: str,
+    add_servicer: Callable[[grpc.aio.Server], Any],
+    max_receive: int = SMALL_REQUEST_BYTES,
+) -> GrpcServer:
+    """The server of one gRPC service, bound as `settings` say, not yet started.
+
+    `add_servicer` adds the service's servicer to the grpc.aio server (a generated
+    `add_..._to_server`); `port_field` names the settings field of its port.
+    """
+    server = GrpcServer(name, [service_name], settings, max_receive)
+    add_servicer(server.server)
+    server.listen(settings, port_field)
+    return server
+
+
+async def serve_service(
+    server: GrpcServer,
+    settings: GrpcServerSettings,
+    service_log: logging.Logger,
+    details: str,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start /metrics (when DOCKERCOINS_METRICS_PORT is set), say on the service's own log
+    where it listens, with `details`, and serve until SIGTERM or SIGINT (then `on_stop`)."""
+    start_metrics_endpoint(settings.host, settings.metrics_port)
+    service_log.info("%s listening on %s:%d (%s)", server.name, settings.host, server.port, details)
+    await server.serve_until_signalled(settings.grace, on_stop)

@@ -32,6 +32,18 @@ def watch_task(task: "asyncio.Task[Any]", on_crash: Callable[[str], None]) -> No
     task.add_done_callback(done)
 
 
+async def cancel_all(tasks: "list[asyncio.Task[Any]]") -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again if one lingers."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            names = ", ".join(task.get_name() for task in pending)
+            log.warning("%s did not end when cancelled; cancelling again", names)
+
+
 def raise_if_cancelling() -> None:
     """Raise CancelledError if the current task is being cancelled.
 

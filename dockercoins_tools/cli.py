@@ -132,7 +132,7 @@ def _add_tools(commands: Any) -> None:
         "--soak-only", action="store_true", help="run the fault soak alone (soak.json)"
     )
     bench.add_argument("--quick", action="store_true", help="tiny scale, to check the code path")
-    from dockercoins_tools.experiment import add_arguments
+    from dockercoins_tools.experiment.command import add_arguments
 
     add_arguments(
         commands.add_parser(
@@ -239,7 +239,8 @@ def run_bench(options: dict[str, Any]) -> int:
     import dataclasses
     from pathlib import Path
 
-    from dockercoins_tools import bench
+    from dockercoins_tools.bench import command as bench
+    from dockercoins_tools.bench.faults import Fault
 
     chosen = bench.BenchOptions.quick() if options["quick"] else bench.BenchOptions()
     if options["window"] is not None:
@@ -250,7 +251,7 @@ def run_bench(options: dict[str, Any]) -> int:
     if options["faults"] is not None:
         try:
             faults = [] if options["faults"] == "none" else options["faults"].split(",")
-            soak = dataclasses.replace(soak, faults=tuple(map(bench.Fault.parse, faults)))
+            soak = dataclasses.replace(soak, faults=tuple(map(Fault.parse, faults)))
         except ValueError as exc:
             print(f"dockercoins bench: --faults: {exc}", file=sys.stderr)
             return 2
@@ -270,7 +271,7 @@ def run_settings(options: dict[str, Any]) -> int:
 
 def run_experiment(options: dict[str, Any]) -> int:
     """`dockercoins experiment`."""
-    from dockercoins_tools.experiment import run
+    from dockercoins_tools.experiment.command import run
 
     return run(options)
 

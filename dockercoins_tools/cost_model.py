@@ -1,20 +1,29 @@
-"""The cost model: the simulated costs a stack runs with, and the rate they predict."""
+"""The cost model: the simulated costs a stack runs with, as the services' settings give them,
+and the rate they predict."""
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, get_args
 
-from dockercoins.settings import env_name
+from dockercoins.settings import Profile, SettingsT, env_name, load_settings
+from hasher_svc.config import HasherSettings
+from rng_svc.config import RngSettings
+from worker_svc.config import WorkerSettings
+
+PROFILES: tuple[str, ...] = get_args(Profile)
+"""The named sets of costs of `--profile`: the services' defaults, and their TURBO_DEFAULTS."""
 
 
 @dataclass(frozen=True)
 class Costs:
     """The simulated costs the stack runs with (local) or was deployed with (kubectl)."""
 
-    rng_read_cost: float = 0.1
-    hasher_latency: float = 0.1
-    worker_think_time: float = 0.1
-    worker_flush_interval: float = 1.0
-    rng_latency: float | None = None
-    profile: str = "classic"
+    rng_read_cost: float
+    hasher_latency: float
+    worker_think_time: float
+    worker_flush_interval: float
+    rng_latency: float | None
+    profile: str
 
     @property
     def rng_request(self) -> float:
@@ -28,11 +37,48 @@ class Costs:
         }
 
 
-PROFILES: dict[str, Costs] = {
-    "classic": Costs(),
-    "turbo": Costs(0.0, 0.0, 0.0, 1.0, 0.0, profile="turbo"),
-}
-"""Named cost sets for `--profile`; flags override single costs of the chosen profile."""
+def settings_of_container(
+    cls: type[SettingsT], env: Mapping[str, str], fields: Sequence[str]
+) -> SettingsT:
+    """`cls` as a container with this environment gets it (this process's environment aside)."""
+
+    class FromContainer(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: Any, init_settings: Any, **_: Any
+        ) -> tuple[Any, ...]:
+            return (init_settings,)
+
+    given = {field: env[env_name(field)] for field in fields if env_name(field) in env}
+    settings: SettingsT = load_settings(FromContainer, **given)
+    return settings
+
+
+def costs_of_containers(envs: Mapping[str, Mapping[str, str]]) -> Costs:
+    """The simulated costs of rng, hasher and worker containers with these environments."""
+    rng = settings_of_container(
+        RngSettings, envs["rng"], ("profile", "rng_read_cost", "rng_latency")
+    )
+    hasher = settings_of_container(HasherSettings, envs["hasher"], ("profile", "hasher_latency"))
+    worker = settings_of_container(
+        WorkerSettings,
+        envs["worker"],
+        ("profile", "worker_think_time", "worker_flush_interval"),
+    )
+    return Costs(
+        rng_read_cost=rng.rng_read_cost,
+        hasher_latency=hasher.hasher_latency,
+        worker_think_time=worker.worker_think_time,
+        worker_flush_interval=worker.worker_flush_interval,
+        rng_latency=rng.rng_latency,
+        profile=worker.profile,
+    )
+
+
+def profile_costs(profile: str) -> Costs:
+    """The costs the services run with under `profile` and nothing else set."""
+    only_profile = {env_name("profile"): profile}
+    return costs_of_containers(dict.fromkeys(("rng", "hasher", "worker"), only_profile))
 
 
 def expected_rate(mode: str, workers: float, rng_replicas: int, costs: Costs) -> float:

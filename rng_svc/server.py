@@ -1,10 +1,9 @@
 """Build and run the rng gRPC server."""
 
 import logging
+from functools import partial
 
-from dockercoins.grpcserver import GrpcServer
-from dockercoins.metrics import start_metrics_endpoint
-from dockercoins.tls import server_credentials
+from dockercoins.grpcserver import GrpcServer, build_service_server, serve_service
 from dockercoins.v1 import rng_pb2_grpc
 from rng_svc.config import SERVICE_NAME, RngSettings
 from rng_svc.metrics import watch_source
@@ -25,30 +24,21 @@ def build_source(settings: RngSettings) -> BlockingRng | BufferedRng:
 
 def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
-    server = GrpcServer("rng", [SERVICE_NAME], settings)
-    rng_pb2_grpc.add_RngServicer_to_server(
-        RngServicer(source, settings.rng_max_request, settings.request_latency, settings.rng_mode),
-        server.server,
+    servicer = RngServicer(
+        source, settings.rng_max_request, settings.request_latency, settings.rng_mode
     )
-    server.bind(
-        settings.host, settings.rng_port, "DOCKERCOINS_RNG_PORT", server_credentials(settings)
-    )
-    return server
+    add = partial(rng_pb2_grpc.add_RngServicer_to_server, servicer)
+    return build_service_server("rng", SERVICE_NAME, settings, "rng_port", add)
 
 
 async def serve(settings: RngSettings) -> None:
     """Run rng until SIGTERM or SIGINT."""
     source = build_source(settings)
     server = build_server(settings, source)
-    metrics = start_metrics_endpoint(settings.host, settings.metrics_port)
-    if metrics is not None:
+    if settings.metrics_port:
         watch_source(source)
-    log.info(
-        "rng listening on %s:%d (mode %s, read cost %.3f s, %.3f s per request)",
-        settings.host,
-        server.port,
-        settings.rng_mode,
-        settings.rng_read_cost,
-        settings.request_latency,
+    details = (
+        f"mode {settings.rng_mode}, read cost {settings.rng_read_cost:.3f} s, "
+        f"{settings.request_latency:.3f} s per request"
     )
-    await server.serve_until_signalled(settings.grace, on_stop=source.close)
+    await serve_service(server, settings, log, details, on_stop=source.close)

@@ -49,6 +49,25 @@ def run_cli(
     )
 
 
+async def run_cli_async(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, str]:
+    """`run_cli` for a test's event loop, which it leaves free: the exit status and the output
+    (stdout and stderr together)."""
+    return await _run_async(dockercoins_cmd(*args), service_env() if env is None else env, timeout)
+
+
+async def _run_async(
+    argv: list[str], env: dict[str, str] | None, timeout: float
+) -> tuple[int, str]:
+    """Run `argv` to its end, waited for in the event loop: its exit status and its output."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode()
+
+
 class GrpcServers:
     """Starts real rng and hasher servers in the test's event loop, on free ports."""
 
@@ -102,12 +121,4 @@ def grpcurl_binary() -> str:
 
 async def grpcurl(*args: str) -> tuple[int, str]:
     """`grpcurl -plaintext <args>`: its exit status and its output (stdout and stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        grpcurl_binary(),
-        "-plaintext",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
+    return await _run_async([grpcurl_binary(), "-plaintext", *args], None, 30)

@@ -1,8 +1,12 @@
 """`dockercoins bench` at tiny scale, through the code path of `make bench`, so it cannot rot."""
 
 import json
+import os
 import subprocess
 
+import pytest
+
+from dockercoins_tools.cost_model import profile_costs
 from tests.support import run_cli
 
 
@@ -18,7 +22,15 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     assert "best:" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
 
-    assert report["ceiling"]["hashes_per_second"] > 0
+    # The ceiling hashes on every core of this machine, and says how many.
+    cores = os.cpu_count()
+    ceiling = report["ceiling"]
+    assert report["machine"]["cores"] == ceiling["cores"] == cores
+    assert f"ceiling (in-process, {cores} cores): {ceiling['hashes_per_second']:,.0f}" in (
+        result.stdout
+    )
+    assert ceiling["per_core"] * cores == pytest.approx(ceiling["hashes_per_second"])
+    assert ceiling["hashes_per_second"] > 0
     assert len(report["pipeline"]) == 2
     for point in report["pipeline"]:
         assert point["hashes_per_second"] > 0
@@ -30,10 +42,13 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     one, hundred = report["pipeline"]
     assert hundred["hashes_per_second"] > 5 * one["hashes_per_second"]
 
-    for service in ("rng", "hasher"):
+    # The plumbing is what a call takes over the cost its service's settings simulate.
+    classic = profile_costs("classic")
+    for service, cost in (("rng", classic.rng_request), ("hasher", classic.hasher_latency)):
         latency = report["latency_overhead"][service]
         assert latency["calls"] == 5 and latency["errors"] == 0
         assert 0 <= latency["p50_ms"] <= latency["p99_ms"]
+        assert f"{service} plumbing over the simulated {cost:g} s: p50" in result.stdout
     timing = report["stage_timing"]
     assert timing["windows"] == 1 and timing["hashes"]["on"] > 0 < timing["hashes"]["off"]
     assert timing["worker_cpu_seconds_per_million"]["on"] > 0

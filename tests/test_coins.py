@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from worker_svc.service import find_coins
+from worker_svc.coins import find_coins
 
 
 def batch_with_coins(blocks: int, difficulty: int, wanted: int) -> bytes:

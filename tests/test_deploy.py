@@ -26,6 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from dockercoins.settings import env_name
+from dockercoins_tools.cost_model import profile_costs
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ["base", *sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
@@ -39,8 +42,10 @@ K8S_VERSIONS = ["1.30.0", "1.37.0"]
 SERVICES = ("rng", "hasher", "worker", "webui")
 APP_IMAGE = "dockercoins"
 REDIS_PORT = 6379
-# The simulated cost of one call (DESIGN.md); probes must leave it ample room under load.
-SERVICE_COST = 0.1
+# The simulated cost of one call (DESIGN.md), as the services' settings give it; probes must
+# leave it ample room under load.
+CLASSIC = profile_costs("classic")
+SERVICE_COST = max(CLASSIC.rng_request, CLASSIC.hasher_latency)
 MIN_PROBE_TIMEOUT = 10 * SERVICE_COST
 MIN_LIVENESS_WINDOW = 100 * SERVICE_COST
 TIMEOUT = 60
@@ -704,9 +709,10 @@ def rng_env(overlay: str) -> dict[str, str]:
 
 def test_base_is_the_lesson_and_buffered_is_the_fix() -> None:
     assert rng_env("base")["DOCKERCOINS_RNG_MODE"] == "blocking"
-    assert rng_env("base")["DOCKERCOINS_RNG_READ_COST"] == "0.1"
+    read_cost = env_name("rng_read_cost")
+    assert float(rng_env("base")[read_cost]) == CLASSIC.rng_read_cost
     assert rng_env("buffered")["DOCKERCOINS_RNG_MODE"] == "buffered"
-    assert rng_env("buffered")["DOCKERCOINS_RNG_READ_COST"] == "0.1", "the fix keeps the cost"
+    assert float(rng_env("buffered")[read_cost]) == CLASSIC.rng_read_cost, "the fix keeps the cost"
     assert (
         compose_variant("classic")["services"]["rng"]["environment"]["DOCKERCOINS_RNG_MODE"]
         == "blocking"
@@ -758,8 +764,7 @@ def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
     as the containers read them, and never from the environment of the machine it runs on."""
     from dataclasses import replace
 
-    from dockercoins_tools.cost_model import PROFILES, Costs
-    from dockercoins_tools.experiment import costs_of_containers
+    from dockercoins_tools.cost_model import Costs, costs_of_containers
 
     def plain(costs: Costs) -> Costs:  # rng_latency unset means: the read cost
         return replace(costs, rng_latency=costs.rng_request)
@@ -767,7 +772,7 @@ def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
     monkeypatch.setenv("DOCKERCOINS_RNG_READ_COST", "0.7")
     for overlay, expected in (("base", "classic"), ("buffered", "classic"), ("turbo", "turbo")):
         envs = {w.name: env_of(w.containers[0]) for w in workloads(rendered(overlay))}
-        assert plain(costs_of_containers(envs)) == plain(PROFILES[expected]), overlay
+        assert plain(costs_of_containers(envs)) == plain(profile_costs(expected)), overlay
 
 
 def test_autoscale_overlay_scales_the_worker_deployment() -> None:

@@ -10,14 +10,10 @@ import pytest
 
 from dockercoins.errors import ConfigError
 from dockercoins.settings import env_name
-from dockercoins_tools.cost_model import Costs, expected_rate
-from dockercoins_tools.experiment import (
-    ExperimentError,
-    KubectlBackend,
-    Point,
-    parse_point,
-    plan,
-)
+from dockercoins_tools.cost_model import expected_rate, profile_costs
+from dockercoins_tools.experiment.backends import ExperimentError
+from dockercoins_tools.experiment.kubectl import KubectlBackend
+from dockercoins_tools.experiment.plan import Point, parse_point, plan
 from tests.stack import FAST_COSTS, RunningStack, alive
 from tests.support import run_cli, service_env
 
@@ -30,7 +26,7 @@ PLATEAU = 1 / 0.02
 
 
 def test_the_model_gives_the_lesson_numbers() -> None:
-    classic = Costs()
+    classic = profile_costs("classic")
     blocking = [expected_rate("blocking", n, 1, classic) for n in (1, 2, 3, 5, 10)]
     assert blocking == pytest.approx([10 / 3, 20 / 3, 10, 10, 10])
     assert expected_rate("blocking", 10, 2, classic) == pytest.approx(20)
@@ -216,11 +212,12 @@ async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     )
     await backend.run("get", "deployment/worker")
     assert _commands(log) == ["kubectl get deployment/worker -n ns1 --context kind-lab"]
-    with pytest.raises(Exception, match=r"cannot read http://127\.0\.0\.1:9/json"):
+    with pytest.raises(ExperimentError, match=r"^cannot read http://127\.0\.0\.1:9/json: "):
         await backend.start()
     missing = KubectlBackend("http://127.0.0.1:9", kubectl=str(tmp_path / "nowhere"))
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(ExperimentError) as raised:
         await missing.scale_workers(2)
+    assert str(raised.value) == f"{tmp_path / 'nowhere'}: not found on PATH"
 
 
 async def test_a_kubectl_that_hangs_is_killed_and_said_not_a_traceback(tmp_path: Path) -> None:

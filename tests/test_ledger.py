@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 from redis.asyncio import Redis
@@ -9,7 +10,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker_svc.service import Ledger
+from worker_svc.ledger import COIN_BATCH, Ledger
 
 
 class ReplyDroppingProxy:
@@ -146,3 +147,40 @@ async def test_a_chunked_drain_cut_short_resumes_and_counts_once(lossy) -> None:
     assert ledger.pending_coins == 0 and ledger.unflushed_hashes == 0
     await ledger.flush(client)
     assert int(await direct.get("hashes")) == 220
+
+
+async def test_the_backlog_bound_pauses_mining_until_redis_takes_half(redis_url, caplog) -> None:
+    """Coins worth a write wake the flusher; at the bound mining pauses (said once), and it
+    resumes (said once) only after a flush that leaves half the bound or less."""
+    redis = Redis.from_url(redis_url)
+    ledger = Ledger("worker-under-test", chunk=COIN_BATCH, max_pending=2 * COIN_BATCH)
+    units = iter(range(1_000_000))
+
+    def unit(coins: int) -> dict[str, bytes]:
+        return {f"0{next(units):063x}": b"c" * 32 for _ in range(coins)}
+
+    caplog.set_level(logging.INFO, logger="worker_svc.ledger")
+    ledger.add(10, unit(COIN_BATCH - 1))
+    assert not ledger.coins_waiting.is_set() and ledger.room.is_set()
+    ledger.add(10, unit(1))
+    assert ledger.coins_waiting.is_set() and ledger.room.is_set()
+    ledger.add(10, unit(COIN_BATCH))
+    ledger.add(10, unit(COIN_BATCH // 2))
+    assert not ledger.room.is_set()
+    paused = [r.getMessage() for r in caplog.records if "mining paused" in r.getMessage()]
+    assert paused == [
+        f"mining paused: {2 * COIN_BATCH} coins not yet in Redis "
+        f"(DOCKERCOINS_WORKER_MAX_PENDING_COINS={2 * COIN_BATCH}); resuming once Redis takes them"
+    ]
+    ledger.make_room()
+    assert not ledger.room.is_set(), "nothing written yet"
+
+    await ledger.flush(redis, coins_only=True)
+    ledger.make_room()
+    assert ledger.room.is_set() and ledger.pending_coins == 0
+    assert await redis.hlen("wallet") == 2 * COIN_BATCH + COIN_BATCH // 2
+    assert [r.getMessage() for r in caplog.records if "mining" in r.getMessage()] == [
+        paused[0],
+        "mining resumed: Redis took the backlog",
+    ]
+    await redis.aclose()

@@ -1,7 +1,6 @@
 """The web UI's logic: sample the counters from Redis, keep a rolling history, fit the rate."""
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -12,8 +11,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from dockercoins import stages
-from dockercoins.rate import DEFAULT_WINDOW, Rate, Sample, window_rate
-from dockercoins.redis_store import BadData, Totals, is_mining, live_heartbeats, read_totals
+from dockercoins.counter_sampler import CounterSampler
+from dockercoins.rate import DEFAULT_WINDOW, Rate, window_rate
+from dockercoins.redis_store import BadData, Totals, is_mining, live_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ class SpeedMonitor:
         self.point_interval = point_interval
         self.window = window
         self.history = history
-        self.samples: deque[Sample] = deque()
+        self.counter = CounterSampler.of_redis(redis, sample_interval, keep=window + 1)
+        """The `hashes` counter of the last `window` + 1 seconds, read every `sample_interval`."""
         self.points: deque[ChartPoint] = deque()
         self.marks: deque[WorkerMark] = deque()
         self.totals: Totals | None = None
@@ -179,6 +180,7 @@ class SpeedMonitor:
         self.error: str | None = "Redis not read yet"
         self.status = "redis-unreachable"
         self._seq = 0
+        self._next_point = 0.0
         self._outage = False
         self._clock_offset = 0.0
         self._tick = asyncio.Event()
@@ -198,7 +200,7 @@ class SpeedMonitor:
         Redis error or bad data: the page shows the reason, the chart a gap)."""
         try:
             async with asyncio.timeout(READ_TIMEOUT):
-                totals = await read_totals(self.redis)
+                reading = await self.counter.read()
                 heartbeats = await live_heartbeats(self.redis)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.info("memory")  # both INFO: ~25 µs of Redis's time each sample
@@ -221,6 +223,7 @@ class SpeedMonitor:
             if self.status in ("bad-data", "redis-full"):
                 log.info("Redis is back to normal: its data as expected, room for writes")
             self.status, self.error = "live", None
+        totals = reading.totals
         self._clock_offset = totals.now - time.time()
         self.totals = totals
         self.rng_modes = rng_modes(heartbeats)
@@ -228,10 +231,8 @@ class SpeedMonitor:
             h["latency"] for h in heartbeats if isinstance(h.get("latency"), dict)
         )
         self._count_workers(sum(map(is_mining, heartbeats)), totals.now)
-        self.samples.append(Sample(totals.now, totals.hashes))
-        while self.samples and self.samples[0].time < totals.now - self.window - 1:
-            self.samples.popleft()
-        self.rate = window_rate(self.samples, self.window)
+        self.counter.add(reading)
+        self.rate = window_rate(self.counter.samples(), self.window)
 
     @property
     def rng_mode(self) -> str | None:
@@ -274,19 +275,17 @@ class SpeedMonitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample until `stop` is set, adding a chart point every `point_interval`."""
-        next_point = time.monotonic() + self.point_interval
-        while not stop.is_set():
-            started = time.monotonic()
-            await self.sample_once()
-            if time.monotonic() >= next_point:
-                self.add_point()
-                next_point += self.point_interval
-                next_point = max(next_point, time.monotonic())
-            pause = max(0.0, self.sample_interval - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):  # no task of its own, unlike wait_for
-                    await stop.wait()
+        self._next_point = time.monotonic() + self.point_interval
+        await self.counter.run(stop, self._sample_and_point)
         self._tick.set()  # wake the streams, so that they see `stop`
+
+    async def _sample_and_point(self) -> None:
+        """One step of `run`: a reading, and a chart point when one is due."""
+        await self.sample_once()
+        if time.monotonic() >= self._next_point:
+            self.add_point()
+            self._next_point += self.point_interval
+            self._next_point = max(self._next_point, time.monotonic())
 
     async def next_point(self) -> None:
         """Wait until the next chart point is added."""

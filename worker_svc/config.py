@@ -6,6 +6,19 @@ from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.service_main import Flag
 from dockercoins.settings import MetricsSettings, TlsSettings
 
+READINESS = "readiness"
+"""Health service that says whether the worker mines now (the overall status "" says the same)."""
+
+READINESS_SERVICES = ("", READINESS)
+"""The health services that report readiness: the overall status and `readiness`."""
+
+LIVENESS = "liveness"
+"""Health service that says whether the worker's loops still step (restart it if not)."""
+
+HEALTH_TICK = 0.25
+"""Seconds between two evaluations of readiness and liveness (and two looks of the watchdog of a
+stream session with nothing in flight)."""
+
 
 class WorkerSettings(TlsSettings, MetricsSettings):
     """DOCKERCOINS_WORKER_* settings plus the addresses of rng, hasher and Redis."""

@@ -11,19 +11,12 @@ from dockercoins.grpcserver import GrpcServer
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.redis_store import connect
-from dockercoins.tls import channel_credentials, server_credentials
-from worker_svc.config import WorkerSettings
+from dockercoins.tls import channel_credentials
+from worker_svc.config import LIVENESS, READINESS_SERVICES, WorkerSettings
 from worker_svc.metrics import watch_ledger
 from worker_svc.service import Miner
 
 log = logging.getLogger(__name__)
-
-
-READINESS = "readiness"
-"""Health service that says whether the worker mines now (the overall status "" says the same)."""
-
-LIVENESS = "liveness"
-"""Health service that says whether the worker's loops still step (restart it if not)."""
 
 _STATUS = {
     True: health_pb2.HealthCheckResponse.SERVING,
@@ -38,16 +31,11 @@ async def serve(settings: WorkerSettings) -> None:
     report: Callable[[bool, bool], Awaitable[None]] | None = None
     if settings.worker_health_port:
         health = GrpcServer("worker", [])
-        health.bind(
-            settings.host,
-            settings.worker_health_port,
-            "DOCKERCOINS_WORKER_HEALTH_PORT",
-            server_credentials(settings),
-        )
+        health.listen(settings, "worker_health_port")
         servicer = health.health
 
         async def report(ready: bool, live: bool) -> None:
-            for name in ("", READINESS):
+            for name in READINESS_SERVICES:
                 await servicer.set(name, _STATUS[ready])
             await servicer.set(LIVENESS, _STATUS[live])
 
@@ -79,7 +67,7 @@ async def serve(settings: WorkerSettings) -> None:
         if not running.done():
             log.info("worker stopping: finishing the unit in hand")
             if health is not None:
-                for name in ("", READINESS):
+                for name in READINESS_SERVICES:
                     await health.health.set(name, _STATUS[False])
             miner.stop()
         await running  # a loop's or the flusher's failure ends the process here, traceback and all

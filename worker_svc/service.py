@@ -7,7 +7,6 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,164 +17,21 @@ from redis.exceptions import RedisError
 from dockercoins import redis_store
 from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
+from dockercoins.lifecycle import cancel_all, raise_if_cancelling
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from worker_svc.config import WorkerSettings
+from worker_svc.coins import BLOCK_SIZE, find_coins
+from worker_svc.config import HEALTH_TICK, WorkerSettings
+from worker_svc.ledger import Ledger
 from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
+from worker_svc.stream import StreamBroken, StreamSession
 
 log = logging.getLogger(__name__)
-
-BLOCK_SIZE = 32
-"""Bytes of randomness per hash, as in the original."""
-
-DIGEST_SIZE = 32
-
-STREAM_WINDOW = 4
-"""Messages a streaming loop keeps in flight at the hasher."""
-
-COIN_BATCH = 2000
-"""Coins held before they are written ahead of the next flush, to keep the worker small."""
-
-HEALTH_TICK = 0.25
-"""Seconds between two evaluations of readiness and liveness."""
 
 PAUSE_TICK = 1.0
 """Seconds between two liveness steps of a loop waiting for room in the backlog."""
 
 Reply = TypeVar("Reply")
-
-
-def is_coin(hexdigest: str, difficulty: int = 1) -> bool:
-    """The coin rule: the hex digest starts with `difficulty` zeros."""
-    return hexdigest.startswith("0" * difficulty)
-
-
-# The first byte of a digest holds its first two hex digits: one leading zero digit means a
-# first byte below 16, two or more mean a first byte of 0. Marking the candidates with
-# bytes.translate and finding them with bytes.find keeps the scan in C; Python only sees them.
-_FIRST_BYTE_BELOW_16 = bytes(1 if value < 16 else 0 for value in range(256))
-_FIRST_BYTE_ZERO = bytes(1 if value == 0 else 0 for value in range(256))
-
-
-def find_coins(data: bytes, digests: bytes, difficulty: int = 1) -> dict[str, bytes]:
-    """Coins among a batch: hex digest -> the 32 random bytes that hashed to it."""
-    table = _FIRST_BYTE_BELOW_16 if difficulty == 1 else _FIRST_BYTE_ZERO
-    candidates = digests[::DIGEST_SIZE].translate(table)
-    coins: dict[str, bytes] = {}
-    index = candidates.find(1)
-    while index != -1:
-        digest = digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE].hex()
-        if is_coin(digest, difficulty):
-            coins[digest] = data[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE]
-        index = candidates.find(1, index + 1)
-    return coins
-
-
-class Ledger:
-    """Hashes and coins found, kept in memory until Redis has them: nothing lost, nothing twice.
-
-    Coins wait in chunks of about `chunk` coins, written one chunk per command, so that a
-    backlog left by an outage drains in steps that each fit the Redis timeout.
-    """
-
-    def __init__(self, writer: str = "", chunk: int = 10_000) -> None:
-        self.writer = writer
-        self.chunk = chunk
-        self.total_hashes = 0
-        self.total_coins = 0
-        self.pending_hashes = 0
-        self.pending_coins = 0
-        """Coins not yet written to Redis."""
-        self._chunks: deque[dict[str, bytes]] = deque([{}])
-        self.flushed_hashes = 0
-        """Hashes known to be in the counter."""
-        self._sequence = 0
-        self._in_doubt: tuple[int, int] | None = None
-        """A count sent whose fate is unknown: (sequence, hashes), resent as it was."""
-
-    @property
-    def unflushed_hashes(self) -> int:
-        """Hashes not known to be in Redis."""
-        return self.pending_hashes + (self._in_doubt[1] if self._in_doubt else 0)
-
-    def add(self, hashes: int, coins: dict[str, bytes]) -> None:
-        """Record a finished unit of work."""
-        self.total_hashes += hashes
-        self.pending_hashes += hashes
-        if coins:
-            self.total_coins += len(coins)
-            tail = self._chunks[-1]
-            if len(tail) >= self.chunk:
-                tail = {}
-                self._chunks.append(tail)
-            before = len(tail)
-            tail.update(coins)
-            self.pending_coins += len(tail) - before
-
-    def _take_chunk(self) -> dict[str, bytes]:
-        """The oldest pending chunk, no longer pending (new coins go to a fresh one)."""
-        chunk = self._chunks.popleft()
-        if not self._chunks:
-            self._chunks.append({})
-        self.pending_coins -= len(chunk)
-        return chunk
-
-    def _give_back(self, chunk: dict[str, bytes]) -> None:
-        if chunk:
-            self._chunks.appendleft(chunk)
-            self.pending_coins += len(chunk)
-
-    async def flush(
-        self,
-        redis: Redis,
-        coins_only: bool = False,
-        heartbeat: redis_store.Heartbeat | None = None,
-        step: Callable[[], object] = lambda: None,
-    ) -> None:
-        """Write what is pending, a chunk of coins per round trip; on error it stays pending.
-
-        The chunks pending when the flush starts are written, the last one in the same round
-        trip as the count. A count whose reply was lost is resent with its own sequence
-        number, which Redis recognises if it did apply it: the counter never counts it twice.
-        A `heartbeat` is sent with the count and reports `hashes_flushed` as of it. `step` is
-        called after each round trip.
-        """
-        if self._in_doubt is not None:
-            sequence, doubtful = self._in_doubt
-            await redis_store.record(redis, doubtful, {}, self.writer, sequence)
-            self._in_doubt = None
-            self.flushed_hashes += doubtful
-            step()
-        chunks = sum(1 for chunk in self._chunks if chunk)
-        for _ in range(chunks if coins_only else chunks - 1):
-            chunk = self._take_chunk()
-            try:
-                await redis_store.record(redis, 0, chunk)
-            except BaseException:
-                self._give_back(chunk)
-                raise
-            step()
-        if coins_only:
-            return
-        hashes = self.pending_hashes
-        coins = self._take_chunk() if self.pending_coins else {}
-        if not hashes and not coins and heartbeat is None:
-            return
-        if hashes:
-            self._sequence += 1
-        self.pending_hashes -= hashes
-        if heartbeat is not None:
-            info = {**heartbeat.info, "hashes_flushed": self.flushed_hashes + hashes}
-            heartbeat = redis_store.Heartbeat(heartbeat.worker, info, heartbeat.ttl)
-        try:
-            await redis_store.record(redis, hashes, coins, self.writer, self._sequence, heartbeat)
-        except BaseException:
-            if hashes:
-                self._in_doubt = (self._sequence, hashes)
-            self._give_back(coins)
-            raise
-        self.flushed_hashes += hashes
-        step()
 
 
 HealthReport = Callable[[bool, bool], Awaitable[None]]
@@ -215,7 +71,9 @@ class Miner:
         self.worker_id = worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
-        self.ledger = Ledger(self.worker_id, settings.worker_flush_chunk)
+        self.ledger = Ledger(
+            self.worker_id, settings.worker_flush_chunk, settings.worker_max_pending_coins, log
+        )
         self.outages = OutageLog(log)
         self.stopping = asyncio.Event()
         self.ready = False
@@ -223,18 +81,16 @@ class Miner:
         self.live = True
         """Liveness: every loop and the flusher step."""
         self._report_health = report_health
-        self._coins_waiting = asyncio.Event()
-        self._room = asyncio.Event()
-        """Set while the backlog of unwritten coins is under its bound."""
-        self._room.set()
-        self._steps: dict[str, float] = {}
+        self._room = self.ledger.room
+        """The ledger's `room`: set while the backlog of unwritten coins is under its bound."""
+        self.steps: dict[str, float] = {}
         """Last step (time.monotonic()) of each loop and of the flusher."""
         self._last_unit = float("-inf")
         self.stage_times = (
             StageTimes(settings.worker_stage_window) if settings.worker_stage_timing else None
         )
         """Each stage of the recent units, for the heartbeat; None when timing is off."""
-        self._rng_modes: set[str] = set()
+        self.rng_modes_seen: set[str] = set()
         """The modes rng named in its replies since the last heartbeat."""
         self.rng_mode = ""
         """The mode(s) rng named lately, comma-separated if several rng disagree."""
@@ -255,8 +111,8 @@ class Miner:
         """
         body = self._stream_loop if self.settings.worker_streaming else self._unary_loop
         now = time.monotonic()
-        self._steps = {f"loop-{n}": now for n in range(self.settings.worker_loops)}
-        self._steps["flusher"] = now
+        self.steps = {f"loop-{n}": now for n in range(self.settings.worker_loops)}
+        self.steps["flusher"] = now
         loops = [
             asyncio.create_task(body(n), name=f"loop-{n}")
             for n in range(self.settings.worker_loops)
@@ -277,10 +133,10 @@ class Miner:
                 self.stop()
             stopped_at = time.monotonic()
             _, late = await asyncio.wait(loops, timeout=self.settings.grace / 2)
-            await _cancel_all(list(late))
+            await cancel_all(list(late))
             failed += [task for task in loops if not task.cancelled() and task.exception()]
         finally:
-            await _cancel_all([*background, stop])
+            await cancel_all([*background, stop])
         await self._final_flush(stopped_at + max(self.settings.grace, 1.0))
         for task in failed:
             error = None if task.cancelled() else task.exception()
@@ -293,7 +149,7 @@ class Miner:
             raise error
 
     def _step(self, step: str) -> None:
-        self._steps[step] = time.monotonic()
+        self.steps[step] = time.monotonic()
 
     async def _think(self) -> bool:
         """Sleep the think time; False if the worker was told to stop meanwhile."""
@@ -301,7 +157,7 @@ class Miner:
             return not self.stopping.is_set()
         return not await _wait_for_event(self.stopping, self.settings.worker_think_time)
 
-    async def _next_unit(self, step: str) -> float | None:
+    async def next_unit(self, step: str) -> float | None:
         """Wait for room in the backlog, then think; the seconds spent waiting for room (for
         Redis to take the backlog), or None once the worker is stopping."""
         paused = 0.0
@@ -313,22 +169,12 @@ class Miner:
             paused = time.monotonic() - started
         return paused if await self._think() else None
 
-    def _record(self, step: str, data: bytes, digests: bytes) -> dict[str, bytes]:
-        """Count a finished unit; wake the flusher, or pause, as the backlog grows."""
+    def record(self, step: str, data: bytes, digests: bytes) -> dict[str, bytes]:
+        """Count a finished unit (the ledger wakes the flusher, or pauses, as the backlog
+        grows); its coins."""
         coins = find_coins(data, digests, self.settings.difficulty)
         self.ledger.add(len(data) // BLOCK_SIZE, coins)
-        self._last_unit = self._steps[step] = time.monotonic()
-        pending = self.ledger.pending_coins
-        if pending >= COIN_BATCH:
-            self._coins_waiting.set()
-            if pending >= self.settings.worker_max_pending_coins and self._room.is_set():
-                self._room.clear()
-                log.warning(
-                    "mining paused: %d coins not yet in Redis "
-                    "(DOCKERCOINS_WORKER_MAX_PENDING_COINS=%d); resuming once Redis takes them",
-                    pending,
-                    self.settings.worker_max_pending_coins,
-                )
+        self._last_unit = self.steps[step] = time.monotonic()
         return coins
 
     async def _unary_loop(self, index: int) -> None:
@@ -336,7 +182,7 @@ class Miner:
         step = f"loop-{index}"
         while True:
             started = time.monotonic()
-            paused = await self._next_unit(step)
+            paused = await self.next_unit(step)
             if paused is None:
                 return
             try:
@@ -361,7 +207,7 @@ class Miner:
                 timeout=self.settings.rpc_timeout,
             ),
         )
-        self._rng_modes.add(random.mode)
+        self.rng_modes_seen.add(random.mode)
         fetched = time.monotonic()
         hashed = await self._call(
             "hasher",
@@ -372,7 +218,7 @@ class Miner:
             ),
         )
         answered = time.monotonic()
-        for digest in self._record(step, random.data, hashed.digests):
+        for digest in self.record(step, random.data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
         if self.stage_times is not None and started is not None:
             self.stage_times.add(
@@ -412,8 +258,8 @@ class Miner:
         while not self.stopping.is_set():
             self._step(step)
             try:
-                answered = await self._stream_session(index, step)
-            except _StreamBroken as broken:
+                answered = await StreamSession(self, index, step).run()
+            except StreamBroken as broken:
                 WORKER_ERRORS.labels(broken.upstream, broken.reason.split(":")[0]).inc()
                 if broken.answered and not broken.stalled:
                     # A stream that worked and then ended (a server going away, a connection
@@ -430,129 +276,6 @@ class Miner:
             if await self._stopped_within(backoff.next_delay()):
                 return
 
-    async def _stream_session(self, index: int, step: str) -> int:
-        """One pair of streams: a writer sends rng's batches to hasher, a reader takes the digests.
-
-        Returns the number of batches answered when the worker stops (after the batches in
-        flight are answered) or when rng ends its stream cleanly. Raises _StreamBroken when a
-        stream fails, or when a peer keeps the worker waiting longer than the deadline: rng
-        for its next batch, hasher for the oldest unanswered one or for the end of the
-        stream. The session then cancels both calls and both tasks, whatever they wait on (a
-        read, a write held by HTTP/2 flow control, the window).
-        """
-        rng_stub = rng_pb2_grpc.RngStub(self.rng.channels[index % len(self.rng.channels)])
-        hasher_stub = hasher_pb2_grpc.HasherStub(
-            self.hasher.channels[index % len(self.hasher.channels)]
-        )
-        opened = time.monotonic()
-        randoms = rng_stub.StreamRandom(
-            rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch)
-        )
-        hashes = hasher_stub.HashStream()
-        deadline = self.settings.rpc_timeout
-        # Batches at hasher: data, when sent, and the unit's think, rng and pause seconds.
-        in_flight: deque[tuple[bytes, float, float, float, float]] = deque()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        rng_asked: float | None = None
-        closing: float | None = None
-        answered = 0
-        rng_seconds = WORKER_RPC_SECONDS.labels("rng")
-        hasher_seconds = WORKER_RPC_SECONDS.labels("hasher")
-        clock = time.monotonic
-        stage_times = self.stage_times
-        rng_modes = self._rng_modes
-
-        async def write() -> None:
-            nonlocal rng_asked, closing
-            while True:
-                await window.acquire()
-                started = clock()  # a unit starts when it has its place in the window
-                paused = await self._next_unit(step)
-                if paused is None:
-                    break
-                asked = rng_asked = clock()
-                reply = await _read(randoms, "rng")
-                if reply is None:
-                    break  # rng ended the stream (e.g. max connection age): reopen
-                sent = self._steps[step] = clock()
-                rng_seconds.observe(sent - asked)
-                rng_asked = None
-                rng_modes.add(reply.mode)
-                in_flight.append((reply.data, sent, asked - started - paused, sent - asked, paused))
-                await _write(
-                    hashes, hasher_pb2.HashRequest(data=reply.data, block_size=BLOCK_SIZE, raw=True)
-                )
-                self.outages.recovered("rng")
-            rng_asked = None
-            closing = clock()
-            await _write(hashes, None)
-
-        async def read() -> None:
-            nonlocal answered
-            while True:
-                reply = await _read(hashes, "hasher")
-                if reply is None:
-                    return
-                if not in_flight:
-                    raise _StreamBroken("hasher", ValueError("a reply to no request"))
-                data, sent, think, rng, paused = in_flight.popleft()
-                hashed = clock()
-                hasher_seconds.observe(hashed - sent)
-                answered += 1
-                self._record(step, data, reply.digests)
-                if stage_times is not None:
-                    stage_times.add(think, rng, hashed - sent, paused + clock() - hashed)
-                self.outages.recovered("hasher")
-                window.release()
-
-        async def watch() -> tuple[str, float]:
-            """The first peer to keep this session waiting past the deadline, and since when."""
-            while True:
-                waits = []
-                if rng_asked is not None:
-                    waits.append((rng_asked, "rng"))
-                if in_flight:
-                    waits.append((in_flight[0][1], "hasher"))
-                elif closing is not None:
-                    waits.append((closing, "hasher"))
-                now = clock()
-                if not waits:
-                    await asyncio.sleep(min(deadline / 4, HEALTH_TICK))
-                    continue
-                since, upstream = min(waits)
-                if now - since >= deadline:
-                    return upstream, since
-                await asyncio.sleep(since + deadline - now)
-
-        writer = asyncio.create_task(write(), name=f"{step}-writer")
-        reader = asyncio.create_task(read(), name=f"{step}-reader")
-        watchdog = asyncio.create_task(watch(), name=f"{step}-watchdog")
-        tasks = {writer: "rng", reader: "hasher", watchdog: ""}
-        try:
-            pending: set[asyncio.Task[Any]] = set(tasks)
-            while True:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if watchdog in done:
-                    upstream, since = watchdog.result()
-                    raise _StreamBroken(
-                        upstream, TimeoutError(f"no reply within {deadline:g} s"), since, True
-                    )
-                for task in done:
-                    if task.cancelled():  # grpc.aio raises CancelledError for a cancelled call
-                        raise _StreamBroken(tasks[task], asyncio.CancelledError("call cancelled"))
-                    task.result()
-                if reader in done:
-                    return answered
-        except _StreamBroken as broken:
-            broken.answered = answered
-            if broken.started is None:
-                broken.started = opened
-            raise
-        finally:
-            randoms.cancel()
-            hashes.cancel()
-            await _cancel_all(list(tasks))
-
     async def flush_counters(self) -> bool:
         """Flush pending hashes and coins and renew the heartbeat; False if Redis failed."""
         info: dict[str, Any] = {
@@ -560,8 +283,8 @@ class Miner:
             "loops": self.settings.worker_loops,
             "mining": self.ready,
         }
-        seen = sorted(self._rng_modes - {""})  # "": an rng that does not name its mode
-        self._rng_modes.clear()
+        seen = sorted(self.rng_modes_seen - {""})  # "": an rng that does not name its mode
+        self.rng_modes_seen.clear()
         if seen:
             self.rng_mode = ",".join(seen)
         if self.rng_mode:
@@ -582,16 +305,12 @@ class Miner:
                 self.redis, coins_only, heartbeat, step=lambda: self._step("flusher")
             )
         except (RedisError, OSError) as exc:
-            _raise_if_cancelling()
+            raise_if_cancelling()
             WORKER_ERRORS.labels("redis", type(exc).__name__).inc()
             self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
             return False
         self.outages.recovered("redis")
-        if not self._room.is_set() and (
-            self.ledger.pending_coins <= self.settings.worker_max_pending_coins // 2
-        ):
-            self._room.set()
-            log.info("mining resumed: Redis took the backlog")
+        self.ledger.make_room()
         return True
 
     async def _flush_periodically(self) -> None:
@@ -604,8 +323,8 @@ class Miner:
             if self.outages.is_down("redis"):
                 await asyncio.sleep(wait)  # coins piling up change nothing until the next try
             else:
-                await _wait_for_event(self._coins_waiting, wait)
-            self._coins_waiting.clear()
+                await _wait_for_event(self.ledger.coins_waiting, wait)
+            self.ledger.coins_waiting.clear()
             if time.monotonic() >= due:
                 due = time.monotonic() + interval
                 await self.flush_counters()
@@ -636,7 +355,7 @@ class Miner:
             now = time.monotonic()
             was = reason
             reason = self._readiness(now)
-            stuck = _stale(self._steps, now - limit) if not self.stopping.is_set() else []
+            stuck = _stale(self.steps, now - limit) if not self.stopping.is_set() else []
             ready, live = not reason, not stuck
             if not was and reason.startswith("no unit"):
                 log.warning("not ready: %s", reason)
@@ -680,18 +399,6 @@ class Miner:
         await self.redis.delete(redis_store.WORKER_KEY_PREFIX + self.worker_id)
 
 
-async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait until every one has ended, cancelling again if one lingers."""
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-        if pending:
-            names = ", ".join(task.get_name() for task in pending)
-            log.warning("%s did not end when cancelled; cancelling again", names)
-
-
 async def _wait_for_event(event: asyncio.Event, seconds: float) -> bool:
     """Wait until `event` is set, for at most `seconds`; whether it is set.
 
@@ -702,20 +409,8 @@ async def _wait_for_event(event: asyncio.Event, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await event.wait()
-        _raise_if_cancelling()
+        raise_if_cancelling()
     return event.is_set()
-
-
-def _raise_if_cancelling() -> None:
-    """Raise CancelledError if this task is being cancelled.
-
-    A cancellation can reach a coroutine as another error: a library's timeout that expires
-    as the task is cancelled raises TimeoutError, an OSError; caught as an outage, it would
-    keep a cancelled loop running.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _stale(steps: dict[str, float], before: float) -> list[str]:
@@ -725,49 +420,3 @@ def _stale(steps: dict[str, float], before: float) -> list[str]:
 
 class _Abandoned(Exception):
     """The unit in hand was given up because the worker is stopping during an outage."""
-
-
-class _StreamBroken(Exception):
-    """A stream to `upstream` failed or stalled; the loop reopens both streams.
-
-    `started`: when the failed wait began (time.monotonic()); `stalled`: the peer was silent
-    past the deadline; `answered`: batches the session had answered before.
-    """
-
-    def __init__(
-        self,
-        upstream: str,
-        cause: BaseException,
-        started: float | None = None,
-        stalled: bool = False,
-    ) -> None:
-        if isinstance(cause, grpc.aio.AioRpcError):
-            reason = f"{cause.code().name}: {cause.details()}"
-        else:
-            reason = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"{upstream}: {reason}")
-        self.upstream = upstream
-        self.reason = reason
-        self.started = started
-        self.stalled = stalled
-        self.answered = 0
-
-
-async def _read(call: Any, upstream: str) -> Any:
-    """The next message of a stream, None at its end; failures become _StreamBroken."""
-    try:
-        reply = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        raise _StreamBroken(upstream, exc) from None
-    return None if reply is grpc.aio.EOF else reply
-
-
-async def _write(call: Any, request: Any) -> None:
-    """Send `request` on a client stream, or half-close it (None); failures become _StreamBroken."""
-    try:
-        if request is None:
-            await call.done_writing()
-        else:
-            await call.write(request)
-    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-        raise _StreamBroken("hasher", exc) from None

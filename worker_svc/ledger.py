@@ -1,0 +1,155 @@
+"""The exactly-once ledger: work not yet in Redis, flushed in chunks, under a bound."""
+
+import asyncio
+import logging
+import sys
+from collections import deque
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from dockercoins import redis_store
+
+log = logging.getLogger(__name__)
+
+COIN_BATCH = 2000
+"""Coins held before they are written ahead of the next flush, to keep the worker small."""
+
+
+class Ledger:
+    """Hashes and coins found, kept in memory until Redis has them: nothing lost, nothing twice.
+
+    Coins wait in chunks of about `chunk` coins, written one chunk per command, so that a
+    backlog left by an outage drains in steps that each fit the Redis timeout. At
+    `max_pending` coins not yet written, `room` is cleared (mining pauses) until Redis has
+    taken half of them; pausing and resuming are told on `logger`.
+    """
+
+    def __init__(
+        self,
+        writer: str = "",
+        chunk: int = 10_000,
+        max_pending: int = sys.maxsize,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.writer = writer
+        self.chunk = chunk
+        self.max_pending = max_pending
+        self.log = logger
+        self.total_hashes = 0
+        self.total_coins = 0
+        self.pending_hashes = 0
+        self.pending_coins = 0
+        """Coins not yet written to Redis."""
+        self._chunks: deque[dict[str, bytes]] = deque([{}])
+        self.flushed_hashes = 0
+        """Hashes known to be in the counter."""
+        self._sequence = 0
+        self._in_doubt: tuple[int, int] | None = None
+        """A count sent whose fate is unknown: (sequence, hashes), resent as it was."""
+        self.coins_waiting = asyncio.Event()
+        """Set once COIN_BATCH coins wait: worth writing before the next flush."""
+        self.room = asyncio.Event()
+        """Set while the backlog of unwritten coins is under its bound."""
+        self.room.set()
+
+    @property
+    def unflushed_hashes(self) -> int:
+        """Hashes not known to be in Redis."""
+        return self.pending_hashes + (self._in_doubt[1] if self._in_doubt else 0)
+
+    def add(self, hashes: int, coins: dict[str, bytes]) -> None:
+        """Record a finished unit of work; wake the flusher, or pause, as the backlog grows."""
+        self.total_hashes += hashes
+        self.pending_hashes += hashes
+        if coins:
+            self.total_coins += len(coins)
+            tail = self._chunks[-1]
+            if len(tail) >= self.chunk:
+                tail = {}
+                self._chunks.append(tail)
+            before = len(tail)
+            tail.update(coins)
+            self.pending_coins += len(tail) - before
+        pending = self.pending_coins
+        if pending >= COIN_BATCH:
+            self.coins_waiting.set()
+            if pending >= self.max_pending and self.room.is_set():
+                self.room.clear()
+                self.log.warning(
+                    "mining paused: %d coins not yet in Redis "
+                    "(DOCKERCOINS_WORKER_MAX_PENDING_COINS=%d); resuming once Redis takes them",
+                    pending,
+                    self.max_pending,
+                )
+
+    def make_room(self) -> None:
+        """After a flush: resume mining once Redis has taken half the bound."""
+        if not self.room.is_set() and self.pending_coins <= self.max_pending // 2:
+            self.room.set()
+            self.log.info("mining resumed: Redis took the backlog")
+
+    def _take_chunk(self) -> dict[str, bytes]:
+        """The oldest pending chunk, no longer pending (new coins go to a fresh one)."""
+        chunk = self._chunks.popleft()
+        if not self._chunks:
+            self._chunks.append({})
+        self.pending_coins -= len(chunk)
+        return chunk
+
+    def _give_back(self, chunk: dict[str, bytes]) -> None:
+        if chunk:
+            self._chunks.appendleft(chunk)
+            self.pending_coins += len(chunk)
+
+    async def flush(
+        self,
+        redis: Redis,
+        coins_only: bool = False,
+        heartbeat: redis_store.Heartbeat | None = None,
+        step: Callable[[], object] = lambda: None,
+    ) -> None:
+        """Write what is pending, a chunk of coins per round trip; on error it stays pending.
+
+        The chunks pending when the flush starts are written, the last one in the same round
+        trip as the count. A count whose reply was lost is resent with its own sequence
+        number, which Redis recognises if it did apply it: the counter never counts it twice.
+        A `heartbeat` is sent with the count and reports `hashes_flushed` as of it. `step` is
+        called after each round trip.
+        """
+        if self._in_doubt is not None:
+            sequence, doubtful = self._in_doubt
+            await redis_store.record(redis, doubtful, {}, self.writer, sequence)
+            self._in_doubt = None
+            self.flushed_hashes += doubtful
+            step()
+        chunks = sum(1 for chunk in self._chunks if chunk)
+        for _ in range(chunks if coins_only else chunks - 1):
+            chunk = self._take_chunk()
+            try:
+                await redis_store.record(redis, 0, chunk)
+            except BaseException:
+                self._give_back(chunk)
+                raise
+            step()
+        if coins_only:
+            return
+        hashes = self.pending_hashes
+        coins = self._take_chunk() if self.pending_coins else {}
+        if not hashes and not coins and heartbeat is None:
+            return
+        if hashes:
+            self._sequence += 1
+        self.pending_hashes -= hashes
+        if heartbeat is not None:
+            info = {**heartbeat.info, "hashes_flushed": self.flushed_hashes + hashes}
+            heartbeat = redis_store.Heartbeat(heartbeat.worker, info, heartbeat.ttl)
+        try:
+            await redis_store.record(redis, hashes, coins, self.writer, self._sequence, heartbeat)
+        except BaseException:
+            if hashes:
+                self._in_doubt = (self._sequence, hashes)
+            self._give_back(coins)
+            raise
+        self.flushed_hashes += hashes
+        step()
