@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import dockercoins_cmd, service_env
+from tests.support import dockercoins_cmd, run_cli, service_env
 
 FAST_COSTS = {
     "rng_read_cost": 0.01,
@@ -146,13 +146,7 @@ def alive(pid: int) -> bool:
 
 def scale(data_dir: Path, *counts: str) -> subprocess.CompletedProcess[str]:
     """`dockercoins scale worker=N ...` against the stack using `data_dir`."""
-    return subprocess.run(
-        dockercoins_cmd("scale", *counts),
-        env=service_env(data_dir=data_dir),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("scale", *counts, env=service_env(data_dir=data_dir), timeout=60)
 
 
 class ServiceProcesses:

@@ -7,17 +7,11 @@ import subprocess
 import pytest
 
 from dockercoins_tools.cost_model import profile_costs
-from tests.conftest import dockercoins_cmd, service_env
+from tests.support import run_cli
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        dockercoins_cmd("bench", "--quick", *args),
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_cli("bench", "--quick", *args, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

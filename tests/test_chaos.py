@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
 from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.conftest import service_env
 from tests.stack import LoggedProcess, wait_until
+from tests.support import service_env
 
 PAUSE = 2.5
 """Seconds a peer is paused: well past the worker's 1 s deadline."""

@@ -30,7 +30,7 @@ import yaml
 
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
-from tests.conftest import ROOT, skip_unless_ci
+from tests.support import ROOT, skip_unless_ci
 from tests.test_deploy import compose_binary, tool
 
 COST = 0.05

@@ -9,17 +9,11 @@ import sys
 import pytest
 
 from dockercoins.service_main import COMMON_FLAGS
-from tests.conftest import dockercoins_cmd, service_env
+from tests.support import dockercoins_cmd, run_cli, service_env
 
 
 def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        dockercoins_cmd(*args),
-        env=service_env(**settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, env=service_env(**settings), timeout=timeout)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import re
 
 from dockercoins_tools.cli import settings_table
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_readme_settings_table_matches_the_settings_classes() -> None:

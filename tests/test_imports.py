@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 PACKAGES = ("dockercoins", "dockercoins_tools", "rng_svc", "hasher_svc", "worker_svc", "webui")
 LAYERS = "the tools over the services over the core"

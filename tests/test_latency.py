@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 
 from dockercoins.net import free_port
 from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.conftest import service_env
 from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
+from tests.support import service_env
 from tests.test_worker import start_worker
 
 COST = FAST_COSTS["worker_think_time"]

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import pytest
 from dockercoins.backoff import Backoff
 from dockercoins_tools.launcher.stack import _wait_until
 from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
-from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, alive, get_json, scale
+from tests.support import run_cli, service_env
 
 
 @pytest.fixture
@@ -116,13 +115,7 @@ def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     running.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        hung = subprocess.run(
-            dockercoins_cmd("scale", "worker=1"),
-            env=service_env(data_dir=data, control_timeout=1),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        hung = run_cli("scale", "worker=1", env=service_env(data_dir=data, control_timeout=1))
         assert time.monotonic() - started < 10
     finally:
         running.proc.send_signal(signal.SIGCONT)
@@ -144,11 +137,9 @@ def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_pa
         (others, f"DOCKERCOINS_DATA_DIR: {others} belongs to uid "),
         (too_long, "DOCKERCOINS_DATA_DIR: the control socket's path would be "),
     ]:
-        result = subprocess.run(
-            dockercoins_cmd("up"),
+        result = run_cli(
+            "up",
             env=service_env(rng_port=0, hasher_port=0, webui_port=0, data_dir=data_dir),
-            capture_output=True,
-            text=True,
             timeout=60,
         )
         assert result.returncode == 2, result.stderr
@@ -163,11 +154,9 @@ def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            dockercoins_cmd("up"),
+        result = run_cli(
+            "up",
             env=service_env(webui_port=port, rng_port=0, hasher_port=0, data_dir=tmp_path),
-            capture_output=True,
-            text=True,
             timeout=60,
         )
     assert result.returncode == 2
@@ -176,13 +165,7 @@ def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
 
 
 def test_scale_without_a_running_stack_says_so(tmp_path) -> None:
-    result = subprocess.run(
-        dockercoins_cmd("scale", "worker=2"),
-        env=service_env(data_dir=tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("scale", "worker=2", env=service_env(data_dir=tmp_path))
     assert result.returncode == 2
     assert "no running `dockercoins up` found" in result.stderr
 

@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+from rng_svc.config import RngSettings
 from tests.stack import RunningStack, wait_until
 
 
@@ -75,11 +76,12 @@ def test_every_service_exports_its_metrics(stack) -> None:
     assert value(rng, "grpc_server_handling_seconds_count", **method) > 10
     assert value(rng, "dockercoins_rng_refills_total") >= 1
     assert value(rng, "dockercoins_rng_entropy_reads_total") >= 1
-    assert (
-        0
-        <= value(rng, "dockercoins_rng_buffer_bytes")
-        <= value(rng, "dockercoins_rng_buffer_capacity_bytes")
-    )
+    # The buffer's gauges are there (a missing one would read 0 in `value`), the capacity is the
+    # default setting's, and the level within it.
+    capacity = RngSettings.model_fields["rng_buffer_size"].default
+    assert value(rng, "dockercoins_rng_buffer_capacity_bytes") == capacity
+    assert ("dockercoins_rng_buffer_bytes", frozenset()) in rng
+    assert 0 <= value(rng, "dockercoins_rng_buffer_bytes") <= capacity
     assert ("dockercoins_rng_underruns_total", frozenset()) in rng
     streamed = {"grpc_service": "dockercoins.v1.Rng", "grpc_method": "StreamRandom"}
     assert value(rng, "grpc_server_msg_sent_total", **streamed) == 3  # written, not yielded
@@ -98,6 +100,7 @@ def test_every_service_exports_its_metrics(stack) -> None:
         worker = scrape(endpoints[name])
         hashes = value(worker, "dockercoins_worker_hashes_total")
         assert hashes > 5
+        assert ("dockercoins_worker_coins_total", frozenset()) in worker
         assert value(worker, "dockercoins_worker_coins_total") <= hashes
         assert value(worker, "dockercoins_worker_rpc_seconds_count", upstream="rng") > 5
         assert value(worker, "dockercoins_worker_rpc_seconds_count", upstream="hasher") > 5

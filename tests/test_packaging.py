@@ -11,7 +11,7 @@ import pytest
 
 from dockercoins_tools.launcher.settings import StackSettings
 from dockercoins_tools.services import SERVICES
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # linux/arm64 (Apple Silicon under Docker, Graviton): the tags its wheels carry.

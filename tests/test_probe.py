@@ -10,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, get_json
+from tests.support import dockercoins_cmd, run_cli, service_env
 
 LINE = r"^{what} {addr}: seq={seq} time=(\d+\.\d) ms$"
 SUMMARY = r"^4 calls, 4 ok, 0 failed, round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms$"
 
 
 def probe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        dockercoins_cmd("probe", *args),
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("probe", *args, timeout=60)
 
 
 def check_output(result: subprocess.CompletedProcess[str], what: str, addr: str) -> list[float]:

@@ -107,12 +107,15 @@ def test_redact_url_masks_every_form_of_password() -> None:
 
 def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, tmp_path) -> None:
     url, front = secured_redis
-    # Plaintext or no password: refused, so the stack below really uses both.
-    with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=front.port, socket_timeout=2).ping()
+    # Plaintext with the password, or TLS with a wrong one or none: refused, so the stack below
+    # really uses both.
     plain = url.replace("rediss://", "redis://").split("?")[0]
-    with pytest.raises(redis.RedisError):
-        redis.Redis.from_url(plain.replace(PASSWORD, "wrong"), socket_timeout=2).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(plain, socket_timeout=2).ping()
+    for password in ("wrong", ""):
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url.replace(PASSWORD, password), socket_timeout=2).ping()
+    handshakes = front.handshakes
 
     stack = RunningStack(tmp_path / "data", ("--workers", "2", "--redis", url))
     try:
@@ -121,7 +124,8 @@ def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, t
         time.sleep(3)
         second = get_json(webui + "/json")
         assert second["hashes"] > first["hashes"]
-        assert front.handshakes >= 3  # the launcher, the web UI and the workers, all over TLS
+        # The launcher, the web UI and the workers, all over TLS.
+        assert front.handshakes >= handshakes + 3
         listed = scale(tmp_path / "data", "worker=2")
         assert listed.returncode == 0, listed.stderr
         assert stack.stop() == 0

@@ -1,7 +1,6 @@
 """TLS on every gRPC hop, with certificates this test generates: plain TLS and mutual TLS."""
 
 import socket
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +18,8 @@ from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from dockercoins_tools.launcher.stack import grpc_serving
 from hasher_svc.config import SERVICE_NAME, HasherSettings
 from hasher_svc.service import HasherServicer
-from tests.conftest import dockercoins_cmd, service_env
 from tests.stack import RunningStack, get_json
+from tests.support import run_cli, service_env
 
 
 @pytest.fixture(scope="module")
@@ -133,22 +132,13 @@ def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
         first = get_json(webui + "/json")
         time.sleep(2)
         assert get_json(webui + "/json")["hashes"] > first["hashes"]
-        probe = subprocess.run(
-            dockercoins_cmd("probe", "rng", "--addr", rng, "--count", "2", "--interval", "0"),
+        probe = run_cli(
+            "probe", "rng", "--addr", rng, "--count", "2", "--interval", "0",
             env=service_env(**cert),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        )  # fmt: skip
         assert probe.returncode == 0, probe.stdout + probe.stderr
         assert "2 calls, 2 ok, 0 failed" in probe.stdout
-        plaintext = subprocess.run(
-            dockercoins_cmd("probe", "rng", "--addr", rng, "--count", "1", "--timeout", "2"),
-            env=service_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        plaintext = run_cli("probe", "rng", "--addr", rng, "--count", "1", "--timeout", "2")
         assert plaintext.returncode == 1
         assert "UNAVAILABLE" in plaintext.stdout
         assert stack.stop() == 0
@@ -157,13 +147,7 @@ def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
 
 
 def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> None:
-    result = subprocess.run(
-        dockercoins_cmd("rng", "--port", "0"),
-        env=service_env(tls_cert=pki.server_cert),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("rng", "--port", "0", env=service_env(tls_cert=pki.server_cert))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "dockercoins rng: DOCKERCOINS_TLS_KEY: DOCKERCOINS_TLS_CERT and DOCKERCOINS_TLS_KEY "
@@ -190,15 +174,8 @@ def test_bad_tls_or_metrics_settings_are_one_line(command, settings, line, tmp_p
             key: {"JUNK": junk, "BUSY": busy.getsockname()[1]}.get(value, value)
             for key, value in settings.items()
         }
-        result = subprocess.run(
-            dockercoins_cmd(command, "--port", "0")
-            if command != "worker"
-            else dockercoins_cmd(command),
-            env=service_env(**values),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        flags = ("--port", "0") if command != "worker" else ()
+        result = run_cli(command, *flags, env=service_env(**values))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

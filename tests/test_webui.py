@@ -24,7 +24,7 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
-from tests.conftest import service_env
+from tests.support import service_env
 from webui.config import WebuiSettings
 from webui.server import _Server, bind_listener, create_app
 from webui.service import SpeedMonitor
@@ -65,11 +65,11 @@ async def test_json_has_the_original_shape(client: httpx.AsyncClient, redis_url:
 
     assert response.status_code == 200
     body = response.json()
+    assert {"coins", "hashes", "now"} <= body.keys()
     assert body["hashes"] == 42
     assert body["coins"] == 3
     assert isinstance(body["now"], float)
     assert abs(body["now"] - time.time()) < 5
-    assert {"coins", "hashes", "now"} <= body.keys()
 
 
 async def test_json_on_an_empty_redis_is_zero(client: httpx.AsyncClient) -> None:
@@ -120,6 +120,8 @@ async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) ->
             await monitor.sample_once()
             if step == 6:
                 await announce_worker(client, "two", {"loops": 1}, ttl=30)
+            if step == 7:
+                second_seen = monitor.snapshot()["now"]  # Redis's clock, as the page shows it
             monitor.add_point()
             await asyncio.sleep(0.1)
 
@@ -127,7 +129,10 @@ async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) ->
         assert state["status"] == "live"
         assert state["rng_mode"] == "buffered"
         assert state["workers"] == 2
-        assert state["marks"] == [[pytest.approx(state["marks"][0][0]), 2]]
+        # One mark, "2 workers", where the second one began (not 0.3 s later, when it settled),
+        # on the chart's time axis: the point drawn from the same sample.
+        assert state["marks"] == [[pytest.approx(second_seen, abs=0.01), 2]]
+        assert state["points"][7][0] == pytest.approx(second_seen, abs=0.01)
         assert 200 < state["speed"] < 1000  # 50 per ~0.1 s, on a busy machine
         assert len(state["points"]) == 12
         newer = monitor.snapshot(after=state["seq"])

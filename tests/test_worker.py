@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
-from tests.conftest import service_env
+from tests.support import run_cli_async, service_env
 
 FAST = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
 
@@ -237,14 +237,7 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
     )
 
     async def probe(*args: str) -> tuple[int, str]:
-        import sys
-
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dockercoins_tools", "probe", "worker", *args,
-            env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out.decode()
+        return await run_cli_async("probe", "worker", *args)
 
     deadline = asyncio.get_running_loop().time() + 20
     while (result := await probe("--health", "-c", "1", "--addr", f"127.0.0.1:{port}"))[0]:
@@ -262,8 +255,6 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
 async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
     redis_url, tmp_path
 ) -> None:
-    import sys
-
     port = free_port()
     # Nothing listens at rng or hasher: the worker cannot mine, but it is alive.
     worker = await start_worker(
@@ -275,13 +266,9 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
     )
 
     async def probe(*args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dockercoins_tools", "probe", "worker", "--health", "-c", "1",
-            "--addr", f"127.0.0.1:{port}", *args,
-            env=service_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out.decode()
+        return await run_cli_async(
+            "probe", "worker", "--health", "-c", "1", "--addr", f"127.0.0.1:{port}", *args
+        )
 
     deadline = asyncio.get_running_loop().time() + 20
     while (result := await probe("--service", "liveness"))[0]:

