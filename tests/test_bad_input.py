@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from tests.test_signals import Service
+from tests.stack import Service
 
 MAX_REQUEST = 4096
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

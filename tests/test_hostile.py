@@ -16,8 +16,8 @@ from prometheus_client import REGISTRY
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins_tools.procstat import memory_mb
+from tests.stack import Service
 from tests.support import grpcurl
-from tests.test_signals import Service
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 HEALTH_BOUND = 0.1  # seconds a health check may take while the hasher works

@@ -3,12 +3,11 @@ a copy of the tree with one import planted where it must not be breaks it, namin
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, tool
 
 PACKAGES = ("dockercoins", "dockercoins_tools", "rng_svc", "hasher_svc", "worker_svc", "webui")
 LAYERS = "the tools over the services over the core"
@@ -18,12 +17,8 @@ ACYCLIC = "no import cycle between the modules of a package"
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """lint-imports with the contracts of pyproject.toml, run on the packages under `root`."""
-    beside = Path(sys.executable).parent / "lint-imports"
-    found = str(beside) if beside.exists() else shutil.which("lint-imports")
-    if not found:
-        pytest.fail("lint-imports not found: pip install -e '.[dev]' (import-linter)")
     return subprocess.run(
-        [found, "--no-cache", "--no-logo"],
+        [tool("lint-imports"), "--no-cache", "--no-logo"],
         cwd=root,  # lint-imports puts its working directory first on sys.path
         capture_output=True,
         text=True,

@@ -15,8 +15,7 @@ from redis.asyncio import Redis
 from dockercoins.net import free_port
 from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
-from tests.support import service_env
-from tests.test_worker import start_worker
+from tests.support import service_env, start_worker
 
 COST = FAST_COSTS["worker_think_time"]
 """Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""

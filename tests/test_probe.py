@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import RunningStack, get_json
+from tests.stack import RunningStack, Service, get_json
 from tests.support import dockercoins_cmd, run_cli, service_env
 
 LINE = r"^{what} {addr}: seq={seq} time=(\d+\.\d) ms$"
@@ -94,7 +94,6 @@ def _cpu_seconds(argv: list[str]) -> float:
 def test_the_container_healthcheck_asks_the_named_service_and_costs_little() -> None:
     """`python -m dockercoins_tools.healthcheck`, what compose runs every 5 s in every container."""
     from dockercoins.net import free_port
-    from tests.test_signals import Service
 
     port = free_port()
     rng = Service("rng", rng_port=port)

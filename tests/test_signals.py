@@ -1,6 +1,5 @@
 """SIGTERM to each service as a real process: NOT_SERVING first, in-flight calls finish, exit 0."""
 
-import re
 import signal
 import threading
 import time
@@ -13,25 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from tests.stack import LoggedProcess
-from tests.support import dockercoins_cmd, service_env
+from tests.stack import Service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class Service(LoggedProcess):
-    """`dockercoins <command>` as a child process, its log collected."""
-
-    def __init__(self, command: str, **settings: object) -> None:
-        super().__init__(dockercoins_cmd(command), service_env(**settings))
-
-    def wait_for(self, text: str, timeout: float = 20) -> None:
-        assert self.proc.poll() is None, self.output
-        self.wait_for_line(re.escape(text), timeout)
-
-    def terminate(self, timeout: float = 15) -> int:
-        return self.stop(signal.SIGTERM, timeout)
 
 
 class HealthWatch:

@@ -5,30 +5,12 @@ import hashlib
 import json
 import re
 import signal
-from pathlib import Path
 
 import pytest
 import redis
 
 from dockercoins.net import free_port
-from tests.support import run_cli_async, service_env
-
-FAST = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
-
-
-async def start_worker(log: Path, **fields: object) -> asyncio.subprocess.Process:
-    """`python -m worker_svc` with these settings, its log in `log`."""
-    import sys
-
-    handle = log.open("wb")
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker_svc",
-        env=service_env(**{**FAST, **fields}),
-        stdout=handle,
-        stderr=handle,
-    )
+from tests.support import FAST_WORKER, run_cli_async, start_worker
 
 
 async def wait_for(condition, timeout: float = 15.0) -> None:
@@ -336,7 +318,7 @@ def _miner(cls, servers_addr: tuple[str, str], redis_url: str, reports: _Reports
         rng_addr=servers_addr[0],
         hasher_addr=servers_addr[1],
         redis_url=redis_url,
-        **{**FAST, "grace": 1.0, **fields},
+        **{**FAST_WORKER, "grace": 1.0, **fields},
     )
     rng, hasher = ChannelPool(settings.rng_addr), ChannelPool(settings.hasher_addr)
     return cls(settings, rng, hasher, connect(redis_url), report_health=reports)
