@@ -7,8 +7,6 @@ against the settings classes, images, probes, grace periods. The mutation tests 
 temp copy and show that each kind of check fails.
 """
 
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -28,6 +26,7 @@ import yaml
 
 from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
+from dockercoins_tools.services import SERVICES
 from tests.support import ROOT, compose_binary, tool
 
 K8S = ROOT / "k8s"
@@ -39,7 +38,6 @@ COMPOSE_VARIANTS = {
 }
 # A recent release and the oldest one still widely run (native gRPC probes are GA since 1.27).
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-SERVICES = ("rng", "hasher", "worker", "webui")
 APP_IMAGE = "dockercoins"
 REDIS_PORT = 6379
 # The simulated cost of one call (DESIGN.md), as the services' settings give it; probes must
@@ -94,18 +92,15 @@ def compose_variant(variant: str) -> dict[str, Any]:
 # --- the settings classes, by the command a container runs ----------------------------------
 
 
-@cache
 def settings_class(command: str) -> Any:
-    """The settings class of `dockercoins <command>`, from the CLI's own table."""
-    cli = importlib.import_module("dockercoins_tools.cli")
-    module, _, name = cli.SERVICES[command].settings.partition(":")
-    return getattr(importlib.import_module(module), name)
+    """The settings class of `dockercoins <command>`, from the registry the CLI reads."""
+    return SERVICES[command].settings
 
 
 def settings_problems(where: str, command: str, env: dict[str, str]) -> list[str]:
     """Unknown DOCKERCOINS_* names, bad values, loopback defaults a container must override."""
     if command not in SERVICES:
-        return [f"{where}: runs {command!r}, not one of {SERVICES}"]
+        return [f"{where}: runs {command!r}, not one of {tuple(SERVICES)}"]
     from dockercoins.settings import ENV_PREFIX
 
     cls = settings_class(command)
