@@ -9,8 +9,9 @@ from typing import Any
 import grpc
 
 from dockercoins.metrics import CallMetrics, CountingContext
+from dockercoins.settings import env_name
 
-BOUND_SETTING = "DOCKERCOINS_MAX_CONCURRENT_RPCS"
+BOUND_SETTING = env_name("max_concurrent_rpcs")
 
 
 class CallSlots:

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.registry import Collector
 
 from dockercoins.net import ensure_free
+from dockercoins.settings import env_name
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class MetricsEndpoint:
 
 
 def start_metrics_endpoint(
-    host: str, port: int, setting: str = "DOCKERCOINS_METRICS_PORT"
+    host: str, port: int, setting: str = env_name("metrics_port")
 ) -> MetricsEndpoint | None:
     """Serve /metrics on host:port; None when `port` is 0 (off). A busy port: PortInUseError."""
     if not port:

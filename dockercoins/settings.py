@@ -66,11 +66,9 @@ class TlsSettings(BaseServiceSettings):
     @model_validator(mode="after")
     def _cert_with_key(self) -> "TlsSettings":
         if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "DOCKERCOINS_TLS_KEY" if self.tls_key is None else "DOCKERCOINS_TLS_CERT"
-            raise ValueError(
-                f"{missing}: DOCKERCOINS_TLS_CERT and DOCKERCOINS_TLS_KEY go together, "
-                "set both or neither"
-            )
+            cert, key = env_name("tls_cert"), env_name("tls_key")
+            missing = key if self.tls_key is None else cert
+            raise ValueError(f"{missing}: {cert} and {key} go together, set both or neither")
         return self
 
 

@@ -10,8 +10,12 @@ import grpc
 
 from dockercoins.errors import InvalidArgument, RequestError, ResourceExhausted
 from dockercoins.grpcserver import write_or_gone
+from dockercoins.settings import env_name
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from hasher_svc.config import HasherSettings
+
+MAX_BLOCKS_SETTING = env_name("hasher_max_blocks")
+MAX_REPLY_SETTING = env_name("hasher_max_reply")
 
 DIGEST_SIZE = 32
 HEX_ENTRY_BYTES = 2 + 2 * DIGEST_SIZE
@@ -109,14 +113,14 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
             blocks = size // request.block_size
         if blocks > self.max_blocks:
             raise ResourceExhausted(
-                f"a batch of {blocks} blocks is more than DOCKERCOINS_HASHER_MAX_BLOCKS "
+                f"a batch of {blocks} blocks is more than {MAX_BLOCKS_SETTING} "
                 f"({self.max_blocks}): send fewer or larger blocks"
             )
         reply = reply_bytes(blocks, request.raw)
         if reply > self.max_reply:
             raise ResourceExhausted(
                 f"the reply to {blocks} blocks would be {reply} bytes, more than "
-                f"DOCKERCOINS_HASHER_MAX_REPLY ({self.max_reply} bytes): ask for raw digests "
+                f"{MAX_REPLY_SETTING} ({self.max_reply} bytes): ask for raw digests "
                 "or fewer blocks"
             )
         return blocks

@@ -6,7 +6,7 @@ from pydantic import Field, model_validator
 
 from dockercoins.ports import RNG_PORT
 from dockercoins.service_main import Flag
-from dockercoins.settings import GrpcServerSettings
+from dockercoins.settings import GrpcServerSettings, env_name
 from dockercoins.v1 import rng_pb2
 
 SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
@@ -60,8 +60,8 @@ class RngSettings(GrpcServerSettings):
     def _request_fits_buffer(self) -> "RngSettings":
         if self.rng_mode == "buffered" and self.rng_max_request > self.rng_buffer_size:
             raise ValueError(
-                "DOCKERCOINS_RNG_MAX_REQUEST must not exceed DOCKERCOINS_RNG_BUFFER_SIZE "
-                "in buffered mode"
+                f"{env_name('rng_max_request')} must not exceed "
+                f"{env_name('rng_buffer_size')} in buffered mode"
             )
         return self
 
