@@ -3,6 +3,7 @@
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,27 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "test-artifacts"
 
 T = TypeVar("T")
+
+NUMBERS_OFF_LINE = """
+return ['speed', 'coins', 'hashes'].flatMap((id) => {
+  const figure = document.getElementById(id);
+  const box = figure.closest('section, .tile').getBoundingClientRect();
+  const r = figure.getBoundingClientRect();
+  const lines = r.height / parseFloat(getComputedStyle(figure).lineHeight);
+  return lines > 1.5 || r.left < box.left || r.right > box.right
+    ? [`${id} "${figure.textContent}": ${lines.toFixed(1)} lines, x ${r.left}-${r.right}`
+       + ` in a box at ${box.left}-${box.right}`]
+    : [];
+});
+"""
+"""The big figures that wrap onto a second line or run out of their box, with what they show."""
+
+AXIS_LABELS_CLIPPED = """
+const canvas = document.querySelector('#chart canvas');
+const edge = canvas.getContext('2d').getImageData(0, 0, 3, canvas.height).data;
+return edge.some((value, i) => i % 4 === 3 && value > 0);
+"""
+"""Ink in the chart's 3 leftmost pixel columns: a y-axis label wider than the axis margin."""
 
 
 def wait_for(what: str, check: Callable[[], T], timeout: float = 20.0) -> T:
@@ -76,6 +98,22 @@ def browser() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def feed_turbo_numbers(redis_url: str, stop: threading.Event) -> None:
+    """Put a million coins and 20 M hashes in Redis, then add hashes at 1.2 M/s until `stop`."""
+    client = redis.Redis.from_url(redis_url)
+    client.eval(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'turbo' .. i, '') end",
+        1,
+        "wallet",
+        1_000_000,
+    )
+    client.incrby(
+        "hashes", 20_000_000
+    )  # after the coins: a turbo speed on the page comes with them
+    while not stop.wait(0.1):
+        client.incrby("hashes", 120_000)
+
+
 def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -97,6 +135,7 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
     )
     url = f"http://127.0.0.1:{webui_port}"
     stack = ServiceProcesses(tmp_path)
+    feeding = threading.Event()  # set: the turbo-sized numbers stop
 
     def redis_up() -> bool:
         return bool(redis.Redis.from_url(redis_url, socket_timeout=1).ping())
@@ -205,8 +244,22 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         )
         assert clipped == 0, "a stage's name, figure or bar runs off a phone's screen"
         screenshot("webui-phone-stages.png")
+
+        # Turbo-sized numbers in the real Redis: a million coins, 20 M hashes, then 1.2 M/s.
+        feeder = threading.Thread(target=feed_turbo_numbers, args=(redis_url, feeding), daemon=True)
+        feeder.start()
+        wait_for("a turbo speed", lambda: speed() > 1e6, 15)
+        chrome = browser.execute_script("return window.outerHeight - window.innerHeight")
+        for width, height in ((390, 844), (1280, 720)):  # the viewport: a phone, a laptop
+            browser.set_window_size(width, height + chrome)
+            time.sleep(1)  # the chart redraws at the new size; turbo numbers keep coming
+            assert browser.execute_script(NUMBERS_OFF_LINE) == [], f"at {width} px"
+            clipped_axis = browser.execute_script(AXIS_LABELS_CLIPPED)
+            assert not clipped_axis, f"the chart's y-axis labels are cut off at {width} px"
+        screenshot("webui-turbo.png")
     except AssertionError as exc:
         screenshot("webui-failure.png")
         raise AssertionError(f"{exc}\n{stack.log_tail()}") from None
     finally:
+        feeding.set()
         stack.stop_all()

@@ -33,15 +33,50 @@ let source = null;
 let lastMessage = 0;
 
 const number = new Intl.NumberFormat("en-US");
+// Turbo's millions in 3 significant digits ("1.21 M"), so that they keep to one line on a
+// phone; below a million (classic sizes), every digit as before.
+const COMPACT_FROM = 1e6;
+const compact = new Intl.NumberFormat("en-US", {
+  notation: "compact", minimumSignificantDigits: 3, maximumSignificantDigits: 3,
+});
+const compactTick = new Intl.NumberFormat("en-US", { notation: "compact", maximumSignificantDigits: 3 });
+
+function spaced(text) {
+  return text.replace(/(\d)([KMBT])$/, "$1\u202f$2"); // "1.21M" -> "1.21 M" (narrow no-break space)
+}
 
 function formatSpeed(value) {
   if (value === null || value === undefined) return "–";
+  if (Math.abs(value) >= COMPACT_FROM) return spaced(compact.format(value));
   if (Math.abs(value) >= 100) return number.format(Math.round(value));
   return value.toFixed(1);
 }
 
 function formatCount(value) {
-  return value === null || value === undefined ? "–" : number.format(value);
+  if (value === null || value === undefined) return "–";
+  return value >= COMPACT_FROM ? spaced(compact.format(value)) : number.format(value);
+}
+
+function formatTicks(splits) {
+  // One style per axis: all compact once the top tick reaches 10,000 ("200 K", "1.4 M").
+  const compactAll = Math.max(...splits.map(Math.abs)) >= 1e4;
+  return splits.map((v) => (compactAll ? spaced(compactTick.format(v)) : number.format(v)));
+}
+
+function showCount(el, value) {
+  // The figure on the page, the exact count in its tooltip.
+  el.textContent = formatCount(value);
+  el.title = value === null || value === undefined ? "" : number.format(value);
+}
+
+function axisSize(u, values, axisIdx, cycleNum) {
+  // The y-axis margin fits its widest label, however many digits the speed has.
+  const axis = u.axes[axisIdx];
+  if (cycleNum > 1) return axis._size; // uPlot re-measures until the size settles: stop it here
+  u.ctx.font = axis.font[0];
+  const ratio = window.devicePixelRatio || 1;
+  const widest = Math.max(0, ...(values || []).map((v) => u.ctx.measureText(v).width / ratio));
+  return Math.max(40, Math.ceil(widest + axis.ticks.size + axis.gap + 6));
 }
 
 function clock(t) {
@@ -66,6 +101,7 @@ function drawMarks(u) {
   ctx.setLineDash([6 * ratio, 4 * ratio]);
   ctx.font = `bold ${Math.round(15 * ratio)}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
+  ctx.textAlign = "left"; // uPlot leaves "right" behind from its y-axis labels
   const lineHeight = 19 * ratio;
   const taken = []; // [x0, x1, row] of labels drawn, so that close marks stack their labels
   for (const [t, count] of marks) {
@@ -106,7 +142,7 @@ const plot = new uPlot(
       },
       {
         stroke: "#a9b4c2", grid: { stroke: "#27303b" }, ticks: { stroke: "#27303b" },
-        font: "14px system-ui", size: 70, values: (u, splits) => splits.map((v) => number.format(v)),
+        font: "14px system-ui", size: axisSize, values: (u, splits) => formatTicks(splits),
       },
     ],
     series: [
@@ -232,6 +268,7 @@ function apply(state) {
   renderMarks();
 
   els.speed.textContent = formatSpeed(state.speed);
+  els.speed.title = state.speed === null ? "" : `${number.format(Math.round(state.speed))} hashes/s`;
   els.speed.dataset.value = state.speed === null ? "" : String(state.speed);
   if (state.status !== "live" && state.reason) {
     els.speedNote.textContent = state.reason; // what is wrong, where the page's eyes are
@@ -241,9 +278,9 @@ function apply(state) {
   } else {
     els.speedNote.textContent = "fitted over the last few seconds of Redis-timestamped samples";
   }
-  els.coins.textContent = formatCount(state.coins);
-  els.hashes.textContent = formatCount(state.hashes);
-  els.workers.textContent = formatCount(state.workers);
+  showCount(els.coins, state.coins);
+  showCount(els.hashes, state.hashes);
+  showCount(els.workers, state.workers);
   renderMode(state);
   renderStages(state);
 
