@@ -11,7 +11,7 @@ from dockercoins.logs import configure_logging
 from dockercoins.service_main import add_flags, exit_status, run_service
 from dockercoins.settings import BaseServiceSettings, env_name, load_settings
 from dockercoins_tools.launcher.settings import FLAGS as UP_FLAGS
-from dockercoins_tools.launcher.settings import StackSettings
+from dockercoins_tools.launcher.settings import SCALABLE, StackSettings
 from dockercoins_tools.services import SERVICES
 from worker_svc.config import LIVENESS, READINESS
 
@@ -103,7 +103,7 @@ def run_scale(options: dict[str, Any]) -> int:
     counts: dict[str, int] = {}
     for item in options["counts"]:
         service, _, number = item.partition("=")
-        if service not in ("worker", "rng") or not number.isdigit():
+        if service not in SCALABLE or not number.isdigit():
             raise ConfigError(f"expected worker=N or rng=N, got {item!r}")
         counts[service] = int(number)
     settings = load_settings(StackSettings, data_dir=options.get("data_dir"))

@@ -65,7 +65,8 @@ class LockedRedis:
 
     def __init__(self, host: str, port: int, data_dir: Path, maxmemory_mb: int) -> None:
         self.password = secrets.token_urlsafe(24)
-        self.argv = [redis_server_binary(), "-", *redis_server_argv(host, port, data_dir)[1:]]
+        binary, *options = redis_server_argv(host, port, data_dir)
+        self.argv = [binary, "-", *options]  # `-`: the configuration file is standard input
         if maxmemory_mb:
             self.argv += ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
 

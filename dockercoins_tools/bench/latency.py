@@ -24,6 +24,14 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def _p50_p99(late_ms: list[float]) -> dict[str, float]:
+    """The median and 99th percentile of these milliseconds late, rounded to the µs."""
+    return {
+        "p50_ms": round(_percentile(late_ms, 0.5), 3),
+        "p99_ms": round(_percentile(late_ms, 0.99), 3),
+    }
+
+
 async def timer_overshoot(calls: int, seconds: float) -> dict[str, float]:
     """How late asyncio.sleep wakes up on this machine: the floor under any simulated cost."""
     late = []
@@ -31,7 +39,7 @@ async def timer_overshoot(calls: int, seconds: float) -> dict[str, float]:
         began = time.perf_counter()
         await asyncio.sleep(seconds)
         late.append((time.perf_counter() - began - seconds) * 1000)
-    return {"p50_ms": round(_percentile(late, 0.5), 3), "p99_ms": round(_percentile(late, 0.99), 3)}
+    return _p50_p99(late)
 
 
 def _echo_after(port_queue: Any, seconds: float) -> None:
@@ -71,7 +79,7 @@ async def raw_tcp_floor(calls: int, seconds: float) -> dict[str, float]:
     finally:
         server.terminate()
         server.join(5)
-    return {"p50_ms": round(_percentile(late, 0.5), 3), "p99_ms": round(_percentile(late, 0.99), 3)}
+    return _p50_p99(late)
 
 
 async def measure_overhead(calls: int, data_dir: Path, log: TextIO) -> dict[str, Any]:
@@ -91,8 +99,7 @@ async def measure_overhead(calls: int, data_dir: Path, log: TextIO) -> dict[str,
             figures[service] = {
                 "calls": len(overhead),
                 "errors": len(result.errors),
-                "p50_ms": round(_percentile(overhead, 0.50), 3),
-                "p99_ms": round(_percentile(overhead, 0.99), 3),
+                **_p50_p99(overhead),
                 "max_ms": round(max(overhead), 3),
             }
     finally:

@@ -247,9 +247,9 @@ class Stack:
             await asyncio.gather(*(w.stop(self.settings.grace + 5) for w in surplus))
 
     async def scale_rng(self, count: int) -> None:
-        """Run exactly `count` rng processes; workers restart to balance over the new set."""
+        """Run exactly `count` rng processes (bounds: `scale` checks them); workers restart to
+        balance over the new set."""
         async with self._lock:
-            checked_count("rng", count)
             changed = count != len(self.rngs)
             while len(self.rngs) < count:
                 await self._add_rng()
