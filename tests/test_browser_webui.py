@@ -15,7 +15,7 @@ import redis
 
 from dockercoins.net import free_port
 from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.stack import ServiceProcesses, python_m
+from tests.stack import FAST_COSTS, ServiceProcesses, python_m
 from tests.support import ROOT, service_env, skip_unless_ci
 
 CHROMIUM = "/usr/bin/chromium"
@@ -123,10 +123,7 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
     env = service_env(
         rng_port=rng_port,
         hasher_port=hasher_port,
-        rng_read_cost=0.01,
-        hasher_latency=0.01,
-        worker_think_time=0.01,
-        worker_flush_interval=0.5,
+        **FAST_COSTS,
         worker_stage_window=3,
         rng_addr=f"127.0.0.1:{rng_port}",
         hasher_addr=f"127.0.0.1:{hasher_port}",

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
-from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.stack import LoggedProcess, wait_until
+from tests.stack import LoggedProcess, RedisProcess, wait_until
 from tests.support import service_env
 
 PAUSE = 2.5
@@ -80,35 +78,6 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
     finally:
         for upstream in started.values():
             upstream.stop()
-
-
-class RedisProcess:
-    """A redis-server of the test's own, so that the test can pause it or fill it."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [*redis_server_argv("127.0.0.1", self.port, None), "--dir", str(tmp_path), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis.Redis(port=self.port, socket_timeout=5)
-        wait_until(self._pings, 10, "redis-server answering")
-
-    def _pings(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def hashes(self) -> int:
-        return int(self.client.get("hashes") or 0)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture

@@ -9,12 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from redis.asyncio import Redis
 
 from dockercoins.net import free_port
-from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.stack import FAST_COSTS, ServiceProcesses, get_json, python_m, wait_until
+from tests.stack import (
+    FAST_COSTS,
+    RedisProcess,
+    ServiceProcesses,
+    get_json,
+    python_m,
+    wait_until,
+)
 from tests.support import service_env, start_worker
 
 COST = FAST_COSTS["worker_think_time"]
@@ -28,15 +33,15 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
     would say; the same rng restarted buffered: no longer. The rng mode reaches the web UI
     from rng's replies through the worker's heartbeat. (Ten loops of one worker process load
     rng as ten workers do, without starting ten interpreters on a busy machine.)"""
-    redis_port, rng_port, hasher_port, webui_port = (free_port() for _ in range(4))
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    rng_port, hasher_port, webui_port = (free_port() for _ in range(3))
+    redis_server = RedisProcess(tmp_path)
     env = service_env(
         rng_port=rng_port,
         hasher_port=hasher_port,
         webui_port=webui_port,
         rng_addr=f"127.0.0.1:{rng_port}",
         hasher_addr=f"127.0.0.1:{hasher_port}",
-        redis_url=redis_url,
+        redis_url=redis_server.url,
         worker_loops=10,
         worker_stage_window=3,
         **FAST_COSTS,
@@ -56,8 +61,6 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         return float(state["latency"]["rng"]["p50"] / state["latency"]["hasher"]["p50"])
 
     try:
-        stack.start("redis", [*redis_server_argv("127.0.0.1", redis_port, None), "--dir", "."])
-        wait_until(lambda: _pings(redis_url), 10, "redis-server")
         stack.start("rng", python_m("rng_svc"), {**env, "DOCKERCOINS_RNG_MODE": "blocking"})
         stack.start("hasher", python_m("hasher_svc"), env)
         stack.start("worker", python_m("worker_svc"), env)
@@ -79,13 +82,7 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         raise AssertionError(f"{exc}\n/json: {state}\n{stack.log_tail()}") from None
     finally:
         stack.stop_all()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
+        redis_server.stop()
 
 
 async def test_a_units_stages_add_up_to_its_wall_time(servers, redis_url, tmp_path) -> None:

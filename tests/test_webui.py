@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -54,6 +55,17 @@ async def client(redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
 async def client_without_redis() -> AsyncIterator[httpx.AsyncClient]:
     async for each in app_client(f"redis://127.0.0.1:{free_port()}/0"):
         yield each
+
+
+async def json_when(
+    client: httpx.AsyncClient, check: Callable[[dict[str, Any]], bool], timeout: float = 10
+) -> dict[str, Any]:
+    """/json once `check` holds for it, polled every 0.1 s; fails with the last body."""
+    deadline = time.monotonic() + timeout
+    while not check(body := (await client.get("/json")).json()):
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.1)
+    return body
 
 
 async def test_json_has_the_original_shape(client: httpx.AsyncClient, redis_url: str) -> None:
@@ -184,24 +196,17 @@ async def test_the_rng_mode_comes_from_the_heartbeats_and_says_mixed(
     def beat(name: str, mode: str) -> None:
         sync.set(f"dockercoins:worker:{name}", json.dumps({"rng_mode": mode}), ex=30)
 
-    async def json_when(check) -> dict:
-        deadline = time.monotonic() + 10
-        while not check(body := (await client.get("/json")).json()):
-            assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.1)
-        return body
-
-    body = await json_when(lambda body: body["status"] == "live")
+    body = await json_when(client, lambda body: body["status"] == "live")
     assert body["rng_mode"] is None and body["rng_modes"] == {}
     beat("a", "blocking")
-    await json_when(lambda body: body["rng_mode"] == "blocking")
+    await json_when(client, lambda body: body["rng_mode"] == "blocking")
     # During a change of mode: one worker already served by a buffered rng, one by both.
     beat("b", "buffered")
     beat("c", "blocking,buffered")
-    body = await json_when(lambda body: body["rng_mode"] == "mixed")
+    body = await json_when(client, lambda body: body["rng_mode"] == "mixed")
     assert body["rng_modes"] == {"blocking": 2, "buffered": 2}
     sync.delete("dockercoins:worker:a", "dockercoins:worker:c")
-    await json_when(lambda body: body["rng_mode"] == "buffered")
+    await json_when(client, lambda body: body["rng_mode"] == "buffered")
 
 
 async def test_json_and_metrics_give_the_workers_stage_times(
@@ -219,10 +224,7 @@ async def test_json_and_metrics_give_the_workers_stage_times(
         sync.set(f"dockercoins:worker:{name}", json.dumps(info), ex=30)
     sync.set("dockercoins:worker:older", json.dumps({"mining": True}), ex=30)  # no stage times
 
-    deadline = time.monotonic() + 10
-    while (body := (await client.get("/json")).json())["latency"]["rng"] is None:
-        assert time.monotonic() < deadline, body
-        await asyncio.sleep(0.1)
+    body = await json_when(client, lambda body: body["latency"]["rng"] is not None)
     assert {"coins", "hashes", "now"} <= body.keys()
     latency = body["latency"]
     assert set(latency) == {"think", "rng", "hasher", "redis"}
@@ -365,15 +367,10 @@ async def test_bad_data_in_redis_is_said_by_the_page_and_json(
 ) -> None:
     sync = redis.Redis.from_url(redis_url)
 
-    async def says(status: str, reason: str) -> dict:
-        deadline = time.monotonic() + 10
-        while True:
-            response = await client.get("/json")
-            body = response.json()
-            if body["status"] == status and reason in (body["reason"] or ""):
-                return body
-            assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.1)
+    async def says(status: str, reason: str) -> dict[str, Any]:
+        return await json_when(
+            client, lambda body: body["status"] == status and reason in (body["reason"] or "")
+        )
 
     sync.set("hashes", "notanumber")
     body = await says("bad-data", "`hashes` holds b'notanumber', not a number")

@@ -20,6 +20,22 @@ async def wait_for(condition, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def probe_worker(port: int, *args: str) -> tuple[int, str]:
+    """`dockercoins probe worker --health -c 1` at the worker's health port: status, output."""
+    return await run_cli_async(
+        "probe", "worker", "--health", "-c", "1", "--addr", f"127.0.0.1:{port}", *args
+    )
+
+
+async def probe_worker_until_ok(port: int, *args: str, timeout: float = 20) -> str:
+    """`probe_worker` again every 0.2 s until it exits 0; its output."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (result := await probe_worker(port, *args))[0]:
+        assert asyncio.get_running_loop().time() < deadline, result[1]
+        await asyncio.sleep(0.2)
+    return result[1]
+
+
 async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
     servers, redis_url, tmp_path
 ) -> None:
@@ -218,19 +234,13 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
         worker_health_port=port,
     )
 
-    async def probe(*args: str) -> tuple[int, str]:
-        return await run_cli_async("probe", "worker", *args)
-
-    deadline = asyncio.get_running_loop().time() + 20
-    while (result := await probe("--health", "-c", "1", "--addr", f"127.0.0.1:{port}"))[0]:
-        assert asyncio.get_running_loop().time() < deadline, result[1]
-        await asyncio.sleep(0.2)
-    assert "1 calls, 1 ok, 0 failed" in result[1]
-    code, out = await probe("-c", "1", "--addr", f"127.0.0.1:{port}")
+    assert "1 calls, 1 ok, 0 failed" in await probe_worker_until_ok(port)
+    # Without --health: refused, a worker serves health only.
+    code, out = await run_cli_async("probe", "worker", "-c", "1", "--addr", f"127.0.0.1:{port}")
     assert code == 2 and "probe it with --health" in out
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(worker.wait(), 15) == 0
-    code, out = await probe("--health", "-c", "1", "--timeout", "1", "--addr", f"127.0.0.1:{port}")
+    code, out = await probe_worker(port, "--timeout", "1")
     assert code == 1 and "0 ok, 1 failed" in out
 
 
@@ -247,17 +257,9 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
         worker_health_port=port,
     )
 
-    async def probe(*args: str) -> tuple[int, str]:
-        return await run_cli_async(
-            "probe", "worker", "--health", "-c", "1", "--addr", f"127.0.0.1:{port}", *args
-        )
-
-    deadline = asyncio.get_running_loop().time() + 20
-    while (result := await probe("--service", "liveness"))[0]:
-        assert asyncio.get_running_loop().time() < deadline, result[1]
-        await asyncio.sleep(0.2)
+    await probe_worker_until_ok(port, "--service", "liveness")
     for args in ((), ("--service", "readiness")):
-        code, out = await probe(*args)
+        code, out = await probe_worker(port, *args)
         assert code == 1 and "status NOT_SERVING" in out, out
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(worker.wait(), 15) == 0
