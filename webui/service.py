@@ -159,7 +159,6 @@ class SpeedMonitor:
     ) -> None:
         self.redis = redis
         self.mark_settle = mark_settle
-        self.sample_interval = sample_interval
         self.point_interval = point_interval
         self.window = window
         self.history = history
