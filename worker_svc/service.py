@@ -81,8 +81,6 @@ class Miner:
         self.live = True
         """Liveness: every loop and the flusher step."""
         self._report_health = report_health
-        self._room = self.ledger.room
-        """The ledger's `room`: set while the backlog of unwritten coins is under its bound."""
         self.steps: dict[str, float] = {}
         """Last step (time.monotonic()) of each loop and of the flusher."""
         self._last_unit = float("-inf")
@@ -98,7 +96,7 @@ class Miner:
     def stop(self) -> None:
         """Ask the loops to finish the unit in hand and return."""
         self.stopping.set()
-        self._room.set()
+        self.ledger.room.set()
 
     async def run(self) -> None:
         """Mine until stopped, then flush everything and withdraw the heartbeat.
@@ -161,11 +159,11 @@ class Miner:
         """Wait for room in the backlog, then think; the seconds spent waiting for room (for
         Redis to take the backlog), or None once the worker is stopping."""
         paused = 0.0
-        if not self._room.is_set():
+        if not self.ledger.room.is_set():
             started = time.monotonic()
-            while not self._room.is_set():
+            while not self.ledger.room.is_set():
                 self._step(step)
-                await _wait_for_event(self._room, PAUSE_TICK)
+                await _wait_for_event(self.ledger.room, PAUSE_TICK)
             paused = time.monotonic() - started
         return paused if await self._think() else None
 
@@ -338,7 +336,7 @@ class Miner:
         down = self.outages.down()
         if down:
             return f"{', '.join(down)} unreachable"
-        if not self._room.is_set():
+        if not self.ledger.room.is_set():
             return "backlog full"
         idle = self.settings.ready_timeout
         if now - self._last_unit > idle:
