@@ -258,7 +258,7 @@ class Miner:
             try:
                 answered = await StreamSession(self, index, step).run()
             except StreamBroken as broken:
-                WORKER_ERRORS.labels(broken.upstream, broken.reason.split(":")[0]).inc()
+                WORKER_ERRORS.labels(broken.upstream, broken.code).inc()
                 if broken.answered and not broken.stalled:
                     # A stream that worked and then ended (a server going away, a connection
                     # reaching its maximum age) is reopened at once, without an outage.
