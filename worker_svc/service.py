@@ -188,14 +188,10 @@ class Miner:
             except _Abandoned:
                 return
 
-    async def mine_once(
-        self, step: str = "loop-0", started: float | None = None, paused: float = 0.0
-    ) -> None:
-        """One unit of work: random bytes from rng, their hashes, the coin check.
-
-        With `started` (when the unit began, before `paused` seconds waiting for room and its
-        think time), the unit's stages are timed.
-        """
+    async def mine_once(self, step: str, started: float, paused: float) -> None:
+        """One unit of work: random bytes from rng, their hashes, the coin check; its stages
+        timed from `started` (when the unit began, before `paused` seconds waiting for room
+        and its think time)."""
         thought = time.monotonic()
         random = await self._call(
             "rng",
@@ -218,7 +214,7 @@ class Miner:
         answered = time.monotonic()
         for digest in self.record(step, random.data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
-        if self.stage_times is not None and started is not None:
+        if self.stage_times is not None:
             self.stage_times.add(
                 thought - started - paused,
                 fetched - thought,
