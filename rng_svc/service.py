@@ -136,8 +136,8 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         self.latency = latency
         self.mode = mode
 
-    async def _reply(self, size: int, count: int) -> rng_pb2.RandomReply:
-        blocks = check_request(size, count, self.max_request)
+    async def _reply(self, size: int, blocks: int) -> rng_pb2.RandomReply:
+        """`blocks` blocks of `size` bytes (a checked request), no sooner than `latency`."""
         if not self.latency:
             data = await self.source.take(size * blocks)
             return rng_pb2.RandomReply(data=data, size=size, mode=self.mode)
@@ -153,7 +153,8 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         self, request: rng_pb2.RandomRequest, context: grpc.aio.ServicerContext
     ) -> rng_pb2.RandomReply:
         try:
-            return await self._reply(request.size, request.count)
+            blocks = check_request(request.size, request.count, self.max_request)
+            return await self._reply(request.size, blocks)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
             raise  # unreachable: abort raises
@@ -162,16 +163,17 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         self, request: rng_pb2.StreamRandomRequest, context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            check_request(request.size, request.count, self.max_request)
+            blocks = check_request(request.size, request.count, self.max_request)
             if request.messages < 0:
                 raise InvalidArgument(
                     f"messages must be 0 (no limit) or more, got {request.messages}"
                 )
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
         sent = 0
         while not request.messages or sent < request.messages:
-            reply = await self._reply(request.size, request.count)
+            reply = await self._reply(request.size, blocks)
             if not await write_or_gone(context, reply, "StreamRandom"):
                 return
             sent += 1

@@ -6,6 +6,9 @@ from dockercoins.ports import WEBUI_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import BaseServiceSettings
 
+MARK_SETTLE = 2.5
+"""Seconds the worker count must hold still before the chart marks its change."""
+
 
 class WebuiSettings(BaseServiceSettings):
     """DOCKERCOINS_WEBUI_* settings and the Redis to read."""
@@ -20,7 +23,7 @@ class WebuiSettings(BaseServiceSettings):
         "503 with Retry-After.",
     )
     webui_mark_settle: float = Field(
-        2.5,
+        MARK_SETTLE,
         ge=0,
         le=60,
         description="Seconds the worker count must hold still before the chart marks the "

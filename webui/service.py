@@ -14,6 +14,7 @@ from dockercoins import stages
 from dockercoins.counter_sampler import CounterSampler
 from dockercoins.rate import DEFAULT_WINDOW, Rate, window_rate
 from dockercoins.redis_store import BadData, Totals, is_mining, live_heartbeats
+from webui.config import MARK_SETTLE
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,6 @@ HISTORY = 300.0
 
 READ_TIMEOUT = 2.0
 """Seconds one reading of Redis may take before Redis counts as unreachable."""
-
-MARK_SETTLE = 2.5
-"""Seconds the worker count must hold still before the chart marks its change."""
 
 
 def redis_reason(exc: BaseException) -> str:
@@ -159,7 +157,6 @@ class SpeedMonitor:
     ) -> None:
         self.redis = redis
         self.mark_settle = mark_settle
-        self.sample_interval = sample_interval
         self.point_interval = point_interval
         self.window = window
         self.history = history

@@ -159,7 +159,7 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         if self.worker_liveness_timeout is not None and self.worker_liveness_timeout <= step:
             raise ValueError(
                 "DOCKERCOINS_WORKER_LIVENESS_TIMEOUT must be longer than "
-                "DOCKERCOINS_WORKER_THINK_TIME + DOCKERCOINS_RPC_TIMEOUT + 2 s "
+                f"DOCKERCOINS_WORKER_THINK_TIME + DOCKERCOINS_RPC_TIMEOUT + {MAX_BACKOFF:g} s "
                 f"({step:g} s)"
             )
         return self

@@ -81,8 +81,6 @@ class Miner:
         self.live = True
         """Liveness: every loop and the flusher step."""
         self._report_health = report_health
-        self._room = self.ledger.room
-        """The ledger's `room`: set while the backlog of unwritten coins is under its bound."""
         self.steps: dict[str, float] = {}
         """Last step (time.monotonic()) of each loop and of the flusher."""
         self._last_unit = float("-inf")
@@ -98,7 +96,7 @@ class Miner:
     def stop(self) -> None:
         """Ask the loops to finish the unit in hand and return."""
         self.stopping.set()
-        self._room.set()
+        self.ledger.room.set()
 
     async def run(self) -> None:
         """Mine until stopped, then flush everything and withdraw the heartbeat.
@@ -161,11 +159,11 @@ class Miner:
         """Wait for room in the backlog, then think; the seconds spent waiting for room (for
         Redis to take the backlog), or None once the worker is stopping."""
         paused = 0.0
-        if not self._room.is_set():
+        if not self.ledger.room.is_set():
             started = time.monotonic()
-            while not self._room.is_set():
+            while not self.ledger.room.is_set():
                 self._step(step)
-                await _wait_for_event(self._room, PAUSE_TICK)
+                await _wait_for_event(self.ledger.room, PAUSE_TICK)
             paused = time.monotonic() - started
         return paused if await self._think() else None
 
@@ -190,14 +188,10 @@ class Miner:
             except _Abandoned:
                 return
 
-    async def mine_once(
-        self, step: str = "loop-0", started: float | None = None, paused: float = 0.0
-    ) -> None:
-        """One unit of work: random bytes from rng, their hashes, the coin check.
-
-        With `started` (when the unit began, before `paused` seconds waiting for room and its
-        think time), the unit's stages are timed.
-        """
+    async def mine_once(self, step: str, started: float, paused: float) -> None:
+        """One unit of work: random bytes from rng, their hashes, the coin check; its stages
+        timed from `started` (when the unit began, before `paused` seconds waiting for room
+        and its think time)."""
         thought = time.monotonic()
         random = await self._call(
             "rng",
@@ -220,7 +214,7 @@ class Miner:
         answered = time.monotonic()
         for digest in self.record(step, random.data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
-        if self.stage_times is not None and started is not None:
+        if self.stage_times is not None:
             self.stage_times.add(
                 thought - started - paused,
                 fetched - thought,
@@ -260,7 +254,7 @@ class Miner:
             try:
                 answered = await StreamSession(self, index, step).run()
             except StreamBroken as broken:
-                WORKER_ERRORS.labels(broken.upstream, broken.reason.split(":")[0]).inc()
+                WORKER_ERRORS.labels(broken.upstream, broken.code).inc()
                 if broken.answered and not broken.stalled:
                     # A stream that worked and then ended (a server going away, a connection
                     # reaching its maximum age) is reopened at once, without an outage.
@@ -338,7 +332,7 @@ class Miner:
         down = self.outages.down()
         if down:
             return f"{', '.join(down)} unreachable"
-        if not self._room.is_set():
+        if not self.ledger.room.is_set():
             return "backlog full"
         idle = self.settings.ready_timeout
         if now - self._last_unit > idle:

@@ -60,8 +60,9 @@ class Mining(Protocol):
 class StreamBroken(Exception):
     """A stream to `upstream` failed or stalled; the loop reopens both streams.
 
-    `started`: when the failed wait began (time.monotonic()); `stalled`: the peer was silent
-    past the deadline; `answered`: batches the session had answered before.
+    `code`: the gRPC status code's name, or the cause's class name; `started`: when the
+    failed wait began (time.monotonic()); `stalled`: the peer was silent past the deadline;
+    `answered`: batches the session had answered before.
     """
 
     def __init__(
@@ -72,12 +73,12 @@ class StreamBroken(Exception):
         stalled: bool = False,
     ) -> None:
         if isinstance(cause, grpc.aio.AioRpcError):
-            reason = f"{cause.code().name}: {cause.details()}"
+            self.code, detail = cause.code().name, cause.details()
         else:
-            reason = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"{upstream}: {reason}")
+            self.code, detail = type(cause).__name__, str(cause)
+        self.reason = f"{self.code}: {detail}"
+        super().__init__(f"{upstream}: {self.reason}")
         self.upstream = upstream
-        self.reason = reason
         self.started = started
         self.stalled = stalled
         self.answered = 0
