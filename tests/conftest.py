@@ -1,12 +1,14 @@
 """Fixtures on real parts: a real redis-server, real gRPC servers on port 0, real processes."""
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from tests.stack import RedisProcess
-from tests.support import GrpcServers
+from tests.support import GrpcServers, spawn_worker
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,21 @@ async def servers() -> AsyncIterator[GrpcServers]:
     started = GrpcServers()
     yield started
     await started.stop_all()
+
+
+@pytest.fixture
+async def start_worker() -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
+    """Starts worker processes (`spawn_worker`); kills those still running after the test, so
+    that a failing test leaves no worker behind."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start(log: Path, **fields: object) -> asyncio.subprocess.Process:
+        process = await spawn_worker(log, **fields)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -121,8 +121,9 @@ FAST_WORKER = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
 """A worker that thinks 5 ms and flushes every 0.3 s: tests see its work soon."""
 
 
-async def start_worker(log: Path, **fields: object) -> asyncio.subprocess.Process:
-    """`python -m worker_svc` with these settings, its log in `log`."""
+async def spawn_worker(log: Path, **fields: object) -> asyncio.subprocess.Process:
+    """`python -m worker_svc` with these settings, its log in `log` (tests use the
+    `start_worker` fixture, which also ends it)."""
     handle = log.open("wb")
     return await asyncio.create_subprocess_exec(
         sys.executable,

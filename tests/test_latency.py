@@ -20,7 +20,7 @@ from tests.stack import (
     python_m,
     wait_until,
 )
-from tests.support import service_env, start_worker
+from tests.support import service_env
 
 COST = FAST_COSTS["worker_think_time"]
 """Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""
@@ -85,7 +85,9 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         redis_server.stop()
 
 
-async def test_a_units_stages_add_up_to_its_wall_time(servers, redis_url, tmp_path) -> None:
+async def test_a_units_stages_add_up_to_its_wall_time(
+    start_worker, servers, redis_url, tmp_path
+) -> None:
     """The worker's own sum of its stages, against the time its units take seen from outside:
     the wall time between two of its counts in Redis over the units they counted."""
     rng, hasher = await servers.upstreams(COST)

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
-from tests.support import FAST_WORKER, run_cli_async, start_worker
+from tests.support import FAST_WORKER, run_cli_async
 
 
 async def wait_for(condition, timeout: float = 15.0) -> None:
@@ -37,7 +37,7 @@ async def probe_worker_until_ok(port: int, *args: str, timeout: float = 20) -> s
 
 
 async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
-    servers, redis_url, tmp_path
+    start_worker, servers, redis_url, tmp_path
 ) -> None:
     rng, hasher = await servers.upstreams(0.002)
     client = redis.Redis.from_url(redis_url)
@@ -64,7 +64,7 @@ async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
 
 
 async def test_worker_logs_an_outage_once_and_resumes_by_itself(
-    servers, redis_url, tmp_path
+    start_worker, servers, redis_url, tmp_path
 ) -> None:
     rng_port = free_port()
     hasher = await servers.hasher(hasher_latency=0)
@@ -83,7 +83,7 @@ async def test_worker_logs_an_outage_once_and_resumes_by_itself(
     assert text.count("rng is back") == 1, text
 
 
-async def test_worker_keeps_counts_while_redis_is_down(servers, tmp_path) -> None:
+async def test_worker_keeps_counts_while_redis_is_down(start_worker, servers, tmp_path) -> None:
     rng, hasher = await servers.upstreams(0)
     redis_port = free_port()
     url = f"redis://127.0.0.1:{redis_port}/0"
@@ -135,7 +135,7 @@ def established_connections(port: int) -> int:
 
 @pytest.mark.parametrize("pool_size", [1, 3])
 async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connections(
-    servers, redis_url, tmp_path, pool_size: int
+    start_worker, servers, redis_url, tmp_path, pool_size: int
 ) -> None:
     rng, hasher = await servers.upstreams(0)
     client = redis.Redis.from_url(redis_url)
@@ -168,7 +168,9 @@ async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connect
         assert digest.startswith(b"0")
 
 
-async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url, tmp_path):
+async def test_streams_are_reopened_when_the_server_ends_them(
+    start_worker, servers, redis_url, tmp_path
+):
     rng, hasher = await servers.upstreams(0, max_connection_age=0.5)
     client = redis.Redis.from_url(redis_url)
     log = tmp_path / "worker.log"
@@ -192,7 +194,7 @@ async def test_streams_are_reopened_when_the_server_ends_them(servers, redis_url
 
 
 async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
-    servers, redis_url, tmp_path
+    start_worker, servers, redis_url, tmp_path
 ) -> None:
     rng, hasher = await servers.upstreams(0.002)
     client = redis.Redis.from_url(redis_url)
@@ -223,7 +225,9 @@ async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
         assert digest.decode() == hashlib.sha256(block).hexdigest()
 
 
-async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp_path) -> None:
+async def test_probe_reaches_the_workers_own_health_port(
+    start_worker, servers, redis_url, tmp_path
+) -> None:
     rng, hasher = await servers.upstreams(0.01)
     port = free_port()
     worker = await start_worker(
@@ -245,7 +249,7 @@ async def test_probe_reaches_the_workers_own_health_port(servers, redis_url, tmp
 
 
 async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
-    redis_url, tmp_path
+    start_worker, redis_url, tmp_path
 ) -> None:
     port = free_port()
     # Nothing listens at rng or hasher: the worker cannot mine, but it is alive.
@@ -287,7 +291,7 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
     ],
 )
 async def test_a_bound_out_of_range_stops_the_worker_with_one_line(
-    env: dict[str, object], line: str, tmp_path
+    start_worker, env: dict[str, object], line: str, tmp_path
 ) -> None:
     log = tmp_path / "worker.log"
     worker = await start_worker(log, **env)
