@@ -89,7 +89,8 @@ async def test_worker_keeps_counts_while_redis_is_down(start_worker, servers, tm
     url = f"redis://127.0.0.1:{redis_port}/0"
     log = tmp_path / "worker.log"
     worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=url)
-    await asyncio.sleep(2)
+    # Redis starts only once the worker has found it missing (however slow its start).
+    await wait_for(lambda: log.exists() and "redis unreachable" in log.read_text())
     from dockercoins_tools.embedded_redis import redis_server_argv
 
     server = await asyncio.create_subprocess_exec(
