@@ -174,7 +174,7 @@ class GrpcServer:
     async def serve_until_signalled(
         self, grace: float, on_stop: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully and run `on_stop`."""
+        """Run until a stop signal, then stop gracefully and run `on_stop`."""
         stop = stop_event_on_signals()
         await self.start()
         await stop.wait()
@@ -212,7 +212,7 @@ async def serve_service(
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Start /metrics (when DOCKERCOINS_METRICS_PORT is set), say on the service's own log
-    where it listens, with `details`, and serve until SIGTERM or SIGINT (then `on_stop`)."""
+    where it listens, with `details`, and serve until a stop signal (then `on_stop`)."""
     start_metrics_endpoint(settings.host, settings.metrics_port)
     service_log.info("%s listening on %s:%d (%s)", server.name, settings.host, server.port, details)
     await server.serve_until_signalled(settings.grace, on_stop)

