@@ -55,12 +55,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DOCKERCOINS_HOST=0.0.0.0
 # No pip or setuptools at run time: the base image's own copies go (a Debian-built base has none).
+# /run/dockercoins/redis is ours: a volume mounted there (compose's Redis password) starts so.
 RUN if python -m pip --version >/dev/null 2>&1; then \
         python -m pip uninstall --yes --quiet pip setuptools wheel; \
     fi \
  && groupadd --system --gid 10001 dockercoins \
  && useradd --system --uid 10001 --gid dockercoins --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin dockercoins
+        --shell /usr/sbin/nologin dockercoins \
+ && install -d -o 10001 -g 10001 -m 0755 /run/dockercoins/redis
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/app/ /
 USER 10001:10001

@@ -105,7 +105,7 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
-        redis = connect(settings.redis_url, REDIS_TIMEOUT)
+        redis = connect(settings.redis_url, REDIS_TIMEOUT, settings.redis_password())
         monitor = SpeedMonitor(redis, mark_settle=settings.webui_mark_settle)
         unwatch = watch_stages(monitor)
         app.state.redis = redis
