@@ -158,8 +158,8 @@ def settings_from_env(cls: type[BaseServiceSettings], env: Mapping[str, str]) ->
     """`cls` as a deployment's environment `env` sets it (DOCKERCOINS_* variables only, this
     process's own environment ignored). Variables the class does not know, and paths of files
     (certificates, secrets: they name files inside a container), are left out: no memory
-    depends on them."""
-    fields = {}
+    depends on them, nor any other check of a deployment's settings."""
+    fields: dict[str, Any] = {"_env_prefix": ISOLATED_PREFIX}
     for name, value in env.items():
         field = name.removeprefix(ENV_PREFIX).lower()
         info = cls.model_fields.get(field)
@@ -168,5 +168,5 @@ def settings_from_env(cls: type[BaseServiceSettings], env: Mapping[str, str]) ->
         if FilePath in (info.annotation, *getattr(info.annotation, "__args__", ())):
             continue
         fields[field] = value
-    # A prefix no variable has: the fields come from `env` alone, not from this process's.
-    return cls(_env_prefix=ISOLATED_PREFIX, **fields)
+    # _env_prefix, one no variable has: the fields come from `env` alone, not from this process's.
+    return cls(**fields)
