@@ -5,7 +5,7 @@
 #
 # The build stage keeps two virtualenvs: /opt/tools (pip, setuptools, grpcio-tools) builds,
 # /opt/venv (created without pip) is what the image runs. Layers go from the least to the most
-# often changed: dependencies (from pyproject.toml alone), then stubs (from protos/), then the
+# often changed: dependencies (from the lock files), then stubs (from protos/), then the
 # code, so that a code change reinstalls only the package itself.
 
 ARG PYTHON_VERSION=3.11
@@ -15,20 +15,20 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# 1. Dependencies, wheels only (no compiler in a slim image): one `pip download` resolves the
-# runtime dependencies and the tools together, so the stubs' grpcio-tools matches the grpcio
-# and protobuf they run with.
-COPY pyproject.toml ./
+# 1. Dependencies, wheels only (no compiler in a slim image), each file checked against the hashes
+# of the lock files that `make lock` writes from pyproject.toml: requirements-build.lock holds the
+# runtime set of requirements.lock, same pins, plus grpcio-tools and setuptools, so that the stubs'
+# grpcio-tools matches the grpcio and protobuf they run with. One download, checked; two installs
+# from those files alone.
+COPY pyproject.toml requirements.lock requirements-build.lock ./
 RUN python -m venv /opt/tools \
  && python -m venv --without-pip /opt/venv \
- && python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
-        > /tmp/requirements.txt \
- && /opt/tools/bin/pip download --quiet --only-binary=:all: --dest /tmp/wheels \
-        -r /tmp/requirements.txt grpcio-tools "setuptools>=68" \
+ && /opt/tools/bin/pip download --quiet --only-binary=:all: --require-hashes --dest /tmp/wheels \
+        -r requirements-build.lock \
  && /opt/tools/bin/pip install --quiet --no-index --find-links /tmp/wheels \
-        grpcio-tools "setuptools>=68" \
- && /opt/tools/bin/pip --python /opt/venv/bin/python install --quiet --no-index \
-        --find-links /tmp/wheels -r /tmp/requirements.txt \
+        grpcio-tools setuptools \
+ && /opt/tools/bin/pip --python /opt/venv/bin/python install --quiet --no-index --require-hashes \
+        --find-links /tmp/wheels -r requirements.lock \
  && rm -rf /tmp/wheels
 # 2. The gRPC stubs, by the same script as `make protos`.
 COPY scripts/protos scripts/protos
@@ -55,12 +55,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DOCKERCOINS_HOST=0.0.0.0
 # No pip or setuptools at run time: the base image's own copies go (a Debian-built base has none).
+# /run/dockercoins/redis is ours: a volume mounted there (compose's Redis password) starts so.
 RUN if python -m pip --version >/dev/null 2>&1; then \
         python -m pip uninstall --yes --quiet pip setuptools wheel; \
     fi \
  && groupadd --system --gid 10001 dockercoins \
  && useradd --system --uid 10001 --gid dockercoins --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin dockercoins
+        --shell /usr/sbin/nologin dockercoins \
+ && install -d -o 10001 -g 10001 -m 0755 /run/dockercoins/redis
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/app/ /
 USER 10001:10001

@@ -12,7 +12,12 @@ IMAGE ?= dockercoins:$(VERSION)
 OVERLAY ?= base
 ARGS ?=
 
-.PHONY: help setup protos run test lint bench image kind clean
+# The image installs its dependencies from these, every file checked against its hash.
+LOCKS := requirements.lock requirements-build.lock
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock"
+
+.PHONY: help setup protos run test lint bench image kind lock clean
 
 help:
 	@echo "make run     start redis + rng + hasher + worker + webui (ARGS='--workers 3')"
@@ -22,6 +27,7 @@ help:
 	@echo "make bench   run the benchmarks, results in bench-results/"
 	@echo "make image   build $(IMAGE) with its version, git revision and source labels"
 	@echo "make kind    a kind cluster with the image loaded and k8s/overlays/OVERLAY applied"
+	@echo "make lock    pin the image's dependencies, with hashes, after a change to pyproject.toml"
 
 setup: $(STAMP)
 
@@ -66,6 +72,14 @@ image:
 
 kind:
 	scripts/kind-up $(OVERLAY)
+
+# Both lock files, from pyproject.toml's dependencies and requirements-build.in, one resolution for
+# every platform (amd64 and arm64 alike) and Python from 3.11. Pins already in a lock are kept
+# unless pyproject.toml rules them out; `make lock UPGRADE=1` moves everything to the newest.
+lock: $(STAMP)
+	$(UV_COMPILE) $(if $(UPGRADE),--upgrade) pyproject.toml requirements-build.in \
+		-o requirements-build.lock
+	$(UV_COMPILE) pyproject.toml -c requirements-build.lock -o requirements.lock
 
 clean:
 	rm -rf dockercoins/v1 .pytest_cache .mypy_cache .ruff_cache

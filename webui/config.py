@@ -4,13 +4,13 @@ from pydantic import Field
 
 from dockercoins.ports import WEBUI_PORT
 from dockercoins.service_main import Flag
-from dockercoins.settings import BaseServiceSettings
+from dockercoins.settings import RedisClientSettings
 
 MARK_SETTLE = 2.5
 """Seconds the worker count must hold still before the chart marks its change."""
 
 
-class WebuiSettings(BaseServiceSettings):
+class WebuiSettings(RedisClientSettings):
     """DOCKERCOINS_WEBUI_* settings and the Redis to read."""
 
     webui_port: int = Field(WEBUI_PORT, ge=0, le=65535, description="Port the web UI listens on.")

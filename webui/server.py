@@ -105,7 +105,7 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
-        redis = connect(settings.redis_url, REDIS_TIMEOUT)
+        redis = connect(settings.redis_url, REDIS_TIMEOUT, settings.redis_password())
         monitor = SpeedMonitor(redis, mark_settle=settings.webui_mark_settle)
         unwatch = watch_stages(monitor)
         app.state.redis = redis
@@ -240,7 +240,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: serve() owns SIGTERM and SIGINT."""
+    """uvicorn without its own signal handling: serve() owns the stop signals."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -248,7 +248,7 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: WebuiSettings) -> None:
-    """Run the web UI until SIGTERM or SIGINT; PortInUseError if the port is taken."""
+    """Run the web UI until a stop signal; PortInUseError if the port is taken."""
     sock = bind_listener(settings.host, settings.webui_port)
     port = sock.getsockname()[1]
     app = create_app(settings)

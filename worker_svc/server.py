@@ -25,7 +25,7 @@ _STATUS = {
 
 
 async def serve(settings: WorkerSettings) -> None:
-    """Mine until SIGTERM or SIGINT; then finish the unit in hand, flush, exit."""
+    """Mine until a stop signal; then finish the unit in hand, flush, exit."""
     stop = stop_event_on_signals()
     health: GrpcServer | None = None
     report: Callable[[bool, bool], Awaitable[None]] | None = None
@@ -46,7 +46,7 @@ async def serve(settings: WorkerSettings) -> None:
     options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
     rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, options, credentials)
     hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, options, credentials)
-    redis = connect(settings.redis_url, settings.worker_redis_timeout)
+    redis = connect(settings.redis_url, settings.worker_redis_timeout, settings.redis_password())
     miner = Miner(settings, rng, hasher, redis, report_health=report)
     if settings.metrics_port:
         watch_ledger(miner.ledger)

@@ -39,7 +39,7 @@ class StackSettings(TlsSettings, MetricsSettings):
         SERVICES["webui"].default("webui_port"), ge=0, le=65535, description="Port of the web UI."
     )
     redis_url: str | None = Field(
-        None, description="Redis to use; unset: `dockercoins up` starts an embedded redis-server."
+        None, description="Redis to use; unset: `dockercoins up` starts an embedded valkey-server."
     )
     redis_port: int = Field(
         0, ge=0, le=65535, description="Port of the embedded redis-server (0: any free one)."

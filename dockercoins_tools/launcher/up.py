@@ -1,4 +1,4 @@
-"""`dockercoins up`: the stack and its control socket, from start until SIGTERM or SIGINT."""
+"""`dockercoins up`: the stack and its control socket, from start until a stop signal."""
 
 import asyncio
 import contextlib
@@ -11,7 +11,7 @@ from dockercoins_tools.launcher.stack import Stack
 
 
 async def serve(settings: StackSettings) -> None:
-    """Start the stack, print where everything listens, run until SIGTERM or SIGINT.
+    """Start the stack, print where everything listens, run until SIGTERM, SIGINT or SIGHUP.
 
     If one of the launcher's own tasks fails (a supervisor, a log pump), its traceback is
     logged, everything is stopped and DockercoinsError says which: the launcher never goes on
