@@ -14,8 +14,9 @@ What it models, as kubectl and the API server do it:
 - `create namespace`, `create secret generic --from-env-file`, `delete KIND NAME`, `delete
   namespace` (and everything in it), `scale`, `get` (NotFound for a missing object; `-o name`;
   `-o jsonpath` over pods, one per replica or per node for a DaemonSet, for `{.items[*].a.b}`);
-- `exec`, `logs`, `rollout`, `port-forward`, `set env`: recorded; they fail when the workload
-  they name does not exist.
+- `exec`, `logs`, `rollout`, `port-forward`, `set env`, `patch`: recorded; they fail when the
+  workload they name does not exist, except in a namespace the model never saw made (kube-system:
+  `apply -f URL`, metrics-server's manifest, is recorded only).
 Every call is appended to the log as JSON: its argv and the objects present after it.
 """
 
@@ -269,7 +270,8 @@ def run(argv: list[str], cluster: Cluster, real: str) -> str:
         return ""
     if verb == "get":
         kinds = [SHORT.get(k, k) for k in rest[0].split(",")]
-        names = [a for a in rest[1:] if not a.startswith("-")]
+        valued = {i + 1 for i, a in enumerate(rest) if a in ("-l", "-o", "--selector")}
+        names = [a for i, a in enumerate(rest[1:], 1) if not a.startswith("-") and i not in valued]
         output = flags.get("-o") or (rest[rest.index("-o") + 1] if "-o" in rest else None)
         if kinds == ["Pod"]:
             items = cluster.pods(namespace, selector)
@@ -299,6 +301,8 @@ def run(argv: list[str], cluster: Cluster, real: str) -> str:
         )
         return ""
     if verb in ("exec", "logs", "port-forward", "rollout", "set", "wait", "label", "patch"):
+        if cluster.find("Namespace", "", namespace) is None and namespace != "default":
+            return ""  # a namespace the model never saw made (kube-system): not modelled
         refs = [a for a in rest if "/" in a and not a.startswith("-")]
         for ref in refs[:1]:
             kind, name = workload_ref(ref)

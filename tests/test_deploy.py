@@ -672,24 +672,37 @@ def test_every_overlay_validates_strictly(tmp_path: Path, k8s_version: str) -> N
     assert result.returncode == 0 and "WARN" not in output and "ERROR" not in output, output
 
 
+def everything_overlay(tmp_path: Path, components: list[str]) -> Path:
+    """An overlay of the base and these components, labelled as the real overlays are."""
+    overlay = tmp_path / "k8s" / "overlays" / "everything"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": NAMESPACE,
+                "labels": [
+                    {"pairs": dict([PART_OF]), "includeSelectors": False, "includeTemplates": True}
+                ],
+                "resources": ["../../base"],
+                "components": [f"../../components/{c}" for c in components],
+            }
+        )
+    )
+    return overlay
+
+
 def test_all_components_compose_together(tmp_path: Path) -> None:
-    """daemonset, buffered, turbo, hpa and network-policies in one overlay, in either order."""
+    """daemonset, buffered, turbo, hpa, network-policies and metrics in one overlay, in either
+    order. rng-hpa is the exception: a DaemonSet cannot be autoscaled, and the check says so."""
     shutil.copytree(K8S, tmp_path / "k8s")
     components = sorted(p.name for p in (K8S / "components").iterdir() if p.is_dir())
+    components.remove("rng-hpa")
+    problems = k8s_problems(render(everything_overlay(tmp_path, ["daemonset", "rng-hpa"])))
+    assert problems == ["HPA/rng: no Deployment/rng"], problems
     for order in (components, components[::-1]):
-        overlay = tmp_path / "k8s" / "overlays" / "everything"
-        overlay.mkdir(exist_ok=True)
-        (overlay / "kustomization.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                    "kind": "Kustomization",
-                    "namespace": NAMESPACE,
-                    "resources": ["../../base"],
-                    "components": [f"../../components/{c}" for c in order],
-                }
-            )
-        )
+        overlay = everything_overlay(tmp_path, order)
         docs = render(overlay)
         assert k8s_problems(docs) == []
         (rng,) = [w for w in workloads(docs) if w.name == "rng"]
@@ -952,17 +965,21 @@ def test_network_policies_isolate_rng_hasher_and_redis() -> None:
         "hasher": {"worker"},
         "redis": {"worker", "webui"},
         "webui": {"*"},
+        "worker": {"*"},  # its health port only
     }
+    (health,) = [
+        p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].startswith("worker")
+    ]
+    assert [port["port"] for rule in health["spec"]["ingress"] for port in rule["ports"]] == [50053]
     (deny,) = [p for p in of_kind(docs, "NetworkPolicy") if "ingress" not in p["spec"]]
     every_pod = workloads(docs)
     assert all(matches(deny["spec"]["podSelector"]["matchLabels"], w.labels) for w in every_pod)
 
 
 def test_redis_has_a_maxmemory_that_refuses_writes_within_its_memory_limit() -> None:
-    (deployment,) = [
-        w for w in of_kind(rendered("base"), "Deployment") if w["metadata"]["name"] == "redis"
-    ]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    redis = redis_statefulset(rendered("base"))
+    assert redis is not None
+    (container,) = redis.containers
     args = container["args"]
     limit = container["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
@@ -1223,16 +1240,132 @@ KIND_CLUSTER_SCHEMA = {
 }
 # The flags kind documents for the commands the script runs (kind <command> --help).
 KIND_FLAGS = {
+    ("version",): set(),
     ("get", "clusters"): set(),
     ("create", "cluster"): {"--name", "--config", "--image", "--kubeconfig", "--retain", "--wait"},
-    ("load", "docker-image"): {"--name", "--nodes"},
+    ("load", "image-archive"): {"--name", "--nodes"},
 }
+# The flags Helm documents for the commands the script runs (helm <command> --help, Helm 3).
+HELM_FLAGS = {
+    ("repo", "add"): {"--force-update", "--username", "--password"},
+    ("upgrade",): {
+        "--install", "--version", "--namespace", "--kube-context", "--values", "--wait",
+        "--timeout", "--create-namespace", "--set",
+    },
+}  # fmt: skip
+# The charts the HPA v2 lab installs, as scripts/kind-up and docs/deploy.md name them; the keys
+# of their values.yaml that k8s/monitoring's values set (read in the charts at these versions).
+CHART_KEYS = {
+    "prometheus": (
+        "29.27.0",
+        {
+            ("server", "global", "scrape_interval"),
+            ("server", "global", "evaluation_interval"),
+            ("server", "persistentVolume", "enabled"),
+            ("alertmanager", "enabled"),
+            ("kube-state-metrics", "enabled"),
+            ("prometheus-node-exporter", "enabled"),
+            ("prometheus-pushgateway", "enabled"),
+        },
+    ),
+    "prometheus-adapter": (
+        "5.3.0",
+        {("prometheus", "url"), ("prometheus", "port"), ("rules", "existing"),
+         ("metricsRelistInterval",)},
+    ),
+}  # fmt: skip
 
 RECORDER = """#!{python}
 import json, os, sys
 with open({log!r}, "a") as record:
     record.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+if sys.argv[1:] == ["version"] and os.environ.get("KIND_VERSION"):
+    print(os.environ["KIND_VERSION"])
 """
+KUBECTL_STAND_IN = """#!{python}
+import sys
+from tests.kubectl_stand_in import main
+sys.exit(main())
+"""
+
+
+@dataclass
+class StandIns:
+    """docker, kind and helm that record their command lines, and kubectl modelling a cluster
+    (tests/kubectl_stand_in.py), first on PATH."""
+
+    env: dict[str, str]
+    log: Path
+    kubectl_log: Path
+
+    @classmethod
+    def make(cls, tmp_path: Path) -> "StandIns":
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        log = tmp_path / "commands.jsonl"
+        for name in ("docker", "kind", "helm"):
+            (bin_dir / name).write_text(RECORDER.format(python=sys.executable, log=str(log)))
+        (bin_dir / "kubectl").write_text(KUBECTL_STAND_IN.format(python=sys.executable))
+        for stand_in in bin_dir.iterdir():
+            stand_in.chmod(0o755)
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "KUBECTL_STAND_IN_STATE": str(tmp_path / "cluster.json"),
+            "KUBECTL_STAND_IN_LOG": str(tmp_path / "kubectl.jsonl"),
+            "KUBECTL_STAND_IN_REAL": tool("kubectl"),
+        }
+        env.pop("KIND_CLUSTER_NAME", None)
+        return cls(env, log, tmp_path / "kubectl.jsonl")
+
+    def run(self, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            cwd=ROOT,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+
+    def commands(self, name: str) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return [line[1:] for line in lines if line[0] == name]
+
+    def kubectl(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.kubectl_log.read_text().splitlines()]
+
+    def objects(self) -> dict[str, dict[str, Any]]:
+        from tests.kubectl_stand_in import Cluster
+
+        return Cluster(Path(self.env["KUBECTL_STAND_IN_STATE"])).objects
+
+
+def prune_args(text: str) -> list[str]:
+    """The `prune=(...)` bash array of a script or a README block, as its words."""
+    import shlex
+
+    found = re.search(r"^\s*prune=\((.*?)\)", text, re.S | re.M)
+    assert found, "no prune=(...) array"
+    return shlex.split(found[1], comments=True)
+
+
+def rng_workloads(objects: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(k for k, o in objects.items() if o["kind"] in WORKLOAD_KINDS and "/rng" in k[-4:])
+
+
+def applied_state(overlay: str) -> set[str]:
+    """What an apply --prune of `overlay` leaves of the kinds it may prune, plus what it keeps."""
+    from tests.kubectl_stand_in import gvk, key
+
+    allow = {a.split("=", 1)[1] for a in prune_args(KIND_UP.read_text()) if "=" in a}
+    return {key(d) for d in rendered(overlay) if gvk(d) in allow}
+
+
+KIND_UP = ROOT / "scripts" / "kind-up"
 
 
 def test_kind_config_is_a_valid_cluster_with_worker_nodes() -> None:
@@ -1260,64 +1393,162 @@ def flags_of(argv: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
-@pytest.mark.parametrize("overlay", ["base", "daemonset", "autoscale"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kind_script_runs_the_documented_commands_in_order(tmp_path: Path, overlay: str) -> None:
-    """scripts/kind-up against recording stand-ins for docker, kind and kubectl (real make)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "commands.jsonl"
-    for name in ("docker", "kind", "kubectl"):
-        stand_in = bin_dir / name
-        stand_in.write_text(RECORDER.format(python=sys.executable, log=str(log)))
-        stand_in.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.pop("KIND_CLUSTER_NAME", None)
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "kind-up"), overlay],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    """scripts/kind-up against the stand-ins (real make): the commands, each flag one the tool
+    documents, the image the manifests run loaded as an archive, the Secret made, and the
+    overlay's objects in the modelled cluster."""
+    stand_ins = StandIns.make(tmp_path)
+    result = stand_ins.run([str(KIND_UP), overlay])
     assert result.returncode == 0, result.stdout + result.stderr
-    commands = [json.loads(line) for line in log.read_text().splitlines()]
-    kinds = [c[1:] for c in commands if c[0] == "kind"]
+    kinds = [c for c in stand_ins.commands("kind") if c != ["version"]]
     assert [tuple(c[:2]) for c in kinds] == [
         ("get", "clusters"),
         ("create", "cluster"),
-        ("load", "docker-image"),
+        ("load", "image-archive"),
     ]
-    for argv in kinds:
-        assert flags_of(argv) <= KIND_FLAGS[tuple(argv[:2])], argv
+    for argv in stand_ins.commands("kind"):
+        verb = tuple(argv[:2]) if len(argv) > 1 and not argv[1].startswith("-") else (argv[0],)
+        assert flags_of(argv) <= KIND_FLAGS[verb], argv
     create = kinds[1]
     assert create[create.index("--config") + 1] == "k8s/kind.yaml"
     cluster = create[create.index("--name") + 1]
-    (build,) = [c[1:] for c in commands if c[0] == "docker"]
-    assert build[0] == "build" and build[-1] == "."
+    docker = stand_ins.commands("docker")
+    (build,) = [c for c in docker if c[0] == "build" and "--help" not in c]
+    assert build[-1] == "."
     image = build[build.index("--tag") + 1]
+    (save,) = [c for c in docker if c[:2] == ["image", "save"] and "--help" not in c]
+    archive = save[save.index("--output") + 1]
+    assert save[-1] == image
     # The image loaded into the nodes is the one the manifests run, never pulled.
     load = kinds[2]
-    assert load[2] == image and load[load.index("--name") + 1] == cluster
+    assert load[2] == archive and load[load.index("--name") + 1] == cluster
+    assert not Path(archive).exists(), "the archive is left behind"
     for w in workloads(rendered(overlay)):
         for c in w.containers:
             if command_of(c) is not None:
                 assert c["image"] == image and c["imagePullPolicy"] == "IfNotPresent"
-    kubectl = [c[1:] for c in commands if c[0] == "kubectl"]
-    for argv in kubectl:
+    calls = [entry["argv"] for entry in stand_ins.kubectl()]
+    for argv in calls:
+        if argv[0] == "kustomize":
+            continue
         assert argv[:2] == ["--context", f"kind-{cluster}"], argv
         rest = argv[2:]
         if rest[0] in ("-n", "--namespace"):
-            assert rest[1] == NAMESPACE or rest[1] == "kube-system", argv
+            assert rest[1] in (NAMESPACE, "kube-system"), argv
             rest = rest[2:]
-        verb = tuple(rest[:2]) if rest[0] == "rollout" else (rest[0],)
-        assert flags_of(rest) <= kubectl_flags(*verb), f"undocumented flag in kubectl {argv}"
+        assert flags_of(rest) <= kubectl_flags(*kubectl_verb(rest)), f"undocumented flag: {argv}"
     path = "k8s/base" if overlay == "base" else f"k8s/overlays/{overlay}"
-    applied = [a for a in kubectl if "apply" in a and "-k" in a]
-    assert applied == [["--context", f"kind-{cluster}", "apply", "-k", path]]
-    assert any("wait" in a and "--for=condition=Available" in a for a in kubectl)
-    assert (overlay == "autoscale") == any("metrics-server" in " ".join(a) for a in kubectl)
-    assert (overlay == "daemonset") == any("delete" in a for a in kubectl)
+    applied = [a[2:] for a in calls if "apply" in a and "-k" in a and a[-1] != "k8s/monitoring"]
+    assert applied == [["apply", "-k", path, *prune_args(KIND_UP.read_text())]]
+    objects = stand_ins.objects()
+    assert {k for k in objects if k in applied_state(overlay) or "/dockercoins/" in k} >= (
+        applied_state(overlay)
+    )
+    secret = objects[f"Secret/{NAMESPACE}/redis-passwords"]["stringData"]
+    assert set(secret) == {"webui", "worker"} and secret["webui"] != secret["worker"]
+    assert all(re.fullmatch(r"[0-9a-f]{48}", v) for v in secret.values()), "48 hex digits"
+    assert f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0" in objects
+    rolled = {a[-2] for a in calls if "rollout" in a and "kube-system" not in a}
+    assert rolled == {f"{w.kind.lower()}.apps/{w.name}" for w in workloads(rendered(overlay))}
+    assert (overlay == "autoscale") == any("metrics-server" in " ".join(a) for a in calls)
+    helm = stand_ins.commands("helm")
+    assert (overlay == "autoscale-rng") == bool(helm)
+    for argv in helm:
+        verb = tuple(argv[:2]) if argv[0] == "repo" else (argv[0],)
+        assert flags_of(argv) <= HELM_FLAGS[verb], argv
+    for argv in (a for a in helm if a[0] == "upgrade"):
+        chart = argv[3].split("/")[1]
+        assert argv[argv.index("--version") + 1] == CHART_KEYS[chart][0]
+        assert (ROOT / argv[argv.index("--values") + 1]).is_file()
+
+
+def test_kind_script_switches_overlays_leaving_one_rng_and_the_data(tmp_path: Path) -> None:
+    """kind-up daemonset, then buffered, then autoscale-rng, then base, on one modelled cluster:
+    after each, exactly the overlay's objects, one rng workload, the same Secret and claim."""
+    stand_ins = StandIns.make(tmp_path)
+    secret = None
+    for overlay, rng in (
+        ("daemonset", "DaemonSet"),
+        ("buffered", "Deployment"),
+        ("autoscale-rng", "Deployment"),
+        ("base", "Deployment"),
+    ):
+        result = stand_ins.run([str(KIND_UP), overlay])
+        assert result.returncode == 0, result.stdout + result.stderr
+        objects = stand_ins.objects()
+        assert rng_workloads(objects) == [f"{rng}/{NAMESPACE}/rng"], overlay
+        ours = {k for k, o in objects.items() if o["metadata"].get("namespace") == NAMESPACE}
+        kept = {
+            f"Secret/{NAMESPACE}/redis-passwords",
+            f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0",
+        }
+        assert ours == applied_state(overlay) | kept, overlay
+        secret = secret or objects[f"Secret/{NAMESPACE}/redis-passwords"]
+        assert objects[f"Secret/{NAMESPACE}/redis-passwords"] == secret, "passwords remade"
+
+
+def test_kind_script_warns_of_kind_releases_that_block_probes_under_policies(
+    tmp_path: Path,
+) -> None:
+    stand_ins = StandIns.make(tmp_path)
+    old = "kind v0.26.0 go1.23.4 linux/amd64"
+    warned = stand_ins.run([str(KIND_UP), "network-policies"], KIND_VERSION=old)
+    assert warned.returncode == 0 and "kind issue 3875" in warned.stderr, warned.stderr
+    quiet = stand_ins.run([str(KIND_UP), "buffered"], KIND_VERSION=old)
+    recent = stand_ins.run(
+        [str(KIND_UP), "metrics"], KIND_VERSION="kind v0.31.0 go1.25 linux/amd64"
+    )
+    assert "3875" not in quiet.stderr + recent.stderr
+
+
+@pytest.mark.parametrize("first", OVERLAYS)
+def test_every_overlay_after_every_other_leaves_exactly_its_own_objects(
+    tmp_path: Path, first: str
+) -> None:
+    """Each pair a user could apply in sequence, through the prune of kind-up and the README: the
+    second overlay's objects, one rng workload, Redis's claim kept."""
+    from tests.kubectl_stand_in import Cluster
+
+    args = prune_args(KIND_UP.read_text())
+    allow = {a.split("=", 1)[1] for a in args if a.startswith("--prune-allowlist=")}
+    selector = args[args.index("-l") + 1]
+    for second in OVERLAYS:
+        cluster = Cluster(tmp_path / f"{first}-{second}.json")
+        cluster.apply([dict(d) for d in rendered(first)], selector, allow)
+        cluster.apply([dict(d) for d in rendered(second)], selector, allow)
+        assert len(rng_workloads(cluster.objects)) == 1, (first, second)
+        from tests.kubectl_stand_in import gvk
+
+        left = {k for k, o in cluster.objects.items() if gvk(o) in allow}
+        assert left == applied_state(second), (first, second)
+        assert f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0" in cluster.objects
+
+
+def test_pruning_without_the_allowlist_would_delete_the_redis_data(tmp_path: Path) -> None:
+    """Why the allowlist: kubectl's default one holds PersistentVolumeClaims, and Redis's claim
+    carries the label (its template's), so a plain `--prune -l` deletes the counter."""
+    from tests.kubectl_stand_in import DEFAULT_PRUNE, Cluster
+
+    cluster = Cluster(tmp_path / "cluster.json")
+    selector = "=".join(PART_OF)
+    cluster.apply([dict(d) for d in rendered("base")], selector, DEFAULT_PRUNE)
+    cluster.apply([dict(d) for d in rendered("buffered")], selector, DEFAULT_PRUNE)
+    assert f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0" not in cluster.objects
+
+
+def kubectl_verb(words: list[str]) -> tuple[str, ...]:
+    """The words of a kubectl command that its --help is for (`rollout status`, `create secret
+    generic`), global flags and their values skipped."""
+    words = list(words)
+    while words and words[0] in ("-n", "--namespace", "--context"):
+        words = words[2:]
+    verb = [words[0]]
+    if words[0] in ("rollout", "set", "create", "config") and len(words) > 1:
+        verb.append(words[1])
+        if words[1] == "secret" and len(words) > 2:
+            verb.append(words[2])
+    return tuple(verb)
 
 
 def test_kind_script_names_the_overlays_when_given_an_unknown_one() -> None:
@@ -1429,7 +1660,7 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
             return False
 
         wait_until(noauth, 10, "redis-server answering NOAUTH")
-        with pytest.raises(redis.AuthenticationError, match="(?i)authenticat"):
+        with pytest.raises(redis.AuthenticationError, match=r"(?i)authenticat"):
             stranger.get("hashes")
         with pytest.raises(redis.AuthenticationError):
             redis_cli(port, "default", "").ping()
