@@ -109,11 +109,12 @@ class Cluster:
         for doc in sorted(docs, key=lambda d: d["kind"] != "Namespace"):
             live = self.objects.get(key(doc))
             doc = json.loads(json.dumps(doc))
+            manifest = doc.get("spec", {}).get("replicas")
             if live is not None and "replicas" in live.get("spec", {}):
                 last = live.get("last-applied", {}).get("spec", {}).get("replicas")
-                if doc.get("spec", {}).get("replicas") == last:
+                if manifest == last:
                     doc["spec"]["replicas"] = live["spec"]["replicas"]
-            doc["last-applied"] = {"spec": {"replicas": doc.get("spec", {}).get("replicas")}}
+            doc["last-applied"] = {"spec": {"replicas": manifest}}
             self.put(doc)
             if doc["kind"] == "StatefulSet":
                 self.claims_of(doc)

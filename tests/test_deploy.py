@@ -1757,3 +1757,98 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
     logs = out + "".join(p.output for p in started)
     for password in passwords.values():
         assert password not in logs, "a password in a log"
+
+
+# --- the README's Kubernetes commands, replayed ----------------------------------------------
+
+REPLAY_MARK = "<!-- replayed by tests/test_deploy.py"
+
+
+def readme_sequence() -> str:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(re.escape(REPLAY_MARK) + r"[^\n]*\n```sh\n(.*?)```", readme, re.S)
+    assert found, "README lost its replayed Kubernetes block"
+    return found[1]
+
+
+def test_readme_kubernetes_sequence_leaves_one_rng_at_every_step(tmp_path: Path) -> None:
+    """The README's block, run by bash as typed, against the modelled kubectl: after each apply
+    exactly the overlay's objects and one rng workload; the probes exec'd in a worker parse with
+    the real CLI; at the end the namespace is gone with all it held."""
+    stand_ins = StandIns.make(tmp_path)
+    script = readme_sequence()
+    assert prune_args(script) == prune_args(KIND_UP.read_text()), "README and kind-up prune alike"
+    last = script.rstrip().splitlines()[-1]
+    assert last.startswith("kubectl delete namespace dockercoins")
+    result = stand_ins.run(["bash", "-euo", "pipefail", "-c", script.replace(last, "")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = stand_ins.kubectl()
+    applied = [(s, s["argv"][s["argv"].index("-k") + 1]) for s in steps if "apply" in s["argv"]]
+    expected = {"k8s/base": "Deployment", "k8s/overlays/daemonset": "DaemonSet"}
+    expected["k8s/overlays/buffered"] = "Deployment"
+    assert [path for _, path in applied] == list(expected)
+    for step, path in applied:
+        overlay = path.rsplit("/", 1)[-1] if "overlays" in path else "base"
+        objects = {k for k in step["objects"] if f"/{NAMESPACE}/" in k}
+        kept = {
+            f"Secret/{NAMESPACE}/redis-passwords",
+            f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0",
+        }
+        assert objects == applied_state(overlay) | kept, path
+        assert [
+            k
+            for k in objects
+            if k.endswith(f"/{NAMESPACE}/rng") and k.split("/")[0] in WORKLOAD_KINDS
+        ] == [f"{expected[path]}/{NAMESPACE}/rng"]
+    # The worker count survives the later applies, as apply's three-way merge keeps it.
+    assert stand_ins.objects()[f"Deployment/{NAMESPACE}/worker"]["spec"]["replicas"] == 10
+    probes = [s["argv"] for s in steps if "exec" in s["argv"]]
+    assert len(probes) == 2 + 3, probes  # rng and hasher, then each of the three rng pods
+    probe_flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", run_cli_help("probe")))
+    for argv in probes:
+        command = argv[argv.index("--") + 1 :]
+        assert command[:2] == ["dockercoins", "probe"] and flags_of(command) <= probe_flags
+    assert {a[a.index("--addr") + 1].rsplit(":", 1)[1] for a in probes if "--addr" in a} == {
+        "50051"
+    }
+    end = stand_ins.run(["bash", "-c", last])
+    assert end.returncode == 0, end.stderr
+    assert not [k for k in stand_ins.objects() if f"/{NAMESPACE}/" in k or k.endswith(NAMESPACE)]
+
+
+def run_cli_help(command: str) -> str:
+    from tests.support import run_cli
+
+    return run_cli(command, "--help").stdout
+
+
+def kubectl_lines(text: str) -> Iterator[list[str]]:
+    """Each kubectl command in the fenced blocks of a Markdown text, as words: lines split as
+    the shell would, at `&&`, `;`, `|`, `&` and the parentheses of `$(...)`."""
+    import shlex
+
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.wordchars += "$*{}[]@=/:.,-"
+            command: list[str] = []
+            for token in [*lexer, ";"]:
+                if token and set(token) <= set("();<>|&"):
+                    if command[:1] == ["kubectl"]:
+                        yield command[1:]
+                    command = []
+                elif token not in ("do", "$") or command:
+                    command.append(token)
+
+
+def test_every_kubectl_command_in_the_docs_takes_only_flags_kubectl_documents() -> None:
+    texts = [(ROOT / "README.md").read_text(), (ROOT / "docs" / "deploy.md").read_text()]
+    seen = 0
+    for text in texts:
+        for words in kubectl_lines(text):
+            command = words[: words.index("--")] if "--" in words else words
+            words_only = [w for w in command if not w.startswith("${")]
+            verb = kubectl_verb(words_only)
+            assert flags_of(words_only) <= kubectl_flags(*verb), f"kubectl {' '.join(words)}"
+            seen += 1
+    assert seen >= 15, seen
