@@ -1214,7 +1214,20 @@ _NODE = {
         "image": {"type": "string"},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "extraMounts": {"type": "array", "items": {"type": "object"}},
-        "extraPortMappings": {"type": "array", "items": {"type": "object"}},
+        "extraPortMappings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["containerPort"],
+                "properties": {
+                    "containerPort": {"type": "integer"},
+                    "hostPort": {"type": "integer"},
+                    "listenAddress": {"type": "string"},
+                    "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+                },
+            },
+        },
         "gpus": {"type": "string"},
         "kubeadmConfigPatches": {"type": "array", "items": {"type": "string"}},
         "kubeadmConfigPatchesJSON6902": {"type": "array", "items": _PATCH},
@@ -1852,3 +1865,307 @@ def test_every_kubectl_command_in_the_docs_takes_only_flags_kubectl_documents() 
             assert flags_of(words_only) <= kubectl_flags(*verb), f"kubectl {' '.join(words)}"
             seen += 1
     assert seen >= 15, seen
+
+
+# --- the HPA v2 lab: prometheus-adapter's rule and the autoscalers ----------------------------
+
+MONITORING = K8S / "monitoring"
+# prometheus-adapter's configuration (pkg/config/config.go, v0.12), which it reads with
+# yaml.UnmarshalStrict: an unknown field stops the adapter.
+_GROUP_RESOURCE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["resource"],
+    "properties": {"group": {"type": "string"}, "resource": {"type": "string"}},
+}
+_RESOURCE_MAPPING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "template": {"type": "string"},
+        "overrides": {"type": "object", "additionalProperties": _GROUP_RESOURCE},
+        "namespaced": {"type": "boolean"},
+    },
+}
+_DISCOVERY_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["seriesQuery", "resources", "name", "metricsQuery"],
+    "properties": {
+        "seriesQuery": {"type": "string", "minLength": 1},
+        "seriesFilters": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"is": {"type": "string"}, "isNot": {"type": "string"}},
+            },
+        },
+        "resources": _RESOURCE_MAPPING,
+        "name": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"matches": {"type": "string"}, "as": {"type": "string"}},
+        },
+        "metricsQuery": {"type": "string", "minLength": 1},
+    },
+}
+ADAPTER_CONFIG_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["rules"],
+    "properties": {
+        "rules": {"type": "array", "items": _DISCOVERY_RULE},
+        "externalRules": {"type": "array", "items": _DISCOVERY_RULE},
+        "resourceRules": {"type": "object"},
+    },
+}
+
+
+def adapter_config() -> tuple[str, dict[str, Any]]:
+    """The ConfigMap of k8s/monitoring that the adapter mounts: its name and config.yaml."""
+    (config,) = of_kind(render(MONITORING), "ConfigMap")
+    return config["metadata"]["name"], yaml.safe_load(config["data"]["config.yaml"])
+
+
+def selectors(promql: str) -> list[tuple[str, dict[str, str]]]:
+    """`name{label="value",...}` selectors of a PromQL text: the name and its equality matchers."""
+    found = []
+    for name, body in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", promql):
+        found.append((name, dict(re.findall(r'(\w+)="([^"]*)"', body))))
+    return found
+
+
+def test_adapter_rules_are_a_valid_prometheus_adapter_config_the_chart_mounts(
+    tmp_path: Path,
+) -> None:
+    import jsonschema
+
+    name, config = adapter_config()
+    jsonschema.validate(config, ADAPTER_CONFIG_SCHEMA)
+    for broken in (
+        {**config, "rule": config["rules"]},
+        {"rules": [{**config["rules"][0], "x": 1}]},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, ADAPTER_CONFIG_SCHEMA)
+    # kubernetes-validate holds the ConfigMap and the namespace to the API's schemas.
+    path = tmp_path / "monitoring.yaml"
+    path.write_text(yaml.safe_dump_all(render(MONITORING)))
+    result = run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSIONS[-1], str(path)]
+    )
+    assert result.returncode == 0 and "WARN" not in result.stdout + result.stderr, result.stdout
+    # The charts' values: keys their values.yaml has, the adapter pointed at this ConfigMap and
+    # at the Prometheus of the other release.
+    values = {
+        "prometheus": yaml.safe_load((MONITORING / "prometheus-values.yaml").read_text()),
+        "prometheus-adapter": yaml.safe_load((MONITORING / "adapter-values.yaml").read_text()),
+    }
+
+    def paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+        return {
+            p
+            for k, v in tree.items()
+            for p in (paths(v, (*prefix, k)) if isinstance(v, dict) else {(*prefix, k)})
+        }
+
+    for chart, (_, keys) in CHART_KEYS.items():
+        assert paths(values[chart]) <= keys, chart
+    adapter = values["prometheus-adapter"]
+    assert adapter["rules"]["existing"] == name
+    assert adapter["prometheus"]["url"] == "http://prometheus-server.monitoring.svc"
+
+
+async def test_the_adapter_rule_reads_series_that_rng_serves(servers) -> None:
+    """The rule's series, as a real rng serves them on /metrics (Prometheus adds namespace and pod
+    from its kubernetes-pods job): its seriesQuery and every selector of its metricsQuery match."""
+    import grpc
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dockercoins.net import free_port
+    from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+
+    address = await servers.rng(rng_read_cost=0.0, metrics_port=free_port())
+    async with grpc.aio.insecure_channel(address) as channel:
+        await rng_pb2_grpc.RngStub(channel).GetRandom(rng_pb2.RandomRequest(size=32), timeout=10)
+    served = [
+        (sample.name, sample.labels)
+        for family in text_string_to_metric_families(generate_latest(REGISTRY).decode())
+        for sample in family.samples
+    ]
+    _, config = adapter_config()
+    (rule,) = config["rules"]
+    query = rule["metricsQuery"].replace(
+        "<<.LabelMatchers>>", 'namespace="dockercoins",pod="rng-0"'
+    )
+    query = query.replace("<<.GroupBy>>", "pod").replace("<<.Series>>", "unused")
+    wanted = [*selectors(rule["seriesQuery"]), *selectors(query)]
+    assert len(wanted) == 3
+    for name, labels in wanted:
+        labels = {k: v for k, v in labels.items() if k not in ("namespace", "pod")}
+        assert any(
+            n == name and all(have.get(k) == v for k, v in labels.items()) for n, have in served
+        ), f"{name}{labels} is not among rng's series"
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert re.fullmatch(rule["name"]["matches"], selectors(rule["seriesQuery"])[0][0])
+
+
+def hpa_settles(latency: dict[int, float], target: float, start: int, most: int) -> list[int]:
+    """The replica counts an HPA goes through on a Pods AverageValue metric: desired =
+    ceil(n x value / target), unchanged within its 10 % tolerance, until a count repeats."""
+    import math
+
+    seen = [start]
+    while True:
+        n = seen[-1]
+        ratio = latency[n] / target
+        desired = n if abs(ratio - 1) <= 0.1 else min(most, max(1, math.ceil(n * ratio)))
+        if desired in seen:
+            return [*seen, desired]
+        seen.append(desired)
+
+
+def test_rng_autoscaler_reads_the_adapters_metric_and_settles_at_three_pods() -> None:
+    """With 10 classic workers, rng's mean time per call at n blocking replicas is 1/n - 0.2 s
+    while rng is the bottleneck (n <= 3: 10 workers cycle through think + hasher + rng), and its
+    0.1 s floor plus a little queueing beyond: measured 818, 305, 138, 113, 108, 104 ms for 1 to 6
+    (docs/deploy.md). From one replica the target leads to 3 and stays there, both on the model
+    and on the measured figures."""
+    docs = rendered("autoscale-rng")
+    (hpa,) = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["metadata"]["name"] == "rng"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    _, config = adapter_config()
+    assert metric["pods"]["metric"]["name"] in {r["name"]["as"] for r in config["rules"]}
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    seconds = float(target["averageValue"].removesuffix("m")) / 1000
+    assert seconds > CLASSIC.rng_request, "above rng's floor: an idle rng must not scale"
+    rng = [w for w in workloads(docs) if w.name == "rng"]
+    assert [w.kind for w in rng] == [hpa["spec"]["scaleTargetRef"]["kind"]] == ["Deployment"]
+    (container,) = rng[0].containers
+    assert (
+        env_of(container)["DOCKERCOINS_METRICS_PORT"]
+        == rng[0].pod["metadata"]["annotations"]["prometheus.io/port"]
+    )
+    most = hpa["spec"]["maxReplicas"]
+    cycle = CLASSIC.worker_think_time + CLASSIC.hasher_latency
+    model = {
+        n: max(CLASSIC.rng_request, 10 / (n / CLASSIC.rng_read_cost) - cycle)
+        for n in range(1, most + 1)
+    }
+    measured = dict(enumerate([0.818, 0.305, 0.138, 0.113, 0.108, 0.104], 1))
+    for latency in (model, measured):
+        path = hpa_settles(latency, seconds, 1, most)
+        assert path[-2:] == [3, 3], path
+
+
+@pytest.mark.parametrize(
+    ("overlay", "file", "old", "new", "complaint"),
+    [
+        (  # the budget kind-up and the README applied before: maxUnavailable over a DaemonSet
+            "daemonset",
+            "components/daemonset/kustomization.yaml",
+            "      - op: remove\n        path: /spec/maxUnavailable\n"
+            "      - op: add\n        path: /spec/minAvailable\n        value: 1\n",
+            "      - op: replace\n        path: /spec/maxUnavailable\n        value: 1\n",
+            "PodDisruptionBudget/rng: over DaemonSet/rng, which has no scale subresource",
+        ),
+        (
+            "daemonset",
+            "components/daemonset/kustomization.yaml",
+            "path: /spec/minAvailable\n        value: 1\n",
+            'path: /spec/minAvailable\n        value: "50%"\n',
+            "PodDisruptionBudget/rng: over DaemonSet/rng, which has no scale subresource",
+        ),
+        (  # an overlay without the label: its policies are neither applied nor pruned
+            "network-policies",
+            "overlays/network-policies/kustomization.yaml",
+            "      app.kubernetes.io/part-of: dockercoins\n",
+            "      app.kubernetes.io/name: dockercoins\n",
+            "NetworkPolicy/rng-from-worker: lacks the label app.kubernetes.io/part-of",
+        ),
+        (
+            "network-policies",
+            "components/network-policies/network-policies.yaml",
+            "          port: 50053\n",
+            "          port: 50054\n",
+            "Deployment/worker: readinessProbe on port 50053 passes only where the CNI",
+        ),
+        (
+            "network-policies",
+            "base/redis.yaml",
+            "          livenessProbe:\n            exec:\n              command:",
+            "          livenessProbe:\n            tcpSocket:\n              port: 6379\n"
+            "            x-command:",
+            "StatefulSet/redis: livenessProbe on port 6379 passes only where the CNI",
+        ),
+        (
+            "base",
+            "base/redis-acl.yaml",
+            "user default off",
+            "user default on nopass",
+            "the default user is not off",
+        ),
+        (
+            "base",
+            "base/webui.yaml",
+            "redis://webui:$(REDIS_PASSWORD)@",
+            "redis://webui:hunter2@",
+            "DOCKERCOINS_REDIS_URL must take its password from a Secret",
+        ),
+        (
+            "base",
+            "base/worker.yaml",
+            "redis://worker:$(REDIS_PASSWORD)@",
+            "redis://webui:$(REDIS_PASSWORD)@",
+            "the password of webui comes from ('redis-passwords', 'worker')",
+        ),
+        (
+            "base",
+            "base/redis.yaml",
+            "kind: StatefulSet\n",
+            "kind: Deployment\n",
+            "Deployment/redis: must be a StatefulSet of 1",
+        ),
+        (
+            "base",
+            "base/redis.yaml",
+            "            - --aclfile\n            - /run/redis/users.acl\n",
+            "",
+            "no ACL file written from a template: anyone gets in",
+        ),
+        (
+            "base",
+            "base/redis.yaml",
+            "  clusterIP: None\n  selector:\n    app: redis",
+            "  selector:\n    app: redis",
+            "serviceName must name a headless Service",
+        ),
+    ],
+)
+def test_a_broken_overlay_fails_the_new_checks(
+    tmp_path: Path, overlay: str, file: str, old: str, new: str, complaint: str
+) -> None:
+    broken_copy(tmp_path, file, old, new)
+    path = tmp_path / "k8s" / ("base" if overlay == "base" else f"overlays/{overlay}")
+    problems = k8s_problems(render(path))
+    assert any(complaint in p for p in problems), problems
+
+
+def test_kind_config_maps_the_web_ui_node_port_to_the_hosts_loopback() -> None:
+    config = yaml.safe_load((K8S / "kind.yaml").read_text())
+    (webui,) = [s for s in of_kind(rendered("base"), "Service") if s["metadata"]["name"] == "webui"]
+    (port,) = webui["spec"]["ports"]
+    mappings = [m for node in config["nodes"] for m in node.get("extraPortMappings", [])]
+    assert mappings == [
+        {
+            "containerPort": port["nodePort"],
+            "hostPort": port["nodePort"],
+            "listenAddress": "127.0.0.1",
+            "protocol": "TCP",
+        }
+    ]
+    assert f"http://127.0.0.1:{port['nodePort']}" in KIND_UP.read_text()
