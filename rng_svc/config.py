@@ -44,6 +44,11 @@ class RngSettings(GrpcServerSettings):
     rng_buffer_size: int = Field(
         1 << 20, ge=1, le=1 << 30, description="Bytes the buffered mode holds at most."
     )
+    rng_log_requests: bool = Field(
+        False,
+        description="Log every call (INFO: its size and the caller's address), as the "
+        "original's rng did; for watching which rng pod serves whom (`kubectl logs -f`).",
+    )
     rng_max_request: int = Field(
         1 << 20,
         ge=1,

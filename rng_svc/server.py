@@ -25,7 +25,11 @@ def build_source(settings: RngSettings) -> BlockingRng | BufferedRng:
 def build_server(settings: RngSettings, source: RandomSource) -> GrpcServer:
     """An rng server bound to the configured address, not yet started."""
     servicer = RngServicer(
-        source, settings.rng_max_request, settings.request_latency, settings.rng_mode
+        source,
+        settings.rng_max_request,
+        settings.request_latency,
+        settings.rng_mode,
+        settings.rng_log_requests,
     )
     add = partial(rng_pb2_grpc.add_RngServicer_to_server, servicer)
     return build_service_server("rng", SERVICE_NAME, settings, "rng_port", add)

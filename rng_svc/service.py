@@ -126,15 +126,22 @@ class RngServicer(rng_pb2_grpc.RngServicer):
     original's time per request, spent concurrently (not under the source's lock).
     In blocking mode the read under the lock usually covers it; in buffered mode it
     is all a request costs while the buffer holds bytes. Every reply names the `mode`.
+    With `log_requests`, each call is logged (INFO) with its size and its peer.
     """
 
     def __init__(
-        self, source: RandomSource, max_request: int, latency: float = 0.0, mode: str = ""
+        self,
+        source: RandomSource,
+        max_request: int,
+        latency: float = 0.0,
+        mode: str = "",
+        log_requests: bool = False,
     ) -> None:
         self.source = source
         self.max_request = max_request
         self.latency = latency
         self.mode = mode
+        self.log_requests = log_requests
 
     async def _reply(self, size: int, blocks: int) -> rng_pb2.RandomReply:
         """`blocks` blocks of `size` bytes (a checked request), no sooner than `latency`."""
@@ -154,6 +161,8 @@ class RngServicer(rng_pb2_grpc.RngServicer):
     ) -> rng_pb2.RandomReply:
         try:
             blocks = check_request(request.size, request.count, self.max_request)
+            if self.log_requests:  # off: one test per call, nothing formatted
+                log.info("GetRandom %d x %d bytes for %s", blocks, request.size, context.peer())
             return await self._reply(request.size, blocks)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
@@ -171,6 +180,14 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
             raise  # unreachable: abort raises
+        if self.log_requests:
+            log.info(
+                "StreamRandom %d x %d bytes, %s messages, for %s",
+                blocks,
+                request.size,
+                request.messages or "unlimited",
+                context.peer(),
+            )
         sent = 0
         while not request.messages or sent < request.messages:
             reply = await self._reply(request.size, blocks)

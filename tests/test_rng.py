@@ -128,3 +128,21 @@ async def test_bad_requests_get_invalid_argument_and_the_server_stays_up(
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         reply = await stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=5)
         assert len(reply.data) == 32
+
+
+async def test_rng_logs_each_call_and_its_caller_only_when_asked(servers, caplog) -> None:
+    """DOCKERCOINS_RNG_LOG_REQUESTS: one line per call naming the caller, for the labels lab's
+    `kubectl logs -f` on an rng pod; off by default, and then not one line."""
+    quiet = await servers.rng(rng_read_cost=0.0)
+    chatty = await servers.rng(rng_read_cost=0.0, rng_log_requests=True)
+    caplog.set_level("INFO", logger="rng_svc.service")
+    for address in (quiet, chatty):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = rng_pb2_grpc.RngStub(channel)
+            await stub.GetRandom(rng_pb2.RandomRequest(size=32, count=2), timeout=10)
+            stream = stub.StreamRandom(rng_pb2.StreamRandomRequest(size=32, messages=2), timeout=10)
+            assert len([reply async for reply in stream]) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "rng_svc.service"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("GetRandom 2 x 32 bytes for ipv4:127.0.0.1:")
+    assert lines[1].startswith("StreamRandom 1 x 32 bytes, 2 messages, for ipv4:127.0.0.1:")
