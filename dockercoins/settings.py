@@ -109,8 +109,9 @@ class CallBoundSettings(BaseServiceSettings):
         le=86400,
         description="Seconds a gRPC server lets a call wait on its client (for its next "
         "request, or for room to send a reply the client does not read) before it ends the "
-        "call UNAVAILABLE. A worker sends at least every think time + DOCKERCOINS_RPC_TIMEOUT; "
-        "a health Watch between two changes waits on nobody.",
+        "call UNAVAILABLE. Keep it above the longest a mining worker leaves its streams "
+        "silent, think time + DOCKERCOINS_RPC_TIMEOUT (10.1 s by default); a worker reopens an "
+        "ended stream. A health Watch between two changes waits on nobody.",
     )
 
 

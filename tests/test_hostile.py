@@ -2,24 +2,29 @@
 status code and the setting it hit; health answers meanwhile; normal requests are served after."""
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from dockercoins.calls import peer_address
 from dockercoins.net import free_port
+from dockercoins.rate import Sample, fit_slope
+from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins_tools.procstat import memory_mb
-from tests.stack import Service
-from tests.support import SourceForwarder, grpcurl, hold_calls
+from tests.stack import FAST_COSTS, LoggedProcess, RunningStack, Service, wait_until
+from tests.support import SourceForwarder, flood_cmd, grpcurl, hold_calls, service_env
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 HEALTH_BOUND = 0.1  # seconds a health check may take while the hasher works
@@ -554,3 +559,137 @@ async def test_a_stream_its_client_does_not_read_is_ended_and_keeps_its_place_un
         assert "DOCKERCOINS_CALL_IDLE_TIMEOUT" in details
         reply = await rng_pb2_grpc.RngStub(other).GetRandom(rng_pb2.RandomRequest(size=32))
         assert len(reply.data) == 32
+
+
+# --- the flood of issue 18 against a whole stack ---------------------------------------------
+
+FLOOD = {"watch": 5000, "hashstream": 1100}
+"""Calls the flood opens: health Watches on each server, idle HashStreams on hasher."""
+
+TURBO_COSTS = {"rng_read_cost": 0, "hasher_latency": 0, "worker_think_time": 0}
+
+
+def counter_rate(client: redis.Redis, seconds: float = 3, windows: int = 2) -> float:
+    """Hashes per second the `hashes` counter grows by: the best of `windows` slopes, each
+    fitted over `seconds` of samples at Redis's own time (the best: other jobs on the machine
+    only ever slow it down)."""
+    rates = []
+    for _ in range(windows):
+        samples = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pipe = client.pipeline(transaction=False)
+            (now, micros), hashes = pipe.time().get("hashes").execute()
+            samples.append(Sample(now + micros / 1e6, int(hashes or 0)))
+            time.sleep(0.1)
+        fitted = fit_slope(samples)
+        assert fitted, samples
+        rates.append(fitted.per_second)
+    return max(rates)
+
+
+def service_pids(stack: RunningStack) -> dict[str, int]:
+    """The pids of the stack's rng, hasher and worker."""
+    pids = {}
+    for pid in stack.children():
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for name in ("rng", "hasher", "worker"):
+            if f"{name}_svc".encode() in command:
+                pids[name] = pid
+    assert set(pids) == {"rng", "hasher", "worker"}, pids
+    return pids
+
+
+def a_new_client(target: str) -> tuple[float, Any]:
+    """One health Check from a new client (its own connection) within 1 s: its seconds, its
+    status."""
+    began = time.perf_counter()
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1
+        )
+    return time.perf_counter() - began, reply.status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["classic", "turbo"])
+def test_a_flood_from_one_address_leaves_every_other_client_served(
+    tmp_path, profile, record_property
+) -> None:
+    """127.0.0.2 opens 5,000 health Watches on rng, hasher and the worker's health port and
+    1,100 idle HashStreams on hasher, and holds what it gets.
+    Meanwhile clients from 127.0.0.1 (new connections) get their Check SERVING within 1 s on
+    all three, their Hash and GetRandom answered and grpcurl's reflection; the stack mines at
+    80 % or more of its rate before."""
+    health_port = free_port()
+    costs = FAST_COSTS if profile == "classic" else TURBO_COSTS
+    stack = RunningStack(
+        tmp_path / "data",
+        ("--workers", "1"),
+        profile=profile,
+        worker_health_port=health_port,
+        **costs,
+    )
+    flood = None
+    try:
+        stack.ready()
+        targets = {
+            "rng": stack.wait_for_line(r"^rng (\S+)$").group(1),
+            "hasher": stack.wait_for_line(r"^hasher (\S+)$").group(1),
+            "worker": f"127.0.0.1:{health_port}",
+        }
+        counter = redis.Redis.from_url(stack.redis_url(), socket_timeout=5)
+        wait_until(lambda: int(counter.get("hashes") or 0) > 0, 30, "mining", stack)
+        pids = service_pids(stack)
+        before = counter_rate(counter)
+        rss_before = {name: memory_mb(pid, "VmRSS") for name, pid in pids.items()}
+
+        specs = [f"watch:{FLOOD['watch']}:{target}" for target in targets.values()]
+        specs.append(f"hashstream:{FLOOD['hashstream']}:{targets['hasher']}")
+        flood = LoggedProcess(flood_cmd("127.0.0.2", *specs), service_env())
+        held = json.loads(flood.wait_for_line(r"^flood (.*)", 120).group(1))
+
+        checks = {
+            name: [a_new_client(target) for _ in range(10)] for name, target in targets.items()
+        }
+        with grpc.insecure_channel(targets["hasher"]) as channel:
+            hashed = hasher_pb2_grpc.HasherStub(channel).Hash(
+                hasher_pb2.HashRequest(data=b"visitor"), timeout=5
+            )
+        with grpc.insecure_channel(targets["rng"]) as channel:
+            random = rng_pb2_grpc.RngStub(channel).GetRandom(
+                rng_pb2.RandomRequest(size=32), timeout=5
+            )
+        listed = asyncio.run(grpcurl(targets["hasher"], "list"))
+        during = counter_rate(counter)
+        rss_during = {name: memory_mb(pid, "VmRSS") for name, pid in pids.items()}
+    finally:
+        if flood is not None:
+            flood.kill()
+        stack.stop()
+        stack.kill()
+
+    slowest = {name: max(seconds for seconds, _ in answers) for name, answers in checks.items()}
+    print(f"\n{profile}: flood held {json.dumps(held)}")
+    print(f"{profile}: slowest Check of a new client (ms): ", end="")
+    print({name: round(seconds * 1000, 1) for name, seconds in slowest.items()})
+    print(f"{profile}: RSS MB before -> during: ", end="")
+    print({name: f"{rss_before[name]:.1f} -> {rss_during[name]:.1f}" for name in pids})
+    print(f"{profile}: mining {before:.1f} hashes/s before, {during:.1f} during the flood")
+    record_property("held", held)
+    record_property("slowest_check_ms", {k: round(v * 1000, 1) for k, v in slowest.items()})
+    record_property("rss_mb", {name: (rss_before[name], rss_during[name]) for name in pids})
+    record_property("rate", (round(before, 1), round(during, 1)))
+
+    defaults = GrpcServerSettings.model_construct()
+    for spec, result in held.items():
+        kind = spec.split(":")[0]
+        share = defaults.max_peer_probe_calls if kind == "watch" else defaults.max_peer_rpcs
+        assert result["held"] == share, held  # the flood held its address's share, no more
+        assert sum(result["refused"].values()) == FLOOD[kind] - share, held
+    for answers in checks.values():
+        assert all(status == health_pb2.HealthCheckResponse.SERVING for _, status in answers)
+    assert max(slowest.values()) < 1.0
+    assert len(hashed.hexdigests) == 1 and len(random.data) == 32
+    assert listed[0] == 0 and "dockercoins.v1.Hasher" in listed[1], listed
+    assert during >= 0.8 * before, f"{during:.1f} hashes/s during the flood, {before:.1f} before"
