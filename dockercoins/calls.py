@@ -4,9 +4,10 @@ too long and, with metrics on, every call counted and timed.
 
 grpcio's own `maximum_concurrent_rpcs` is not used: it counts every call together and refuses
 before any interceptor runs, so that one client holding streams made every other client's
-health Check fail. Here each call is wrapped once, at its start, as a reader-writer handler
-(`context.read()`, `context.write()`), so that its slot is held from its first byte to its last
-reply, and a wait on the client is visible to the watch.
+health Check fail. Here each method's handler is wrapped once into one that reads its requests
+itself (`context.read()`, a request stream whatever the method's kind), so that it runs from the
+call's first byte: a call holds its place from then until its last reply and status are sent,
+and a wait on its client is visible to the watch.
 """
 
 import asyncio
@@ -179,12 +180,6 @@ class TrackedContext:
         return getattr(self._context, name)
 
 
-def _unary_reply_wanted(context: grpc.aio.ServicerContext, reply: Any) -> bool:
-    """Whether a unary handler's return value is its reply (gRPC drops it under a non-OK code)."""
-    code = context.code()
-    return reply is not None and code in (None, grpc.StatusCode.OK, grpc.StatusCode.OK.value[0])
-
-
 def _wrap(
     behavior: Callable[..., Any],
     labels: tuple[str, str, str],
@@ -194,18 +189,21 @@ def _wrap(
     watch: IdleWatch,
     metered: bool,
 ) -> Callable[..., Any]:
-    """`behavior` as a reader-writer handler (request and reply streams): its call holds a
-    place in `budget` from its start to its last reply; it is ended (UNAVAILABLE) when `watch`
-    finds it waited on its client too long; when `metered`, it is counted and timed.
+    """`behavior` as a handler that reads its requests itself (a request stream, whatever the
+    method's kind, so that it runs from the call's first byte): the call holds a place in
+    `budget` until it has ended, its last reply and status sent; it is ended (UNAVAILABLE)
+    when `watch` finds it waited on its client too long; when `metered`, it is counted and
+    timed.
 
     A refused call is counted too, with its code. A streaming handler either yields its
     replies or writes them with `context.write()` (rng's StreamRandom, the health service's
-    Watch): both go through the same write.
+    Watch): both go through the same write. A unary reply goes back to gRPC, which sends it
+    with the status in one batch.
     """
     streaming_in, streaming_out = streaming
     yields = inspect.isasyncgenfunction(behavior)
 
-    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         metrics = CallMetrics(*labels) if metered else None
         with metrics.measured(context) if metrics is not None else contextlib.nullcontext():
             call = Call(peer_address(context.peer()), asyncio.current_task())
@@ -213,6 +211,9 @@ def _wrap(
             if refused is not None:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
             watch.calls.add(call)
+            # Given back once gRPC has sent the last reply and the status too: a reply its
+            # client does not read keeps the call's place.
+            context.add_done_callback(lambda _: _release(call, budget, in_total, watch))
             tracked = TrackedContext(
                 context,
                 call,
@@ -228,15 +229,11 @@ def _wrap(
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT, "a unary call needs its request"
                         )
-                if yields:
-                    async for reply in behavior(request, tracked):
-                        await tracked.write(reply)
-                elif streaming_out:
-                    await behavior(request, tracked)
-                else:
-                    reply = await behavior(request, tracked)
-                    if _unary_reply_wanted(context, reply):
-                        await tracked.write(reply)
+                if not yields:
+                    return await behavior(request, tracked)
+                async for reply in behavior(request, tracked):
+                    await tracked.write(reply)
+                return None
             except asyncio.CancelledError:
                 if not call.idle:
                     raise
@@ -256,11 +253,13 @@ def _wrap(
                     f"the call waited on its client for {watch.timeout:g} s, the most "
                     f"{IDLE_SETTING} allows: ended, open a new one",
                 )
-            finally:
-                watch.calls.discard(call)
-                budget.give(call.address, in_total)
 
     return handle
+
+
+def _release(call: Call, budget: Budget, in_total: bool, watch: IdleWatch) -> None:
+    watch.calls.discard(call)
+    budget.give(call.address, in_total)
 
 
 class CallBudgets:
@@ -332,7 +331,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         wrapped = _wrap(
             behavior, labels, streaming, budget, in_total, self.budgets.watch, self.metered
         )
-        return grpc.stream_stream_rpc_method_handler(
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if streaming[1]
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return make(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
