@@ -693,3 +693,53 @@ def test_a_flood_from_one_address_leaves_every_other_client_served(
     assert len(hashed.hexdigests) == 1 and len(random.data) == 32
     assert listed[0] == 0 and "dockercoins.v1.Hasher" in listed[1], listed
     assert during >= 0.8 * before, f"{during:.1f} hashes/s during the flood, {before:.1f} before"
+
+
+UNARY_CLIENT = """
+import asyncio, os, sys
+import grpc
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+
+async def ask(address):  # a window of 64 KiB, as the worker's
+    async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        request = hasher_pb2.HashRequest(data=os.urandom(1 << 20), block_size=64)
+        call = hasher_pb2_grpc.HasherStub(channel).Hash(request)  # a 1.6 MB reply
+        await asyncio.sleep(0.2)  # sent
+        print("sent", flush=True)
+        await call
+
+asyncio.run(ask(sys.argv[1]))
+"""
+
+
+async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(servers) -> None:
+    """A client process asks for a 1.6 MB reply and is SIGSTOPped before it comes: the reply,
+    stuck behind HTTP/2 flow control once the handler has returned, keeps the call's place
+    (the only one) until keepalive ends the connection, not a moment less."""
+    address = await servers.hasher(
+        hasher_latency=1, max_concurrent_rpcs=1, keepalive_time=3, keepalive_timeout=3
+    )
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", UNARY_CLIENT, address, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await asyncio.wait_for(client.stdout.readline(), 20) == b"sent\n"
+        client.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = hasher_pb2_grpc.HasherStub(channel)
+            await asyncio.sleep(3)  # the handler returned 2 s ago; its reply waits
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            while True:
+                try:
+                    await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
+                    break
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() - paused < 12, "the paused client kept its place"
+                    await asyncio.sleep(0.1)
+    finally:
+        client.kill()
+        await client.wait()
