@@ -105,7 +105,7 @@ class CallBoundSettings(BaseServiceSettings):
     )
     call_idle_timeout: float = Field(
         300,
-        gt=0,
+        ge=0.1,
         le=86400,
         description="Seconds a gRPC server lets a call wait on its client (for its next "
         "request, or for room to send a reply the client does not read) before it ends the "
