@@ -1,5 +1,7 @@
 """What every DockerCoins gRPC server shares: binding, health, reflection and graceful shutdown."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -7,13 +9,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dockercoins.calls import CallInterceptor, CallSlots
+from dockercoins.calls import CallBudgets, CallInterceptor
 from dockercoins.errors import PortInUseError
 from dockercoins.lifecycle import stop_event_on_signals
 from dockercoins.metrics import start_metrics_endpoint
-from dockercoins.net import ensure_free
+from dockercoins.net import ensure_free, host_port
 from dockercoins.reflection import enable_reflection
-from dockercoins.settings import GrpcServerSettings, TlsSettings, env_name
+from dockercoins.settings import CallBoundSettings, GrpcServerSettings, TlsSettings, env_name
 from dockercoins.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -22,10 +24,6 @@ MAX_MESSAGE_BYTES = 80 << 20
 """A client's limit on the messages it sends and receives: above the ceiling of every size
 setting (rng's, 64 MiB), so that a client takes the largest reply any server may send.
 Servers accept only what their own settings allow (`max_receive`)."""
-
-OTHER_CALLS_ROOM = 64
-"""Least room for calls outside the application's bound (health checks, reflection) in gRPC's
-own bound on all calls, a backstop against floods of those."""
 
 SMALL_REQUEST_BYTES = 4096
 """Receive limit of a server whose requests are all small: rng's (at most 33 bytes), health
@@ -97,10 +95,12 @@ class GrpcServer:
     largest request message it accepts, in bytes: gRPC refuses larger ones with
     RESOURCE_EXHAUSTED from the message's length prefix, before reading it.
 
-    Only the calls of `service_names` count against `settings.max_concurrent_rpcs`
-    (`calls` holds them): health checks and reflection are never refused for the
-    application's load. gRPC's own bound on all calls is looser, the same number again
-    (at least OTHER_CALLS_ROOM) on top, so that floods of those stay bounded too.
+    Every call has a place in a budget, in total and per client address (`calls.py`): the
+    calls of `service_names` in the application's (`settings.max_concurrent_rpcs`,
+    `max_peer_rpcs`), health and reflection in their own (`calls`: `max_probe_streams`,
+    `max_peer_probe_calls`; `settings` when None), so that neither starves the other and a
+    health Check is refused only for its own address's calls. A call that waits on its
+    client longer than `calls.call_idle_timeout` is ended.
     """
 
     def __init__(
@@ -109,25 +109,17 @@ class GrpcServer:
         service_names: Sequence[str],
         settings: GrpcServerSettings | None = None,
         max_receive: int = SMALL_REQUEST_BYTES,
+        calls: CallBoundSettings | None = None,
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
         if settings is None:
             settings = GrpcServerSettings.model_construct()  # the defaults, no environment
         options = server_options(settings, max(max_receive, SMALL_REQUEST_BYTES))
-        bound = settings.max_concurrent_rpcs
-        self.calls = CallSlots(bound)
-        metered = bool(settings.metrics_port)
-        interceptors = (
-            [CallInterceptor(self.service_names, self.calls, metered)]
-            if self.service_names or metered
-            else None
-        )
-        self.server = grpc.aio.server(
-            options=options,
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=bound + max(bound, OTHER_CALLS_ROOM),
-        )
+        self.budgets = CallBudgets(settings, settings if calls is None else calls)
+        interceptor = CallInterceptor(self.service_names, self.budgets, bool(settings.metrics_port))
+        self.server = grpc.aio.server(options=options, interceptors=[interceptor])
+        self._idle_watch: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
@@ -146,7 +138,7 @@ class GrpcServer:
         """
         if port:
             ensure_free(setting, host, port)  # before gRPC core logs its own error
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         try:
             if credentials is None:
                 self.port = self.server.add_insecure_port(address)
@@ -164,16 +156,23 @@ class GrpcServer:
         port = getattr(settings, port_field)
         return self.bind(settings.host, port, env_name(port_field), server_credentials(settings))
 
-    async def start(self) -> None:
-        """Start serving and report SERVING for the server and each service."""
+    async def start(self, serving: bool = True) -> None:
+        """Start serving and the watch on idle calls; report SERVING for the server and each
+        service unless `serving` is False (the caller reports its own statuses)."""
         await self.server.start()
-        for name in ("", *self.service_names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._idle_watch = asyncio.create_task(self.budgets.watch.run(), name="idle-calls")
+        if serving:
+            for name in ("", *self.service_names):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then let in-flight calls finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_watch
 
     async def serve_until_signalled(
         self, grace: float, on_stop: Callable[[], Awaitable[None]] | None = None

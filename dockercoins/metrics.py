@@ -5,8 +5,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -76,26 +75,6 @@ class CallMetrics:
             SERVER_HANDLING_SECONDS.labels(*self.labels).observe(
                 time.perf_counter() - self.started_at
             )
-
-    async def count_received(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for request in requests:
-            self.received.inc()
-            yield request
-
-
-class CountingContext:
-    """A servicer context whose `write` counts sent messages; everything else passes through."""
-
-    def __init__(self, context: grpc.aio.ServicerContext, sent: Any) -> None:
-        self._context = context
-        self._sent = sent
-
-    async def write(self, message: Any) -> None:
-        await self._context.write(message)
-        self._sent.inc()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:

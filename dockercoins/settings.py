@@ -117,7 +117,39 @@ class RedisClientSettings(BaseServiceSettings):
             raise ValueError(f"{env_name('redis_password_file')}: cannot read it: {exc}") from None
 
 
-class GrpcServerSettings(TlsSettings, MetricsSettings):
+class CallBoundSettings(BaseServiceSettings):
+    """What every gRPC server allows the calls outside the application (health, reflection), and
+    any call that waits on its client: rng's, hasher's and the worker's health port."""
+
+    max_probe_streams: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Health Watch and reflection streams a gRPC server holds at once, apart "
+        "from the application's calls; more get RESOURCE_EXHAUSTED at once. Health Checks are "
+        "not counted: they answer at once.",
+    )
+    max_peer_probe_calls: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Health and reflection calls, Checks included, one client address may have "
+        "in flight at once on a gRPC server; more get RESOURCE_EXHAUSTED. A Check is refused "
+        "only for its own address's calls, never for other clients'.",
+    )
+    call_idle_timeout: float = Field(
+        300,
+        ge=0.1,
+        le=86400,
+        description="Seconds a gRPC server lets a call wait on its client (for its next "
+        "request, or for room to send a reply the client does not read) before it ends the "
+        "call UNAVAILABLE. Keep it above the longest a mining worker leaves its streams "
+        "silent, think time + DOCKERCOINS_RPC_TIMEOUT (10.1 s by default); a worker reopens an "
+        "ended stream. A health Watch between two changes waits on nobody.",
+    )
+
+
+class GrpcServerSettings(TlsSettings, MetricsSettings, CallBoundSettings):
     """Fields of the services that are gRPC servers."""
 
     max_connection_age: float = Field(
@@ -139,9 +171,18 @@ class GrpcServerSettings(TlsSettings, MetricsSettings):
         ge=1,
         le=100_000,
         description="Calls of rng's or hasher's methods a server runs at once, a stream "
-        "counted until it ends; more get RESOURCE_EXHAUSTED at once. Health checks and "
-        "reflection are not counted (they have as many again, at least 64, of their own). "
-        "Each call may hold up to its largest request in memory.",
+        "counted until it ends; more get RESOURCE_EXHAUSTED at once. Health and reflection "
+        "calls have bounds of their own (DOCKERCOINS_MAX_PROBE_STREAMS). Each call may hold up "
+        "to its largest request in memory.",
+    )
+    max_peer_rpcs: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Calls of rng's or hasher's methods one client address may have in flight "
+        "at once (a turbo worker holds 4 streams); more get RESOURCE_EXHAUSTED at once, so "
+        "that no client takes all of DOCKERCOINS_MAX_CONCURRENT_RPCS. `dockercoins up` with "
+        "more than 64 turbo workers on one host raises it.",
     )
     max_concurrent_streams: int = Field(
         256,

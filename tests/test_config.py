@@ -27,6 +27,9 @@ def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.
         ("worker", {"worker_flush_interval": "never"}, "DOCKERCOINS_WORKER_FLUSH_INTERVAL"),
         ("webui", {"log_level": "LOUD"}, "DOCKERCOINS_LOG_LEVEL"),
         ("up", {"workers": -3}, "DOCKERCOINS_WORKERS"),
+        ("hasher", {"max_peer_rpcs": 0}, "DOCKERCOINS_MAX_PEER_RPCS"),
+        ("rng", {"max_probe_streams": "many"}, "DOCKERCOINS_MAX_PROBE_STREAMS"),
+        ("worker", {"call_idle_timeout": 0}, "DOCKERCOINS_CALL_IDLE_TIMEOUT"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(command, settings, variable) -> None:

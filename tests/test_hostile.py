@@ -2,22 +2,29 @@
 status code and the setting it hit; health answers meanwhile; normal requests are served after."""
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from dockercoins.calls import peer_address
 from dockercoins.net import free_port
+from dockercoins.rate import Sample, fit_slope
+from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins_tools.procstat import memory_mb
-from tests.stack import Service
-from tests.support import grpcurl
+from tests.stack import FAST_COSTS, LoggedProcess, RunningStack, Service, wait_until
+from tests.support import SourceForwarder, flood_cmd, grpcurl, hold_calls, service_env
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 HEALTH_BOUND = 0.1  # seconds a health check may take while the hasher works
@@ -361,3 +368,378 @@ async def test_rng_reads_only_small_requests(servers) -> None:
         stub = rng_pb2_grpc.RngStub(channel)
         reply = await stub.GetRandom(rng_pb2.RandomRequest(size=32, count=1000), timeout=5)
         assert len(reply.data) == 32000
+
+
+# --- one client against the others (issue 18) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.0.0.7:51234", "10.0.0.7"),
+        ("ipv6:%5B2001:db8::7%5D:51234", "2001:db8::7"),
+        ("ipv6:[2001:db8::7]:51234", "2001:db8::7"),
+        ("ipv6:%5B::ffff:10.0.0.7%5D:51234", "10.0.0.7"),
+        ("unix:/run/dockercoins.sock", "unix:/run/dockercoins.sock"),
+    ],
+)
+def test_a_client_is_known_by_its_address_not_its_port(peer: str, address: str) -> None:
+    assert peer_address(peer) == address
+
+
+async def refusal(target: str, call: str) -> str:
+    """The details of the refusal of one call (`hash`, `check` or `watch`) to `target`."""
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if call == "hash":
+                request = hasher_pb2.HashRequest(data=b"x")
+                await hasher_pb2_grpc.HasherStub(channel).Hash(request, timeout=5)
+            elif call == "check":
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            else:
+                await health.Watch(health_pb2.HealthCheckRequest(), timeout=5).read()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+    return caught.value.details()
+
+
+async def hash_answers(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = hasher_pb2_grpc.HasherStub(channel)
+        assert (await stub.Hash(hasher_pb2.HashRequest(data=b"x"), timeout=5)).hexdigests
+
+
+async def check_answers(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_one_address_holds_its_share_and_others_are_served(servers) -> None:
+    """127.0.0.2 and 127.0.0.3 (through forwarders) against 127.0.0.1: each address holds at
+    most its share of application calls and of health and reflection calls; the totals hold
+    too; a Check is refused only to an address that has its whole probe share in flight."""
+    address = await servers.hasher(
+        hasher_latency=0,
+        max_concurrent_rpcs=6,
+        max_peer_rpcs=4,
+        max_probe_streams=5,
+        max_peer_probe_calls=3,
+    )
+    second = SourceForwarder(address, "127.0.0.2")
+    third = SourceForwarder(address, "127.0.0.3")
+    try:
+        from_2, from_3 = await second.start(), await third.start()
+        streams_2, refused = await hold_calls(from_2, "hashstream", 6)
+        assert (len(streams_2), refused) == (4, {"RESOURCE_EXHAUSTED": 2})
+        assert "127.0.0.2 has 4 calls in flight" in await refusal(from_2, "hash")
+        assert "DOCKERCOINS_MAX_PEER_RPCS" in await refusal(from_2, "hash")
+        await hash_answers(address)  # the total has room: others are served
+        streams_3, refused = await hold_calls(from_3, "hashstream", 3)
+        assert (len(streams_3), refused) == (2, {"RESOURCE_EXHAUSTED": 1})
+        assert "DOCKERCOINS_MAX_CONCURRENT_RPCS" in await refusal(address, "hash")
+
+        watches_2, refused = await hold_calls(from_2, "watch", 5)
+        assert (len(watches_2), refused) == (3, {"RESOURCE_EXHAUSTED": 2})
+        assert "DOCKERCOINS_MAX_PEER_PROBE_CALLS" in await refusal(from_2, "watch")
+        assert "DOCKERCOINS_MAX_PEER_PROBE_CALLS" in await refusal(from_2, "check")
+        watches_3, _ = await hold_calls(from_3, "watch", 2)
+        assert len(watches_3) == 2
+        assert "DOCKERCOINS_MAX_PROBE_STREAMS" in await refusal(address, "watch")
+        await check_answers(address)  # Checks never count against the total
+        await check_answers(from_3)
+        code, out = await grpcurl(address, "list")  # a reflection stream: no room left
+        assert code != 0 and "DOCKERCOINS_MAX_PROBE_STREAMS" in out, out
+
+        for call in watches_3 + streams_3:
+            call.cancel()
+        await eventually(lambda: grpcurl(address, "list"))
+        await hash_answers(address)
+        for call in watches_2 + streams_2:
+            call.cancel()
+    finally:
+        await second.close()
+        await third.close()
+
+
+async def eventually(attempt: Any, timeout: float = 5) -> None:
+    """Retry `attempt` (a grpcurl run) until it exits 0: a cancelled call frees its place as
+    soon as the server hears of it."""
+    deadline = time.monotonic() + timeout
+    while (await attempt())[0] != 0:
+        assert time.monotonic() < deadline, "places not given back"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_address_is_an_address_over_ipv6_and_ipv4_mapped(servers) -> None:
+    """A dual-stack server sees 127.0.0.1 as ::ffff:127.0.0.1: still the same address."""
+    address = await servers.hasher(host="::", hasher_latency=0, max_peer_rpcs=1)
+    port = address.rpartition(":")[2]
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ipv4,
+        grpc.aio.insecure_channel(f"ipv6:[::ffff:127.0.0.1]:{port}") as mapped,
+        grpc.aio.insecure_channel(f"ipv6:[::1]:{port}") as ipv6,
+    ):
+        (stream,) = await open_streams(hasher_pb2_grpc.HasherStub(ipv4), 1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await hasher_pb2_grpc.HasherStub(mapped).Hash(hasher_pb2.HashRequest(data=b"x"))
+        assert "127.0.0.1 has 1 calls in flight" in caught.value.details()
+        reply = await hasher_pb2_grpc.HasherStub(ipv6).Hash(hasher_pb2.HashRequest(data=b"x"))
+        assert reply.hexdigests
+        stream.cancel()
+
+
+IDLE = 0.5
+"""Seconds a call may wait on its client in the tests below (DOCKERCOINS_CALL_IDLE_TIMEOUT)."""
+
+
+async def ended_within(call: Any, seconds: float) -> tuple[grpc.StatusCode, str, float]:
+    """Read `call` until it ends: its code, its details, and how long it took."""
+    began = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await asyncio.wait_for(call.read(), seconds) is not grpc.aio.EOF:
+            pass
+    return caught.value.code(), caught.value.details(), time.monotonic() - began
+
+
+async def test_calls_that_wait_on_their_client_are_ended(servers) -> None:
+    """A HashStream with no next request, a unary call whose request never comes: ended
+    UNAVAILABLE after the idle timeout, naming the setting, their place free again. A health
+    Watch waits on nobody between two changes: it stays."""
+    address = await servers.hasher(hasher_latency=0, call_idle_timeout=IDLE, max_concurrent_rpcs=1)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = hasher_pb2_grpc.HasherStub(channel)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        (stream,) = await open_streams(stub, 1)
+        code, details, took = await ended_within(stream, 5)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "DOCKERCOINS_CALL_IDLE_TIMEOUT" in details
+        assert IDLE <= took < 3 * IDLE
+        assert (await stub.Hash(hasher_pb2.HashRequest(data=b"x"), timeout=5)).hexdigests
+
+        async def never_sent() -> AsyncIterator[bytes]:
+            await asyncio.Event().wait()
+            yield b""
+
+        headers_only = channel.stream_unary("/dockercoins.v1.Hasher/Hash")(never_sent())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(headers_only, 5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await stub.Hash(hasher_pb2.HashRequest(data=b"x"), timeout=5)).hexdigests
+        assert not watch.done()
+        watch.cancel()
+
+
+async def test_a_stream_its_client_does_not_read_is_ended_and_keeps_its_place_until_read(
+    servers,
+) -> None:
+    """rng stops writing to a client that reads nothing for the idle timeout and queues its
+    UNAVAILABLE behind the replies sent; the stream's place is held until the client takes
+    them (or goes), so that unread replies stay within the bound on calls."""
+    address = await servers.rng(rng_read_cost=0, call_idle_timeout=IDLE, max_concurrent_rpcs=1)
+    request = rng_pb2.StreamRandomRequest(size=32, count=1000)
+    async with (
+        grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as reader,
+        grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as other,
+    ):
+        stream = rng_pb2_grpc.RngStub(reader).StreamRandom(request)
+        await stream.read()
+        await asyncio.sleep(3 * IDLE)  # the server's writes stall, then it gives up
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await rng_pb2_grpc.RngStub(other).GetRandom(rng_pb2.RandomRequest(size=32))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        code, details, _ = await ended_within(stream, 5)  # the queued replies, then the end
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "DOCKERCOINS_CALL_IDLE_TIMEOUT" in details
+        reply = await rng_pb2_grpc.RngStub(other).GetRandom(rng_pb2.RandomRequest(size=32))
+        assert len(reply.data) == 32
+
+
+# --- the flood of issue 18 against a whole stack ---------------------------------------------
+
+FLOOD = {"watch": 5000, "hashstream": 1100}
+"""Calls the flood opens: health Watches on each server, idle HashStreams on hasher."""
+
+TURBO_COSTS = {"rng_read_cost": 0, "hasher_latency": 0, "worker_think_time": 0}
+
+
+def counter_rate(client: redis.Redis, seconds: float = 3, windows: int = 2) -> float:
+    """Hashes per second the `hashes` counter grows by: the best of `windows` slopes, each
+    fitted over `seconds` of samples at Redis's own time (the best: other jobs on the machine
+    only ever slow it down)."""
+    rates = []
+    for _ in range(windows):
+        samples = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pipe = client.pipeline(transaction=False)
+            (now, micros), hashes = pipe.time().get("hashes").execute()
+            samples.append(Sample(now + micros / 1e6, int(hashes or 0)))
+            time.sleep(0.1)
+        fitted = fit_slope(samples)
+        assert fitted, samples
+        rates.append(fitted.per_second)
+    return max(rates)
+
+
+def service_pids(stack: RunningStack) -> dict[str, int]:
+    """The pids of the stack's rng, hasher and worker."""
+    pids = {}
+    for pid in stack.children():
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for name in ("rng", "hasher", "worker"):
+            if f"{name}_svc".encode() in command:
+                pids[name] = pid
+    assert set(pids) == {"rng", "hasher", "worker"}, pids
+    return pids
+
+
+def a_new_client(target: str) -> tuple[float, Any]:
+    """One health Check from a new client (its own connection) within 1 s: its seconds, its
+    status."""
+    began = time.perf_counter()
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1
+        )
+    return time.perf_counter() - began, reply.status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["classic", "turbo"])
+def test_a_flood_from_one_address_leaves_every_other_client_served(
+    tmp_path, profile, record_property
+) -> None:
+    """127.0.0.2 opens 5,000 health Watches on rng, hasher and the worker's health port and
+    1,100 idle HashStreams on hasher, and holds what it gets.
+    Meanwhile clients from 127.0.0.1 (new connections) get their Check SERVING within 1 s on
+    all three, their Hash and GetRandom answered and grpcurl's reflection; the stack mines at
+    80 % or more of its rate before."""
+    health_port = free_port()
+    costs = FAST_COSTS if profile == "classic" else TURBO_COSTS
+    stack = RunningStack(
+        tmp_path / "data",
+        ("--workers", "1"),
+        profile=profile,
+        worker_health_port=health_port,
+        **costs,
+    )
+    flood = None
+    try:
+        stack.ready()
+        targets = {
+            "rng": stack.wait_for_line(r"^rng (\S+)$").group(1),
+            "hasher": stack.wait_for_line(r"^hasher (\S+)$").group(1),
+            "worker": f"127.0.0.1:{health_port}",
+        }
+        counter = redis.Redis.from_url(stack.redis_url(), socket_timeout=5)
+        wait_until(lambda: int(counter.get("hashes") or 0) > 0, 30, "mining", stack)
+        pids = service_pids(stack)
+        before = counter_rate(counter)
+        rss_before = {name: memory_mb(pid, "VmRSS") for name, pid in pids.items()}
+
+        specs = [f"watch:{FLOOD['watch']}:{target}" for target in targets.values()]
+        specs.append(f"hashstream:{FLOOD['hashstream']}:{targets['hasher']}")
+        flood = LoggedProcess(flood_cmd("127.0.0.2", *specs), service_env())
+        held = json.loads(flood.wait_for_line(r"^flood (.*)", 120).group(1))
+
+        checks = {
+            name: [a_new_client(target) for _ in range(10)] for name, target in targets.items()
+        }
+        with grpc.insecure_channel(targets["hasher"]) as channel:
+            hashed = hasher_pb2_grpc.HasherStub(channel).Hash(
+                hasher_pb2.HashRequest(data=b"visitor"), timeout=5
+            )
+        with grpc.insecure_channel(targets["rng"]) as channel:
+            random = rng_pb2_grpc.RngStub(channel).GetRandom(
+                rng_pb2.RandomRequest(size=32), timeout=5
+            )
+        listed = asyncio.run(grpcurl(targets["hasher"], "list"))
+        during = counter_rate(counter)
+        rss_during = {name: memory_mb(pid, "VmRSS") for name, pid in pids.items()}
+    finally:
+        if flood is not None:
+            flood.kill()
+        stack.stop()
+        stack.kill()
+
+    slowest = {name: max(seconds for seconds, _ in answers) for name, answers in checks.items()}
+    print(f"\n{profile}: flood held {json.dumps(held)}")
+    print(f"{profile}: slowest Check of a new client (ms): ", end="")
+    print({name: round(seconds * 1000, 1) for name, seconds in slowest.items()})
+    print(f"{profile}: RSS MB before -> during: ", end="")
+    print({name: f"{rss_before[name]:.1f} -> {rss_during[name]:.1f}" for name in pids})
+    print(f"{profile}: mining {before:.1f} hashes/s before, {during:.1f} during the flood")
+    record_property("held", held)
+    record_property("slowest_check_ms", {k: round(v * 1000, 1) for k, v in slowest.items()})
+    record_property("rss_mb", {name: (rss_before[name], rss_during[name]) for name in pids})
+    record_property("rate", (round(before, 1), round(during, 1)))
+
+    defaults = GrpcServerSettings.model_construct()
+    for spec, result in held.items():
+        kind = spec.split(":")[0]
+        share = defaults.max_peer_probe_calls if kind == "watch" else defaults.max_peer_rpcs
+        assert result["held"] == share, held  # the flood held its address's share, no more
+        assert sum(result["refused"].values()) == FLOOD[kind] - share, held
+    for answers in checks.values():
+        assert all(status == health_pb2.HealthCheckResponse.SERVING for _, status in answers)
+    assert max(slowest.values()) < 1.0
+    assert len(hashed.hexdigests) == 1 and len(random.data) == 32
+    assert listed[0] == 0 and "dockercoins.v1.Hasher" in listed[1], listed
+    assert during >= 0.8 * before, f"{during:.1f} hashes/s during the flood, {before:.1f} before"
+
+
+UNARY_CLIENT = """
+import asyncio, os, sys
+import grpc
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+
+async def ask(address):  # a window of 64 KiB, as the worker's
+    async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        request = hasher_pb2.HashRequest(data=os.urandom(1 << 20), block_size=64)
+        call = hasher_pb2_grpc.HasherStub(channel).Hash(request)  # a 1.6 MB reply
+        await asyncio.sleep(0.2)  # sent
+        print("sent", flush=True)
+        await call
+
+asyncio.run(ask(sys.argv[1]))
+"""
+
+
+async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(servers) -> None:
+    """A client process asks for a 1.6 MB reply and is SIGSTOPped before it comes: the reply,
+    stuck behind HTTP/2 flow control once the handler has returned, keeps the call's place
+    (the only one) until keepalive ends the connection, not a moment less."""
+    address = await servers.hasher(
+        hasher_latency=1, max_concurrent_rpcs=1, keepalive_time=3, keepalive_timeout=3
+    )
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", UNARY_CLIENT, address, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await asyncio.wait_for(client.stdout.readline(), 20) == b"sent\n"
+        client.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = hasher_pb2_grpc.HasherStub(channel)
+            await asyncio.sleep(3)  # the handler returned 2 s ago; its reply waits
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            while True:
+                try:
+                    await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
+                    break
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() - paused < 12, "the paused client kept its place"
+                    await asyncio.sleep(0.1)
+    finally:
+        client.kill()
+        await client.wait()

@@ -5,7 +5,12 @@ from pydantic import Field, model_validator
 from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.ports import HASHER_PORT, RNG_PORT
 from dockercoins.service_main import Flag
-from dockercoins.settings import MetricsSettings, RedisClientSettings, TlsSettings
+from dockercoins.settings import (
+    CallBoundSettings,
+    MetricsSettings,
+    RedisClientSettings,
+    TlsSettings,
+)
 
 READINESS = "readiness"
 """Health service that says whether the worker mines now (the overall status "" says the same)."""
@@ -21,7 +26,7 @@ HEALTH_TICK = 0.25
 stream session with nothing in flight)."""
 
 
-class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings):
+class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoundSettings):
     """DOCKERCOINS_WORKER_* settings plus the addresses of rng, hasher and Redis."""
 
     TURBO_DEFAULTS = {

@@ -30,7 +30,7 @@ async def serve(settings: WorkerSettings) -> None:
     health: GrpcServer | None = None
     report: Callable[[bool, bool], Awaitable[None]] | None = None
     if settings.worker_health_port:
-        health = GrpcServer("worker", [])
+        health = GrpcServer("worker", [], calls=settings)
         health.listen(settings, "worker_health_port")
         servicer = health.health
 
@@ -40,7 +40,7 @@ async def serve(settings: WorkerSettings) -> None:
             await servicer.set(LIVENESS, _STATUS[live])
 
         await report(False, True)  # not ready until a unit of work is done
-        await health.server.start()
+        await health.start(serving=False)
     start_metrics_endpoint(settings.host, settings.metrics_port)
     credentials = channel_credentials(settings)
     options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
