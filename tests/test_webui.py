@@ -373,17 +373,55 @@ async def test_bad_data_in_redis_is_said_by_the_page_and_json(
         )
 
     sync.set("hashes", "notanumber")
-    body = await says("bad-data", "`hashes` holds b'notanumber', not a number")
+    body = await says("bad-data", "`hashes` holds 'notanumber', not a number of hashes")
     assert (await client.get("/json")).status_code == 503
+    sync.set("hashes", "9" * 30)  # more digits than any count Redis keeps
+    await says("bad-data", "`hashes` holds '999")
     sync.set("hashes", 5)
     sync.set("wallet", "not a hash")
-    await says("bad-data", "WRONGTYPE")
+    await says("bad-data", "`wallet` holds another type than a hash (WRONGTYPE)")
     sync.delete("wallet")
-    sync.set("dockercoins:worker:w1", "{not json")
-    body = await says("bad-data", "worker heartbeat `dockercoins:worker:w1` is not a JSON object")
-    assert body["hashes"] == 5  # /json reads the counters themselves
-    sync.delete("dockercoins:worker:w1")
+    sync.delete("hashes")
+    sync.rpush("hashes", 1)
+    await says("bad-data", "`hashes` holds another type than a counter (WRONGTYPE)")
+    sync.delete("hashes")
+    sync.set("hashes", 5)
     await says("live", "")
+
+
+async def test_a_bad_heartbeat_is_skipped_and_named_and_the_sample_stands(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    """The issue's value (`Infinity` in the stage times) took the web UI down; now it and
+    other bad heartbeats are skipped, named on /json, and the good workers still count."""
+    sync = redis.Redis.from_url(redis_url)
+    sync.set("hashes", 5)
+    sync.set("dockercoins:worker:good", json.dumps({"mining": True, "rng_mode": "buffered"}))
+
+    async def says(reason: str) -> dict[str, Any]:
+        return await json_when(
+            client,
+            lambda body: body["status"] == "bad-data" and reason in (body["reason"] or ""),
+        )
+
+    for key, bad, why in [
+        ("x", '{"latency":{"units":Infinity}}', "latency.units"),
+        ("x", '{"mining": "yes"}', "mining: Input should be a valid boolean"),
+        ("x", "{not json", "Invalid JSON"),
+        ("x", "[" * 100_000, "longer than 65536 bytes"),
+        ("x", "[" * 5000, "Invalid JSON: recursion limit exceeded"),
+    ]:
+        sync.set(f"dockercoins:worker:{key}", bad)
+        body = await says(f"worker heartbeat `dockercoins:worker:{key}` skipped: {why}")
+        assert (body["hashes"], body["workers"], body["rng_mode"]) == (5, 1, "buffered"), body
+    sync.delete("dockercoins:worker:x")
+    sync.hset("dockercoins:worker:h", "mining", "true")
+    body = await says("worker heartbeat `dockercoins:worker:h` skipped: a hash, not a string")
+    assert body["workers"] == 1
+    sync.incrby("hashes", 100)  # the rate goes on through bad heartbeats
+    await json_when(client, lambda body: (body["hashes_per_second"] or 0) > 0)
+    sync.delete("dockercoins:worker:h")
+    await json_when(client, lambda body: body["status"] == "live")
 
 
 @pytest.fixture
