@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
@@ -25,10 +25,14 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
+from tests.stack import wait_until_async
 from tests.support import service_env
 from webui.config import WebuiSettings
-from webui.server import _Server, bind_listener, create_app
+from webui.server import _Server, bind_listener, create_app, server_config
 from webui.service import SpeedMonitor
+
+LETTERS = str.maketrans("0123456789", "abcdefghij")
+"""Digits as letters: rng modes are lowercase words."""
 
 LISTENING = re.compile(r"webui listening on http://([\d.]+):(\d+)")
 
@@ -373,7 +377,7 @@ async def test_bad_data_in_redis_is_said_by_the_page_and_json(
         )
 
     sync.set("hashes", "notanumber")
-    body = await says("bad-data", "`hashes` holds 'notanumber', not a number of hashes")
+    await says("bad-data", "`hashes` holds 'notanumber', not a number of hashes")
     assert (await client.get("/json")).status_code == 503
     sync.set("hashes", "9" * 30)  # more digits than any count Redis keeps
     await says("bad-data", "`hashes` holds '999")
@@ -424,33 +428,49 @@ async def test_a_bad_heartbeat_is_skipped_and_named_and_the_sample_stands(
     await json_when(client, lambda body: body["status"] == "live")
 
 
-@pytest.fixture
-async def served(redis_url: str) -> AsyncIterator[tuple[FastAPI, int]]:
-    """The app behind uvicorn in this event loop, on a real socket; yields it and its port."""
-    app = create_app(load_settings(WebuiSettings, redis_url=redis_url, webui_max_streams=20))
+@contextlib.asynccontextmanager
+async def served_app(redis_url: str, **fields: Any) -> AsyncIterator[tuple[FastAPI, int]]:
+    """The app behind uvicorn as `serve` configures it, in this event loop, on a real socket;
+    yields it and its port."""
+    settings = load_settings(WebuiSettings, redis_url=redis_url, **fields)
+    app = create_app(settings)
     sock = bind_listener("127.0.0.1", 0)
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    server = _Server(server_config(app, settings))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     port = sock.getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 200")  # served: started
     await close(writer)
-    yield app, port
-    app.state.stopping.set()
-    server.should_exit = True
-    await serving
-    sock.close()
+    try:
+        yield app, port
+    finally:
+        app.state.stopping.set()
+        server.should_exit = True
+        await serving
+        sock.close()
 
 
-async def open_stream(port: int) -> tuple[asyncio.StreamWriter, str]:
-    """GET /events over a real connection, read up to its first state; the writer, the head."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+@pytest.fixture
+async def served(redis_url: str) -> AsyncIterator[tuple[FastAPI, int]]:
+    async with served_app(
+        redis_url, webui_max_streams=20, webui_max_streams_per_client=20
+    ) as served:
+        yield served
+
+
+async def open_stream(
+    port: int, source: str = "127.0.0.1", last_event_id: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """GET /events over a real connection from `source`, read up to its first state (or the
+    end of a refusal); the reader, the writer, what was read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+    writer.write(f"GET /events HTTP/1.1\r\nHost: webui\r\n{resume}\r\n".encode())
     received = b""
     while b"event: state" not in received and (chunk := await reader.read(65536)):
         received += chunk
-    return writer, received.decode(errors="replace")
+    return reader, writer, received.decode(errors="replace")
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
@@ -464,21 +484,113 @@ async def test_streams_are_capped_and_a_closed_one_leaves_no_task(served) -> Non
     baseline = len(asyncio.all_tasks())
 
     opened = await asyncio.gather(*(open_stream(port) for _ in range(20)))
-    assert all(head.startswith("HTTP/1.1 200") for _, head in opened)
-    assert "content-security-policy: default-src 'self'" in opened[0][1].lower()
-    writer, head = await open_stream(port)  # one too many
+    assert all(head.startswith("HTTP/1.1 200") for _, _, head in opened)
+    assert "content-security-policy: default-src 'self'" in opened[0][2].lower()
+    _, writer, head = await open_stream(port, "127.0.0.2")  # one too many
     await close(writer)
     assert head.startswith("HTTP/1.1 503"), head
-    assert "retry-after: 10" in head.lower() and "DOCKERCOINS_WEBUI_MAX_STREAMS" in head
-    await asyncio.gather(*(close(w) for w, _ in opened))
+    assert "retry-after: 10" in head.lower() and "DOCKERCOINS_WEBUI_MAX_STREAMS)" in head
+    assert "connection: close" in head.lower()
+    await asyncio.gather(*(close(w) for _, w, _ in opened))
 
     for _ in range(50):  # 1,000 streams opened and closed, 20 at a time
         wave = await asyncio.gather(*(open_stream(port) for _ in range(20)))
-        assert all(head.startswith("HTTP/1.1 200") for _, head in wave), wave[0][1]
-        await asyncio.gather(*(close(w) for w, _ in wave))
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in wave), wave[0][2]
+        await asyncio.gather(*(close(w) for _, w, _ in wave))
 
-    deadline = time.monotonic() + 15
-    while len(asyncio.all_tasks()) > baseline or app.state.streams:
-        left = [task.get_coro() for task in asyncio.all_tasks()]
-        assert time.monotonic() < deadline, (left, baseline, app.state.streams)
-        await asyncio.sleep(0.1)
+    await wait_until_async(
+        lambda: len(asyncio.all_tasks()) <= baseline and not app.state.streams.held,
+        15,
+        "every stream's task and count gone",
+    )
+
+
+async def test_one_address_holds_at_most_its_share_of_streams(redis_url: str) -> None:
+    """Past its own bound an address gets 429 naming it, and the connection is closed; other
+    addresses are served up to the total, then everyone gets 503."""
+    async with served_app(redis_url, webui_max_streams=5, webui_max_streams_per_client=3) as (
+        app,
+        port,
+    ):
+        mine = [await open_stream(port, "127.0.0.2") for _ in range(3)]
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in mine)
+        reader, writer, head = await open_stream(port, "127.0.0.2")
+        assert head.startswith("HTTP/1.1 429"), head
+        assert "3 live streams from 127.0.0.2 already" in head
+        assert "DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT" in head
+        assert "retry-after: 10" in head.lower()
+        assert await reader.read() == b"", "a refused connection is closed"
+        await close(writer)
+        others = [await open_stream(port, source) for source in ("127.0.0.3", "127.0.0.4")]
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in others)
+        reader, writer, head = await open_stream(port, "127.0.0.5")
+        assert head.startswith("HTTP/1.1 503"), head
+        await close(writer)
+        assert app.state.streams.held == 5
+        for _, writer, _ in [*mine, *others]:
+            await close(writer)
+
+
+async def test_a_stream_ends_at_its_lifetime_and_resumes_where_it_left_off(
+    redis_url: str,
+) -> None:
+    async with served_app(redis_url, webui_stream_lifetime=1.5) as (app, port):
+        await wait_for_points(app, 2)
+        reader, writer, head = await open_stream(port)
+        started = time.monotonic()
+        assert "retry: 1000" in head
+        rest = (await asyncio.wait_for(reader.read(), 10)).decode()  # to the stream's end
+        took = time.monotonic() - started
+        await close(writer)
+        assert 1.0 < took < 5, took
+        assert "event: renew" in rest.split("event: state")[-1]
+        last_id = re.findall(r"^id: (\S+)$", head + rest, re.M)[-1]
+        await wait_for_points(app, int(last_id.split("-")[1]) + 2)
+
+        reader, writer, head = await open_stream(port, last_event_id=last_id)
+        await close(writer)
+        state = json.loads(re.findall(r"^data: (.*)$", head, re.M)[-1])
+        assert state["reset"] is False, "resumed, not the whole history again"
+        assert 1 <= len(state["points"]) <= 3
+        reader, writer, head = await open_stream(port, last_event_id="0badcafe-3")
+        await close(writer)
+        assert json.loads(re.findall(r"^data: (.*)$", head, re.M)[-1])["reset"] is True
+
+
+def dropped(reason: str) -> float:
+    """Connections the web UIs of this process dropped for `reason` (their metric)."""
+    return REGISTRY.get_sample_value("dockercoins_webui_dropped_total", {"reason": reason}) or 0
+
+
+async def wait_for_points(app: FastAPI, seq: int) -> None:
+    """Until the app's monitor has added points up to sequence number `seq`."""
+    await wait_until_async(lambda: app.state.monitor.last_seq >= seq, 15, f"point {seq}")
+
+
+async def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
+    redis_url: str,
+) -> None:
+    """A reader that never reads fills its buffers; the stream then waits on it for the write
+    timeout, and the connection is reset: the stream and its memory are let go."""
+    sync = redis.Redis.from_url(redis_url)
+    for n in range(900):  # a big fleet's state, 4 rng modes each: about 80 KB per event
+        modes = ",".join(f"{n:04d}{part}".translate(LETTERS) + "x" * 11 for part in "0123")
+        sync.set(f"dockercoins:worker:w{n}", json.dumps({"rng_mode": modes}), ex=120)
+    was = dropped("stopped-reading")
+    async with served_app(redis_url, webui_write_timeout=1.0) as (app, port):
+        await wait_for_points(app, 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        sock.send(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        await wait_until_async(lambda: app.state.streams.held, 10, "the stream")
+        # Never read: the buffers fill, then the write timeout.
+        held = await wait_until_async(lambda: not app.state.streams.held, 60, "the drop")
+        sock.setblocking(True)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 20):  # what reached the socket, then its end
+                pass
+        sock.close()
+        assert held > 1.0, held
+        assert dropped("stopped-reading") == was + 1

@@ -10,14 +10,8 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
+from tests.stack import wait_until_async as wait_for
 from tests.support import FAST_WORKER, run_cli_async
-
-
-async def wait_for(condition, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def probe_worker(port: int, *args: str) -> tuple[int, str]:

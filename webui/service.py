@@ -156,7 +156,7 @@ async def read_fleet(redis: Redis) -> Fleet:
 
 
 def latency_fields(merged: dict[str, Any] | None) -> dict[str, Any]:
-    """/json's and the page's view of the workers' stage times (`stages.merge`): `latency`
+    """/json's and the page's view of the workers' stage times (`stages.StageMerge`): `latency`
     (p50 and p99 seconds per stage, each null when no worker reports), each stage's share of
     a unit's time, the whole unit's figures and the hashes per unit (1, or a turbo batch)."""
     if merged is None:
@@ -207,7 +207,7 @@ class SpeedMonitor:
         self.workers: int | None = None
         self.rng_modes: dict[str, int] = {}
         self.stages: dict[str, Any] | None = None
-        """Every live worker's stage times, merged (stages.merge); None when none reports."""
+        """Every live worker's stage times, merged (stages.StageMerge); None when none reports."""
         self._marked: int | None = None
         """The worker count of the last mark (or the first reading)."""
         self._change: tuple[float, float] | None = None
