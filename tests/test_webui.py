@@ -25,7 +25,8 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
-from tests.stack import wait_until_async
+from dockercoins_tools.procstat import memory_mb
+from tests.stack import wait_until, wait_until_async
 from tests.support import service_env
 from webui.config import WebuiSettings
 from webui.server import _Server, bind_listener, create_app, server_config
@@ -326,6 +327,83 @@ def test_process_streams_events_and_stops_on_sigterm(
     assert time.monotonic() - started < 10
 
 
+FLOOD = 1000
+"""Idle /events connections one address holds in the flood test (the issue's check)."""
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of the web UI's /metrics (0 if absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def first_event(port: int, source: str = "127.0.0.1") -> tuple[str, float]:
+    """GET /events from `source` on a real socket: the status line, and the seconds to the
+    first state (or to the end of a refusal)."""
+    with socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0)) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        received = b""
+        while b"event: state" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+        return received.split(b"\r\n", 1)[0].decode(), time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_flood_of_idle_streams_from_one_address_leaves_the_page_to_everyone(
+    webui_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    """The issue's check: while 127.0.0.2 holds 1,000 connections that asked for /events and
+    never read, a visitor from 127.0.0.1 gets /events 200 and a first state within 5 s, again
+    and again; the flooder holds its 10 streams, its other connections are refused, and the
+    web UI's memory stays small."""
+    proc, url = webui_process
+    port = int(url.rsplit(":", 1)[1])
+    rss_before = memory_mb(proc.pid, "VmRSS")
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind(("127.0.0.2", 0))
+            flood.append(sock)
+            with contextlib.suppress(OSError):  # reset at once past the connections' cap
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        refused = 'dockercoins_webui_refused_total{reason="%s"}'
+        wait_until(
+            lambda: (
+                metric(url, refused % "connections-per-client")
+                + metric(url, refused % "streams-per-client")
+                + metric(url, "dockercoins_webui_streams")
+                >= FLOOD
+            ),
+            30,
+            "the web UI to answer the whole flood",
+        )
+        for _ in range(5):
+            status, took = first_event(port)
+            assert status == "HTTP/1.1 200 OK" and took < 5, (status, took)
+            time.sleep(0.5)
+        answers = []
+        for sock in flood:
+            try:
+                answers.append(sock.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except OSError as exc:
+                answers.append(type(exc).__name__.encode())
+        # Its own 10 streams (DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT); every other connection
+        # answered 429 and closed, or reset at once (past its 64 connections).
+        assert answers.count(b"HTTP/1.1 200") == 10
+        assert set(answers) <= {b"HTTP/1.1 200", b"HTTP/1.1 429", b"ConnectionResetError"}
+        assert metric(url, "dockercoins_webui_streams") == 10
+        peak = memory_mb(proc.pid)
+        assert peak - rss_before < 32, f"RSS {rss_before:.1f} -> peak {peak:.1f} MB"
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 def test_process_on_a_busy_port_fails_with_one_line(redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -594,3 +672,36 @@ async def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
         sock.close()
         assert held > 1.0, held
         assert dropped("stopped-reading") == was + 1
+
+
+async def test_a_connection_without_a_whole_request_is_closed_and_one_address_is_capped(
+    redis_url: str,
+) -> None:
+    """uvicorn waits forever for a first request, or for one dribbled a byte at a time; the web
+    UI closes such a connection after its request timeout. And past its connections' bound,
+    an address's new connection is reset while other addresses are served."""
+    async with served_app(
+        redis_url, webui_request_timeout=1, webui_max_connections_per_client=3
+    ) as (_, port):
+        idle = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            for _ in range(3)
+        ]
+        idle[1][1].write(b"GET /events HTTP/1.1\r\nHo")  # a head that never ends
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+        )
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # reset or closed at once
+        await close(writer)
+        assert time.monotonic() - started < 0.9
+        async with httpx.AsyncClient() as other:  # from 127.0.0.1: served
+            assert (await other.get(f"http://127.0.0.1:{port}/healthz")).is_success
+        for reader, writer in idle:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            await close(writer)
+        assert 0.9 < time.monotonic() - started < 4
+        _, writer, head = await open_stream(port, "127.0.0.2")  # its connections are free again
+        await close(writer)
+        assert head.startswith("HTTP/1.1 200"), head
