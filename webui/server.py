@@ -246,8 +246,9 @@ def refuse_stream(streams: PerClient, client: str, full: str) -> JSONResponse:
     """429 for a client at its own bound, 503 when every stream is taken; with the reason,
     Retry-After, and the connection closed (it holds nothing while the page polls /json)."""
     if full == "client":
+        held = streams.holds(client)
         reason = (
-            f"{streams.holds(client)} live streams from {client} already, the most one "
+            f"{held} live stream{'s' * (held != 1)} from {client} already, the most one "
             f"address may hold ({env_name('webui_max_streams_per_client')})"
         )
         status, code = "too-many", 429
