@@ -375,18 +375,21 @@ def test_a_dead_connection_that_looks_alive_is_replaced_by_keepalive(
 # --- Redis away for long, Redis full ----------------------------------------------------------
 
 
+def turbo_worker_mining(
+    upstreams: dict[str, Upstream], server: RedisProcess, workers: list[Worker], **fields: object
+) -> Worker:
+    """A turbo worker with these settings, once its first count is in `server`."""
+    worker = Worker("turbo", upstreams["rng"].addr, upstreams["hasher"].addr, server.url, **fields)
+    workers.append(worker)
+    wait_until(lambda: server.hashes() > 0, 30, "mining", worker)
+    return worker
+
+
 def test_the_backlog_is_bounded_and_drains_in_chunks(upstreams, own_redis, workers) -> None:
     bound = 3000
-    worker = Worker(
-        "turbo",
-        upstreams["rng"].addr,
-        upstreams["hasher"].addr,
-        own_redis.url,
-        worker_max_pending_coins=bound,
-        worker_flush_chunk=500,
+    worker = turbo_worker_mining(
+        upstreams, own_redis, workers, worker_max_pending_coins=bound, worker_flush_chunk=500
     )
-    workers.append(worker)
-    wait_until(lambda: own_redis.hashes() > 0, 30, "mining", worker)
     own_redis.proc.send_signal(signal.SIGSTOP)
     try:
         worker.wait_for_line(r"mining paused: \d+ coins not yet in Redis", 10)
@@ -436,16 +439,9 @@ def test_kill_9_during_a_redis_outage_loses_at_most_the_unflushed_bound(
     """Redis paused for OUTAGE s: the worker stops mining once its oldest uncounted hash is
     UNFLUSHED s old (said once, not ready, still live), so a kill -9 then loses at most about
     UNFLUSHED s of its own rate, not the whole outage."""
-    worker = Worker(
-        "turbo",
-        upstreams["rng"].addr,
-        upstreams["hasher"].addr,
-        own_redis.url,
-        worker_max_unflushed=UNFLUSHED,
-        difficulty=difficulty,
+    worker = turbo_worker_mining(
+        upstreams, own_redis, workers, worker_max_unflushed=UNFLUSHED, difficulty=difficulty
     )
-    workers.append(worker)
-    wait_until(lambda: own_redis.hashes() > 0, 30, "mining", worker)
     before = worker.hashes_done()
     time.sleep(1.5)
     rate = (worker.hashes_done() - before) / 1.5  # the worker's own rate, this run
