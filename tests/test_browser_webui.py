@@ -101,7 +101,9 @@ def browser() -> Iterator[Any]:
 
 def feed_turbo_numbers(redis_url: str, stop: threading.Event) -> None:
     """Put a million coins and 20 M hashes in Redis, then add hashes at 1.2 M/s until `stop`."""
-    client = redis.Redis.from_url(redis_url)
+    # The million coins are one EVAL: on a loaded machine it holds Redis for 10 s and more,
+    # past redis-py's default 5 s timeout, which ended this thread and the turbo numbers.
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)
     client.eval(
         "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'turbo' .. i, '') end",
         1,
@@ -246,7 +248,7 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         # Turbo-sized numbers in the real Redis: a million coins, 20 M hashes, then 1.2 M/s.
         feeder = threading.Thread(target=feed_turbo_numbers, args=(redis_url, feeding), daemon=True)
         feeder.start()
-        wait_for("a turbo speed", lambda: speed() > 1e6, 15)
+        wait_for("a turbo speed", lambda: speed() > 1e6, 30)
         chrome = browser.execute_script("return window.outerHeight - window.innerHeight")
         for width, height in ((390, 844), (1280, 720)):  # the viewport: a phone, a laptop
             browser.set_window_size(width, height + chrome)
