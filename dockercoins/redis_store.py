@@ -240,6 +240,11 @@ MAX_HEARTBEAT_BYTES = 64 * 1024
 stage filled)."""
 
 
+RNG_MODES = r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+){0,7}$"
+"""A heartbeat's `rng_mode`: one to eight names, comma-separated (shown on the page and used as
+a metric's label, so no other characters)."""
+
+
 class HeartbeatInfo(BaseModel):
     """What the readers of a heartbeat use of it, validated; the rest is not read."""
 
@@ -247,7 +252,7 @@ class HeartbeatInfo(BaseModel):
 
     mining: bool = True
     """Whether the worker mines now (one from an older worker, without it, does)."""
-    rng_mode: Annotated[str, Field(pattern=r"^[a-z]{1,16}(,[a-z]{1,16}){0,3}$")] | None = None
+    rng_mode: Annotated[str, Field(pattern=RNG_MODES, max_length=200)] | None = None
     """The mode(s) its rng named lately, comma-separated."""
     latency: Summary | None = None
     """Its stage times (dockercoins.stages)."""
