@@ -135,9 +135,9 @@ local function bad(why) return redis.error_reply('BADDATA `' .. KEYS[2] .. '` ' 
 local last, shown = 0, '0'
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind == 'string' then
-  local raw = redis.call('GET', KEYS[2])
-  if #raw > {SEQUENCE_DIGITS} or not string.match(raw, '^%d+$') then
-    return bad('holds ' .. string.format('%q', string.sub(raw, 1, {SHOWN})) ..
+  local raw = redis.call('GETRANGE', KEYS[2], 0, {SHOWN} - 1)
+  if redis.call('STRLEN', KEYS[2]) > {SEQUENCE_DIGITS} or not string.match(raw, '^%d+$') then
+    return bad('holds ' .. string.format('%q', raw) ..
       ', not the sequence number of a flush')
   end
   last, shown = tonumber(raw), raw

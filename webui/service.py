@@ -116,16 +116,15 @@ class Fleet:
     """Mode -> workers whose rng named it lately (a worker served by rng of both modes, as
     during a change, counts in both)."""
     stages: StageMerge = field(default_factory=StageMerge)
-    bad: list[BadHeartbeat] = field(default_factory=list)
-    """The first few keys that are not heartbeats (BAD_SHOWN)."""
+    first_bad: BadHeartbeat | None = None
+    """The first key met that is not a heartbeat, said on the page."""
     bad_count: int = 0
 
     def add(self, heartbeat: WorkerHeartbeat | BadHeartbeat) -> None:
         """Count one heartbeat, or one bad key."""
         if isinstance(heartbeat, BadHeartbeat):
             self.bad_count += 1
-            if len(self.bad) < BAD_SHOWN:
-                self.bad.append(heartbeat)
+            self.first_bad = self.first_bad or heartbeat
             return
         info = heartbeat.info
         self.mining += info.mining
@@ -137,14 +136,10 @@ class Fleet:
     @property
     def bad_reason(self) -> str | None:
         """One line naming the first bad key (and how many more), None if none."""
-        if not self.bad:
+        if self.first_bad is None:
             return None
         more = f" (and {self.bad_count - 1} more)" if self.bad_count > 1 else ""
-        return bad_data_reason(f"{self.bad[0]}{more}")
-
-
-BAD_SHOWN = 3
-"""Bad heartbeat keys a sample keeps to say which."""
+        return bad_data_reason(f"{self.first_bad}{more}")
 
 
 async def read_fleet(redis: Redis) -> Fleet:
