@@ -18,6 +18,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dockercoins.counter_sampler import CounterSampler
 from dockercoins.net import free_port
 from dockercoins.redis_store import (
     FLUSHED_KEY_PREFIX,
@@ -192,8 +193,9 @@ COUNTER_VALUES = st.one_of(
 @PROPERTY
 @given(hashes=COUNTER_VALUES, flushed=COUNTER_VALUES)
 def test_any_counter_is_read_as_a_count_or_bad_data(redis_url, hashes, flushed) -> None:
-    """The web UI's read of `hashes`, and a worker's flush past its own last flush number:
-    a count, or BadData naming the key; never another error, and never a count skipped."""
+    """The web UI's and the tools' reads of `hashes`, and a worker's flush past its own last
+    flush number: a count, or BadData naming the key (no reading, for the tools' sampler);
+    never another error, and never a count skipped."""
 
     async def example() -> None:
         client = connect(redis_url)
@@ -204,6 +206,10 @@ def test_any_counter_is_read_as_a_count_or_bad_data(redis_url, hashes, flushed) 
                 assert totals.hashes == int(hashes or 0) and 0 <= totals.hashes < 2**63
             except BadData as exc:
                 assert "`hashes`" in str(exc)
+                totals = None
+            sampler = CounterSampler.of_redis(client, 1.0)  # the bench's and the experiment's
+            reading = await sampler.sample_answered()
+            assert (reading and reading.totals.hashes) == (totals and totals.hashes)
             await client.set("hashes", 0)
             await client.set(FLUSHED_KEY_PREFIX + "w", flushed)
             last = int(flushed) if re.fullmatch(rb"\d{1,15}", flushed) else None
