@@ -29,6 +29,7 @@ from dockercoins_tools.procstat import memory_mb
 from tests.stack import wait_until, wait_until_async
 from tests.support import service_env
 from webui.config import WebuiSettings
+from webui.connections import client_key
 from webui.server import _Server, bind_listener, create_app, server_config
 from webui.service import SpeedMonitor
 
@@ -705,3 +706,14 @@ async def test_a_connection_without_a_whole_request_is_closed_and_one_address_is
         _, writer, head = await open_stream(port, "127.0.0.2")  # its connections are free again
         await close(writer)
         assert head.startswith("HTTP/1.1 200"), head
+
+
+def test_a_client_counts_by_its_address_an_ipv6_one_by_its_64() -> None:
+    """One IPv6 host has a /64 to pick addresses from: its streams count together."""
+    assert client_key("127.0.0.2") == "127.0.0.2"
+    assert (
+        client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert client_key(None) == "unknown"
