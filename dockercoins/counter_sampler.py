@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.rate import Sample
-from dockercoins.redis_store import Totals, read_totals
+from dockercoins.redis_store import BadData, Totals, read_totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +80,10 @@ class CounterSampler:
 
     async def sample_answered(self) -> Reading | None:
         """Read and keep one reading; None, and nothing kept, when Redis does not answer
-        (paused, restarting, away)."""
+        (paused, restarting, away) or its counters hold bad data."""
         try:
             return await self.sample()
-        except (RedisError, OSError):
+        except (RedisError, OSError, BadData):
             raise_if_cancelling()
             return None
 

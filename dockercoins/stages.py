@@ -8,13 +8,20 @@ p50, p99, the sum and the non-empty buckets. The web UI merges the buckets of ev
 worker, so its percentiles are those of all their units, not an average of percentiles. A
 percentile is the mean of the times in the bucket it falls in: within 3 % of the true one, and
 exact when they are alike (a fixed think time reads 100.3 ms, not a bucket's middle).
+
+What a heartbeat publishes is read back through `Summary`, which accepts only what `StageTimes`
+can write (finite, bounded numbers of the right types, stages that fit in the unit): the merge
+does its arithmetic on validated numbers only, so no heartbeat can make it raise or yield a
+non-finite figure.
 """
 
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STAGES = ("think", "rng", "hasher", "redis")
 """The stages of a unit of work, in the order a unit goes through them."""
@@ -139,49 +146,114 @@ class StageTimes:
         return result
 
 
-def merge(summaries: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Every worker's window as one: p50 and p99 per stage over all their units, each stage's
-    share of a unit's time, the units and the mean hashes per unit. None when no unit."""
-    units = 0
-    hashes = 0.0
-    merged: dict[str, dict[int, tuple[int, float]]] = {name: {} for name in (*STAGES, UNIT)}
-    for summary in summaries:
-        try:
-            n = int(summary.get("units") or 0)
-            if n <= 0:
-                continue
-            per_unit = float(summary.get("hashes_per_unit") or 1)
-            parsed = {
-                name: {
-                    int(bucket): (int(count), float(seconds))
-                    for bucket, (count, seconds) in summary[name]["buckets"].items()
-                }
-                for name in merged
-            }
-        except (AttributeError, KeyError, TypeError, ValueError):
-            continue  # a heartbeat from another version, or damaged: not counted
-        units += n
-        hashes += n * per_unit
-        for name, buckets in parsed.items():
-            into = merged[name]
-            for bucket, (count, seconds) in buckets.items():
+MAX_COUNT = 2**53
+"""Most units one heartbeat may report (in all, or in a bucket): exact as a JSON number."""
+
+MAX_SECONDS = 1e9
+"""Most seconds one bucket may sum: far beyond any window (3600 s x 1024 loops), finite when
+every worker's are added up."""
+
+MAX_HASHES_PER_UNIT = 1e6
+"""Most hashes a unit of work may stand for (a turbo batch is at most 16384)."""
+
+STAGE_ROUNDING = 1e-3
+"""How much a window's stages may sum beyond its units' wall time: each bucket's seconds are
+published to 6 significant digits."""
+
+_STRICT = ConfigDict(strict=True, frozen=True, extra="ignore")
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+BucketIndex = Annotated[int, Field(ge=0, lt=BUCKETS)]
+
+
+class StageFigures(BaseModel):
+    """One stage of a published window, as read back: its non-empty buckets, `"index":
+    [count, seconds]`. Its p50, p99 and sum are not read: the merge computes them again."""
+
+    model_config = _STRICT
+
+    buckets: dict[BucketIndex, tuple[Count, Seconds]] = Field(max_length=BUCKETS)
+
+    @property
+    def seconds(self) -> float:
+        """The seconds of every time counted."""
+        return sum(seconds for _, seconds in self.buckets.values())
+
+
+class Summary(BaseModel):
+    """A worker's window as its heartbeat publishes it (`StageTimes.summary`), validated."""
+
+    model_config = _STRICT
+
+    units: Count
+    hashes_per_unit: Annotated[float, Field(ge=1, le=MAX_HASHES_PER_UNIT, allow_inf_nan=False)] = (
+        1.0
+    )
+    think: StageFigures
+    rng: StageFigures
+    hasher: StageFigures
+    redis: StageFigures
+    unit: StageFigures
+
+    @model_validator(mode="after")
+    def _stages_fit_in_the_unit(self) -> "Summary":
+        stages = sum(getattr(self, name).seconds for name in STAGES)
+        if stages > self.unit.seconds * (1 + STAGE_ROUNDING):
+            raise ValueError(
+                f"its stages sum {stages:.6g} s, more than its units' {self.unit.seconds:.6g} s"
+            )
+        return self
+
+
+class StageMerge:
+    """Every worker's window as one, added a heartbeat at a time: p50 and p99 per stage over
+    all their units, each stage's share of a unit's time, the units and the mean hashes per
+    unit. Holds one set of buckets, however many heartbeats are added."""
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.hashes = 0.0
+        self.buckets: dict[str, dict[int, tuple[int, float]]] = {
+            name: {} for name in (*STAGES, UNIT)
+        }
+
+    def add(self, summary: Summary) -> None:
+        """Count one worker's window (one without units counts for nothing)."""
+        if not summary.units:
+            return
+        self.units += summary.units
+        self.hashes += summary.units * summary.hashes_per_unit
+        for name, into in self.buckets.items():
+            for bucket, (count, seconds) in getattr(summary, name).buckets.items():
                 was = into.get(bucket, (0, 0.0))
                 into[bucket] = (was[0] + count, was[1] + seconds)
-    if not units:
-        return None
-    sums = {name: sum(seconds for _, seconds in merged[name].values()) for name in merged}
-    wall = sums[UNIT]
-    return {
-        "latency": {
-            name: {"p50": quantile(merged[name], 0.5), "p99": quantile(merged[name], 0.99)}
-            for name in STAGES
-        },
-        "share": {name: (round(sums[name] / wall, 4) if wall > 0 else None) for name in STAGES},
-        "unit": {
-            "p50": quantile(merged[UNIT], 0.5),
-            "p99": quantile(merged[UNIT], 0.99),
-            "mean": float(f"{wall / units:.6g}"),
-        },
-        "units": units,
-        "hashes_per_unit": round(hashes / units, 2),
-    }
+
+    def result(self) -> dict[str, Any] | None:
+        """The merged figures; None when no unit was added."""
+        if not self.units:
+            return None
+        merged = self.buckets
+        sums = {name: sum(seconds for _, seconds in merged[name].values()) for name in merged}
+        wall = sums[UNIT]
+        return {
+            "latency": {
+                name: {"p50": quantile(merged[name], 0.5), "p99": quantile(merged[name], 0.99)}
+                for name in STAGES
+            },
+            "share": {name: (round(sums[name] / wall, 4) if wall > 0 else None) for name in STAGES},
+            "unit": {
+                "p50": quantile(merged[UNIT], 0.5),
+                "p99": quantile(merged[UNIT], 0.99),
+                "mean": float(f"{wall / self.units:.6g}"),
+            },
+            "units": self.units,
+            "hashes_per_unit": round(self.hashes / self.units, 2),
+        }
+
+
+def merge(summaries: Iterable[Summary]) -> dict[str, Any] | None:
+    """Every worker's window as one (`StageMerge`); None when no unit."""
+    merging = StageMerge()
+    for summary in summaries:
+        merging.add(summary)
+    return merging.result()

@@ -1,5 +1,6 @@
 """Drive `dockercoins up` as a real process, as a user's terminal would."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -127,6 +128,18 @@ def wait_until(
             raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
         time.sleep(0.05)
     return time.monotonic() - started
+
+
+async def wait_until_async(
+    predicate: Callable[[], object], timeout: float = 15.0, what: str = "the condition"
+) -> float:
+    """`wait_until` for a test's event loop, which it leaves free between two looks."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        assert loop.time() - started < timeout, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.05)
+    return loop.time() - started
 
 
 class RedisProcess:

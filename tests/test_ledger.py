@@ -10,6 +10,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from dockercoins.redis_store import BadWrite, Heartbeat
 from worker_svc.ledger import COIN_BATCH, Ledger
 
 
@@ -183,4 +184,70 @@ async def test_the_backlog_bound_pauses_mining_until_redis_takes_half(redis_url,
         paused[0],
         "mining resumed: Redis took the backlog",
     ]
+    await redis.aclose()
+
+
+async def test_the_unflushed_bound_pauses_mining_once_until_redis_takes_the_work(
+    redis_url, caplog
+) -> None:
+    """At DOCKERCOINS_WORKER_MAX_UNFLUSHED seconds since the oldest hash not yet in Redis was
+    found, mining pauses (said once) until a flush puts the work in Redis (said once)."""
+    redis = Redis.from_url(redis_url)
+    now = [100.0]
+    ledger = Ledger("worker-under-test", max_unflushed=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="worker_svc.ledger")
+    ledger.add(1000, {})
+    now[0] = 109.9
+    ledger.add(1000, {})
+    assert ledger.room.is_set() and ledger.unflushed_seconds() == pytest.approx(9.9)
+    now[0] = 110.0
+    ledger.add(1000, {})
+    now[0] = 111.0
+    ledger.add(1000, {})  # a unit that was in flight: counted, not said again
+    assert not ledger.room.is_set()
+    said = [r.getMessage() for r in caplog.records if "mining" in r.getMessage()]
+    assert said == [
+        "mining paused: 3000 hashes not yet in Redis, the oldest found 10.0 s ago "
+        "(DOCKERCOINS_WORKER_MAX_UNFLUSHED=10 s); resuming once Redis takes them"
+    ]
+    assert ledger.paused_for.startswith("3000 hashes not yet in Redis")
+    await ledger.flush(redis)
+    ledger.make_room()
+    assert ledger.room.is_set() and ledger.unflushed_seconds() == 0.0
+    assert int(await redis.get("hashes")) == 4000
+    assert [r.getMessage() for r in caplog.records if "mining" in r.getMessage()][1:] == [
+        "mining resumed: Redis took the backlog"
+    ]
+    await redis.aclose()
+
+
+async def test_a_count_refused_for_bad_data_is_kept_and_counted_once_later(redis_url) -> None:
+    """A flush Redis refuses because a key holds what it should not is BadWrite, naming the
+    key: a count that did not go in stays pending (and its age runs on), one that went in
+    with a refused write beside it is flushed; once the keys are mended, all is counted once."""
+    redis = Redis.from_url(redis_url)
+    now = [0.0]
+    ledger = Ledger("w", clock=lambda: now[0])
+    flushed = "dockercoins:flushed:w"
+    for garbage in ("1e999", "999999999"):  # garbled, and ahead of this writer's flushes
+        await redis.set(flushed, garbage)
+        ledger.add(100, {})
+        with pytest.raises(BadWrite, match=f"`{flushed}`") as refused:
+            await ledger.flush(redis)
+        assert not refused.value.counted
+    now[0] = 5.0
+    assert ledger.unflushed_hashes == 200 and ledger.unflushed_seconds() == 5.0
+    await redis.delete(flushed)
+    await redis.set("wallet", "not a hash")
+    ledger.add(50, {"0abc": b"x" * 32})
+    heartbeat = Heartbeat("w", {}, 10)  # in a transaction: the count goes in, the coin not
+    with pytest.raises(BadWrite, match="`wallet` holds another type than a hash") as refused:
+        await ledger.flush(redis, heartbeat=heartbeat)
+    assert refused.value.counted
+    assert int(await redis.get("hashes")) == 250 and ledger.unflushed_hashes == 0
+    assert ledger.pending_coins == 1
+    await redis.delete("wallet")
+    await ledger.flush(redis, heartbeat=heartbeat)
+    assert int(await redis.get("hashes")) == 250
+    assert await redis.hget("wallet", "0abc") == b"x" * 32
     await redis.aclose()

@@ -1,11 +1,19 @@
 """Stage times: the buckets keep a percentile within 3 %, the window forgets, workers merge."""
 
+import json
 import random
 import statistics
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from dockercoins.stages import STAGES, StageTimes, bucket_of, merge, quantile
+from dockercoins.stages import STAGES, StageTimes, Summary, bucket_of, merge, quantile
+
+
+def read_back(summary: dict[str, Any]) -> Summary:
+    """A window as the web UI reads it back from a heartbeat: through JSON, validated."""
+    return Summary.model_validate_json(json.dumps(summary))
 
 
 def buckets_of(values: list[float]) -> dict[int, tuple[int, float]]:
@@ -64,7 +72,8 @@ def test_merge_is_the_percentile_of_every_workers_units() -> None:
         slow.add(0.1, 0.9, 0.1, 0.0)
     for _ in range(10):
         fast.add(0.1, 0.1, 0.1, 0.0)
-    merged = merge([slow.summary(1), fast.summary(1000), {"units": 0}, {"units": 3, "rng": 1}])
+    idle = StageTimes(10).summary(1)
+    merged = merge([read_back(slow.summary(1)), read_back(fast.summary(1000)), read_back(idle)])
     assert merged is not None
     assert merged["units"] == 100
     assert merged["latency"]["rng"]["p50"] == pytest.approx(0.9, rel=0.03)
@@ -76,3 +85,41 @@ def test_merge_is_the_percentile_of_every_workers_units() -> None:
     assert merged["share"]["rng"] == pytest.approx(81.9 / (81.9 + 20), rel=0.001)
     assert merged["hashes_per_unit"] == pytest.approx((90 + 10_000) / 100)
     assert merge([]) is None
+
+
+def test_a_window_read_back_is_only_what_a_worker_can_write() -> None:
+    """Non-finite or huge numbers, wrong types, a bucket out of range, stages longer than the
+    unit: refused where the heartbeat is read, so the merge only ever sees sane numbers."""
+    times = StageTimes(10)
+    for _ in range(20):
+        times.add(0.1, 0.2, 0.1, 0.001)
+    good = times.summary(1)
+    assert read_back(good).units == 20
+    bucket = next(iter(good["rng"]["buckets"]))
+
+    def spoiled(path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+        copy = json.loads(json.dumps(good))
+        node = copy
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        return copy
+
+    for path, value in [
+        (("units",), float("inf")),
+        (("units",), 2**64),
+        (("units",), -1),
+        (("units",), "20"),
+        (("hashes_per_unit",), float("nan")),
+        (("hashes_per_unit",), 0),
+        (("rng", "buckets", bucket, 1), float("inf")),
+        (("rng", "buckets", bucket, 1), 1e300),
+        (("rng", "buckets", bucket, 0), 1.5),
+        (("rng", "buckets", bucket), [1]),
+        (("rng", "buckets", "401"), [1, 0.1]),
+        (("rng", "buckets", "-1"), [1, 0.1]),
+        (("rng", "buckets", bucket, 1), 5000.0),  # the rng stage longer than the whole unit
+        (("rng",), None),
+    ]:
+        with pytest.raises(ValidationError):
+            read_back(spoiled(path, value))

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
@@ -25,10 +25,16 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import announce_worker, connect
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
+from dockercoins_tools.procstat import memory_mb
+from tests.stack import wait_until, wait_until_async
 from tests.support import service_env
 from webui.config import WebuiSettings
-from webui.server import _Server, bind_listener, create_app
+from webui.connections import client_key
+from webui.server import _Server, bind_listener, create_app, server_config
 from webui.service import SpeedMonitor
+
+LETTERS = str.maketrans("0123456789", "abcdefghij")
+"""Digits as letters: rng modes are lowercase words."""
 
 LISTENING = re.compile(r"webui listening on http://([\d.]+):(\d+)")
 
@@ -322,6 +328,83 @@ def test_process_streams_events_and_stops_on_sigterm(
     assert time.monotonic() - started < 10
 
 
+FLOOD = 1000
+"""Idle /events connections one address holds in the flood test (the issue's check)."""
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of the web UI's /metrics (0 if absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def first_event(port: int, source: str = "127.0.0.1") -> tuple[str, float]:
+    """GET /events from `source` on a real socket: the status line, and the seconds to the
+    first state (or to the end of a refusal)."""
+    with socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0)) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        received = b""
+        while b"event: state" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+        return received.split(b"\r\n", 1)[0].decode(), time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_flood_of_idle_streams_from_one_address_leaves_the_page_to_everyone(
+    webui_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    """The issue's check: while 127.0.0.2 holds 1,000 connections that asked for /events and
+    never read, a visitor from 127.0.0.1 gets /events 200 and a first state within 5 s, again
+    and again; the flooder holds its 10 streams, its other connections are refused, and the
+    web UI's memory stays small."""
+    proc, url = webui_process
+    port = int(url.rsplit(":", 1)[1])
+    rss_before = memory_mb(proc.pid, "VmRSS")
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind(("127.0.0.2", 0))
+            flood.append(sock)
+            with contextlib.suppress(OSError):  # reset at once past the connections' cap
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        refused = 'dockercoins_webui_refused_total{reason="%s"}'
+        wait_until(
+            lambda: (
+                metric(url, refused % "connections-per-client")
+                + metric(url, refused % "streams-per-client")
+                + metric(url, "dockercoins_webui_streams")
+                >= FLOOD
+            ),
+            30,
+            "the web UI to answer the whole flood",
+        )
+        for _ in range(5):
+            status, took = first_event(port)
+            assert status == "HTTP/1.1 200 OK" and took < 5, (status, took)
+            time.sleep(0.5)
+        answers = []
+        for sock in flood:
+            try:
+                answers.append(sock.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except OSError as exc:
+                answers.append(type(exc).__name__.encode())
+        # Its own 10 streams (DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT); every other connection
+        # answered 429 and closed, or reset at once (past its 64 connections).
+        assert answers.count(b"HTTP/1.1 200") == 10
+        assert set(answers) <= {b"HTTP/1.1 200", b"HTTP/1.1 429", b"ConnectionResetError"}
+        assert metric(url, "dockercoins_webui_streams") == 10
+        peak = memory_mb(proc.pid)
+        assert peak - rss_before < 32, f"RSS {rss_before:.1f} -> peak {peak:.1f} MB"
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 def test_process_on_a_busy_port_fails_with_one_line(redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -373,46 +456,100 @@ async def test_bad_data_in_redis_is_said_by_the_page_and_json(
         )
 
     sync.set("hashes", "notanumber")
-    body = await says("bad-data", "`hashes` holds b'notanumber', not a number")
+    await says("bad-data", "`hashes` holds 'notanumber', not a number of hashes")
     assert (await client.get("/json")).status_code == 503
+    sync.set("hashes", "9" * 30)  # more digits than any count Redis keeps
+    await says("bad-data", "`hashes` holds '999")
     sync.set("hashes", 5)
     sync.set("wallet", "not a hash")
-    await says("bad-data", "WRONGTYPE")
+    await says("bad-data", "`wallet` holds another type than a hash (WRONGTYPE)")
     sync.delete("wallet")
-    sync.set("dockercoins:worker:w1", "{not json")
-    body = await says("bad-data", "worker heartbeat `dockercoins:worker:w1` is not a JSON object")
-    assert body["hashes"] == 5  # /json reads the counters themselves
-    sync.delete("dockercoins:worker:w1")
+    sync.delete("hashes")
+    sync.rpush("hashes", 1)
+    await says("bad-data", "`hashes` holds another type than a counter (WRONGTYPE)")
+    sync.delete("hashes")
+    sync.set("hashes", 5)
     await says("live", "")
 
 
-@pytest.fixture
-async def served(redis_url: str) -> AsyncIterator[tuple[FastAPI, int]]:
-    """The app behind uvicorn in this event loop, on a real socket; yields it and its port."""
-    app = create_app(load_settings(WebuiSettings, redis_url=redis_url, webui_max_streams=20))
+async def test_a_bad_heartbeat_is_skipped_and_named_and_the_sample_stands(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    """The issue's value (`Infinity` in the stage times) took the web UI down; now it and
+    other bad heartbeats are skipped, named on /json, and the good workers still count."""
+    sync = redis.Redis.from_url(redis_url)
+    sync.set("hashes", 5)
+    sync.set("dockercoins:worker:good", json.dumps({"mining": True, "rng_mode": "buffered"}))
+
+    async def says(reason: str) -> dict[str, Any]:
+        return await json_when(
+            client,
+            lambda body: body["status"] == "bad-data" and reason in (body["reason"] or ""),
+        )
+
+    for key, bad, why in [
+        ("x", '{"latency":{"units":Infinity}}', "latency.units"),
+        ("x", '{"mining": "yes"}', "mining: Input should be a valid boolean"),
+        ("x", "{not json", "Invalid JSON"),
+        ("x", "[" * 100_000, "longer than 65536 bytes"),
+        ("x", "[" * 5000, "Invalid JSON: recursion limit exceeded"),
+    ]:
+        sync.set(f"dockercoins:worker:{key}", bad)
+        body = await says(f"worker heartbeat `dockercoins:worker:{key}` skipped: {why}")
+        assert (body["hashes"], body["workers"], body["rng_mode"]) == (5, 1, "buffered"), body
+    sync.delete("dockercoins:worker:x")
+    sync.hset("dockercoins:worker:h", "mining", "true")
+    body = await says("worker heartbeat `dockercoins:worker:h` skipped: a hash, not a string")
+    assert body["workers"] == 1
+    sync.incrby("hashes", 100)  # the rate goes on through bad heartbeats
+    await json_when(client, lambda body: (body["hashes_per_second"] or 0) > 0)
+    sync.delete("dockercoins:worker:h")
+    await json_when(client, lambda body: body["status"] == "live")
+
+
+@contextlib.asynccontextmanager
+async def served_app(redis_url: str, **fields: Any) -> AsyncIterator[tuple[FastAPI, int]]:
+    """The app behind uvicorn as `serve` configures it, in this event loop, on a real socket;
+    yields it and its port."""
+    settings = load_settings(WebuiSettings, redis_url=redis_url, **fields)
+    app = create_app(settings)
     sock = bind_listener("127.0.0.1", 0)
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    server = _Server(server_config(app, settings))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     port = sock.getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 200")  # served: started
     await close(writer)
-    yield app, port
-    app.state.stopping.set()
-    server.should_exit = True
-    await serving
-    sock.close()
+    try:
+        yield app, port
+    finally:
+        app.state.stopping.set()
+        server.should_exit = True
+        await serving
+        sock.close()
 
 
-async def open_stream(port: int) -> tuple[asyncio.StreamWriter, str]:
-    """GET /events over a real connection, read up to its first state; the writer, the head."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+@pytest.fixture
+async def served(redis_url: str) -> AsyncIterator[tuple[FastAPI, int]]:
+    async with served_app(
+        redis_url, webui_max_streams=20, webui_max_streams_per_client=20
+    ) as served:
+        yield served
+
+
+async def open_stream(
+    port: int, source: str = "127.0.0.1", last_event_id: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """GET /events over a real connection from `source`, read up to its first state (or the
+    end of a refusal); the reader, the writer, what was read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+    writer.write(f"GET /events HTTP/1.1\r\nHost: webui\r\n{resume}\r\n".encode())
     received = b""
     while b"event: state" not in received and (chunk := await reader.read(65536)):
         received += chunk
-    return writer, received.decode(errors="replace")
+    return reader, writer, received.decode(errors="replace")
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
@@ -426,21 +563,157 @@ async def test_streams_are_capped_and_a_closed_one_leaves_no_task(served) -> Non
     baseline = len(asyncio.all_tasks())
 
     opened = await asyncio.gather(*(open_stream(port) for _ in range(20)))
-    assert all(head.startswith("HTTP/1.1 200") for _, head in opened)
-    assert "content-security-policy: default-src 'self'" in opened[0][1].lower()
-    writer, head = await open_stream(port)  # one too many
+    assert all(head.startswith("HTTP/1.1 200") for _, _, head in opened)
+    assert "content-security-policy: default-src 'self'" in opened[0][2].lower()
+    _, writer, head = await open_stream(port, "127.0.0.2")  # one too many
     await close(writer)
     assert head.startswith("HTTP/1.1 503"), head
-    assert "retry-after: 10" in head.lower() and "DOCKERCOINS_WEBUI_MAX_STREAMS" in head
-    await asyncio.gather(*(close(w) for w, _ in opened))
+    assert "retry-after: 10" in head.lower() and "DOCKERCOINS_WEBUI_MAX_STREAMS)" in head
+    assert "connection: close" in head.lower()
+    await asyncio.gather(*(close(w) for _, w, _ in opened))
 
     for _ in range(50):  # 1,000 streams opened and closed, 20 at a time
         wave = await asyncio.gather(*(open_stream(port) for _ in range(20)))
-        assert all(head.startswith("HTTP/1.1 200") for _, head in wave), wave[0][1]
-        await asyncio.gather(*(close(w) for w, _ in wave))
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in wave), wave[0][2]
+        await asyncio.gather(*(close(w) for _, w, _ in wave))
 
-    deadline = time.monotonic() + 15
-    while len(asyncio.all_tasks()) > baseline or app.state.streams:
-        left = [task.get_coro() for task in asyncio.all_tasks()]
-        assert time.monotonic() < deadline, (left, baseline, app.state.streams)
-        await asyncio.sleep(0.1)
+    await wait_until_async(
+        lambda: len(asyncio.all_tasks()) <= baseline and not app.state.streams.held,
+        15,
+        "every stream's task and count gone",
+    )
+
+
+async def test_one_address_holds_at_most_its_share_of_streams(redis_url: str) -> None:
+    """Past its own bound an address gets 429 naming it, and the connection is closed; other
+    addresses are served up to the total, then everyone gets 503."""
+    async with served_app(redis_url, webui_max_streams=5, webui_max_streams_per_client=3) as (
+        app,
+        port,
+    ):
+        mine = [await open_stream(port, "127.0.0.2") for _ in range(3)]
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in mine)
+        reader, writer, head = await open_stream(port, "127.0.0.2")
+        assert head.startswith("HTTP/1.1 429"), head
+        assert "3 live streams from 127.0.0.2 already" in head
+        assert "DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT" in head
+        assert "retry-after: 10" in head.lower()
+        assert await reader.read() == b"", "a refused connection is closed"
+        await close(writer)
+        others = [await open_stream(port, source) for source in ("127.0.0.3", "127.0.0.4")]
+        assert all(head.startswith("HTTP/1.1 200") for _, _, head in others)
+        reader, writer, head = await open_stream(port, "127.0.0.5")
+        assert head.startswith("HTTP/1.1 503"), head
+        await close(writer)
+        assert app.state.streams.held == 5
+        for _, writer, _ in [*mine, *others]:
+            await close(writer)
+
+
+async def test_a_stream_ends_at_its_lifetime_and_resumes_where_it_left_off(
+    redis_url: str,
+) -> None:
+    async with served_app(redis_url, webui_stream_lifetime=1.5) as (app, port):
+        await wait_for_points(app, 2)
+        reader, writer, head = await open_stream(port)
+        started = time.monotonic()
+        assert "retry: 1000" in head
+        rest = (await asyncio.wait_for(reader.read(), 10)).decode()  # to the stream's end
+        took = time.monotonic() - started
+        await close(writer)
+        assert 1.0 < took < 5, took
+        assert "event: renew" in rest.split("event: state")[-1]
+        last_id = re.findall(r"^id: (\S+)$", head + rest, re.M)[-1]
+        await wait_for_points(app, int(last_id.split("-")[1]) + 2)
+
+        reader, writer, head = await open_stream(port, last_event_id=last_id)
+        await close(writer)
+        state = json.loads(re.findall(r"^data: (.*)$", head, re.M)[-1])
+        assert state["reset"] is False, "resumed, not the whole history again"
+        assert 1 <= len(state["points"]) <= 3
+        reader, writer, head = await open_stream(port, last_event_id="0badcafe-3")
+        await close(writer)
+        assert json.loads(re.findall(r"^data: (.*)$", head, re.M)[-1])["reset"] is True
+
+
+def dropped(reason: str) -> float:
+    """Connections the web UIs of this process dropped for `reason` (their metric)."""
+    return REGISTRY.get_sample_value("dockercoins_webui_dropped_total", {"reason": reason}) or 0
+
+
+async def wait_for_points(app: FastAPI, seq: int) -> None:
+    """Until the app's monitor has added points up to sequence number `seq`."""
+    await wait_until_async(lambda: app.state.monitor.last_seq >= seq, 15, f"point {seq}")
+
+
+async def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
+    redis_url: str,
+) -> None:
+    """A reader that never reads fills its buffers; the stream then waits on it for the write
+    timeout, and the connection is reset: the stream and its memory are let go."""
+    sync = redis.Redis.from_url(redis_url)
+    for n in range(900):  # a big fleet's state, 4 rng modes each: about 80 KB per event
+        modes = ",".join(f"{n:04d}{part}".translate(LETTERS) + "x" * 11 for part in "0123")
+        sync.set(f"dockercoins:worker:w{n}", json.dumps({"rng_mode": modes}), ex=120)
+    was = dropped("stopped-reading")
+    async with served_app(redis_url, webui_write_timeout=1.0) as (app, port):
+        await wait_for_points(app, 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        sock.send(b"GET /events HTTP/1.1\r\nHost: webui\r\n\r\n")
+        await wait_until_async(lambda: app.state.streams.held, 10, "the stream")
+        # Never read: the buffers fill, then the write timeout.
+        held = await wait_until_async(lambda: not app.state.streams.held, 60, "the drop")
+        sock.setblocking(True)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 20):  # what reached the socket, then its end
+                pass
+        sock.close()
+        assert held > 1.0, held
+        assert dropped("stopped-reading") == was + 1
+
+
+async def test_a_connection_without_a_whole_request_is_closed_and_one_address_is_capped(
+    redis_url: str,
+) -> None:
+    """uvicorn waits forever for a first request, or for one dribbled a byte at a time; the web
+    UI closes such a connection after its request timeout. And past its connections' bound,
+    an address's new connection is reset while other addresses are served."""
+    async with served_app(
+        redis_url, webui_request_timeout=1, webui_max_connections_per_client=3
+    ) as (_, port):
+        idle = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            for _ in range(3)
+        ]
+        idle[1][1].write(b"GET /events HTTP/1.1\r\nHo")  # a head that never ends
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+        )
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # reset or closed at once
+        await close(writer)
+        assert time.monotonic() - started < 0.9
+        async with httpx.AsyncClient() as other:  # from 127.0.0.1: served
+            assert (await other.get(f"http://127.0.0.1:{port}/healthz")).is_success
+        for reader, writer in idle:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            await close(writer)
+        assert 0.9 < time.monotonic() - started < 4
+        _, writer, head = await open_stream(port, "127.0.0.2")  # its connections are free again
+        await close(writer)
+        assert head.startswith("HTTP/1.1 200"), head
+
+
+def test_a_client_counts_by_its_address_an_ipv6_one_by_its_64() -> None:
+    """One IPv6 host has a /64 to pick addresses from: its streams count together."""
+    assert client_key("127.0.0.2") == "127.0.0.2"
+    assert (
+        client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert client_key(None) == "unknown"

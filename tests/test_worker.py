@@ -10,14 +10,8 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
+from tests.stack import wait_until_async as wait_for
 from tests.support import FAST_WORKER, run_cli_async
-
-
-async def wait_for(condition, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def probe_worker(port: int, *args: str) -> tuple[int, str]:
@@ -73,7 +67,10 @@ async def test_worker_logs_an_outage_once_and_resumes_by_itself(
     worker = await start_worker(
         log, rng_addr=f"127.0.0.1:{rng_port}", hasher_addr=hasher, redis_url=redis_url
     )
-    await asyncio.sleep(2.5)  # many retries against nothing
+    # Many retries against nothing: the worker up and failing (it may take seconds to start
+    # on a loaded machine), then a while longer.
+    await wait_for(lambda: "rng unreachable" in log.read_text(), 30)
+    await asyncio.sleep(1.5)
     await servers.rng(port=rng_port, rng_read_cost=0)
     await wait_for(lambda: int(client.get("hashes") or 0) > 20)
     worker.send_signal(signal.SIGTERM)
@@ -89,8 +86,8 @@ async def test_worker_keeps_counts_while_redis_is_down(start_worker, servers, tm
     url = f"redis://127.0.0.1:{redis_port}/0"
     log = tmp_path / "worker.log"
     worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=url)
-    # Redis starts only once the worker has found it missing (however slow its start).
-    await wait_for(lambda: log.exists() and "redis unreachable" in log.read_text())
+    await wait_for(lambda: "redis unreachable" in log.read_text(), 30)  # mining without Redis
+    await asyncio.sleep(1)
     from dockercoins_tools.embedded_redis import redis_server_argv
 
     server = await asyncio.create_subprocess_exec(

@@ -20,7 +20,42 @@ class WebuiSettings(RedisClientSettings):
         ge=1,
         le=10000,
         description="Live /events streams (open pages) the web UI serves at once; past it, "
-        "503 with Retry-After.",
+        "503 with Retry-After, and the page polls /json instead.",
+    )
+    webui_max_streams_per_client: int = Field(
+        10,
+        ge=1,
+        le=10000,
+        description="Live /events streams one client address (an IPv6 one by its /64) may "
+        "hold; past it, 429 with Retry-After, and the page polls /json instead.",
+    )
+    webui_max_connections_per_client: int = Field(
+        64,
+        ge=1,
+        le=100000,
+        description="Open connections one client address (an IPv6 one by its /64) may hold "
+        "(a browser opens at most 6); past it, a new one is reset at once.",
+    )
+    webui_stream_lifetime: float = Field(
+        300.0,
+        ge=1,
+        le=86400,
+        description="Seconds an /events stream lasts; then it ends and the page reconnects, "
+        "resuming where it left off.",
+    )
+    webui_write_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds a response may wait on a client that does not read (its buffers "
+        "full) before the connection is reset.",
+    )
+    webui_request_timeout: int = Field(
+        5,
+        ge=1,
+        le=300,
+        description="Seconds a connection may stay without a complete request, after it opens "
+        "or after its last response (keep-alive), before it is closed.",
     )
     webui_mark_settle: float = Field(
         MARK_SETTLE,

@@ -1,15 +1,34 @@
-"""The web UI's metrics: the workers' stage times and rng modes, read from its monitor at scrape
-time (the same figures as /json's `latency`, `latency_share` and `rng_modes`)."""
+"""The web UI's metrics: its door (streams held, clients refused or dropped), and the workers'
+stage times and rng modes, read from its monitor at scrape time (the same figures as /json's
+`latency`, `latency_share` and `rng_modes`)."""
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dockercoins.metrics import export
 from webui.service import SpeedMonitor
+
+WEBUI_STREAMS = Gauge("dockercoins_webui_streams", "Live /events streams (open pages).")
+WEBUI_REFUSED = Counter(
+    "dockercoins_webui_refused_total",
+    "Clients turned away, by bound: streams-per-client (429), streams (503), "
+    "connections-per-client (reset at once).",
+    ("reason",),
+)
+WEBUI_DROPPED = Counter(
+    "dockercoins_webui_dropped_total",
+    "Connections ended by the web UI, by reason: stopped-reading (the write timeout), "
+    "no-request (no complete request in time).",
+    ("reason",),
+)
+WEBUI_RENEWED = Counter(
+    "dockercoins_webui_streams_renewed_total",
+    "/events streams ended at their lifetime (the page reconnects where it left off).",
+)
 
 
 class StageCollector(Collector):

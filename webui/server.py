@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from dockercoins.lifecycle import stop_event_on_signals, watch_task
 from dockercoins.redis_store import BadData, connect, read_totals
 from dockercoins.settings import env_name
 from webui.config import WebuiSettings
-from webui.metrics import watch_stages
+from webui.connections import PerClient, client_key, guarded_h11
+from webui.metrics import WEBUI_REFUSED, WEBUI_RENEWED, WEBUI_STREAMS, watch_stages
 from webui.service import (
     READ_TIMEOUT,
     SpeedMonitor,
@@ -49,6 +51,9 @@ SSE_KEEPALIVE = 2.0
 
 STREAMS_RETRY_AFTER = 10
 """Seconds a client turned away for too many streams is told to wait (Retry-After)."""
+
+EVENT_ID_DIGITS = 12
+"""Digits of the sequence number in an event's id (`<boot>-<seq>`) that a page may send back."""
 
 SECURITY_HEADERS = [
     (
@@ -129,7 +134,10 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     app.state.stopping = asyncio.Event()
     app.state.failed = asyncio.Event()
     app.state.failure = ""
-    app.state.streams = 0
+    app.state.streams = PerClient(settings.webui_max_streams_per_client, settings.webui_max_streams)
+    app.state.boot = secrets.token_hex(4)
+    """This process's mark in the events' ids: a page's Last-Event-ID from another is not
+    resumed from."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -183,46 +191,104 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     async def events(request: Request) -> StreamingResponse | JSONResponse:
         """Server-Sent Events: the full history first, then what is new about once a second.
 
-        At most DOCKERCOINS_WEBUI_MAX_STREAMS at once; each runs in its request's own task
-        (no task of its own), so a closed stream leaves nothing behind.
+        At most DOCKERCOINS_WEBUI_MAX_STREAMS at once, DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT
+        per client address; each lasts DOCKERCOINS_WEBUI_STREAM_LIFETIME, then ends with a
+        `renew` event, and the page's EventSource reconnects by itself with the id of the last
+        state it got (Last-Event-ID), from which it resumes. Each stream runs in its request's
+        own task (no task of its own), so a closed stream leaves nothing behind.
         """
         state = request.app.state
-        if state.streams >= settings.webui_max_streams:
-            return JSONResponse(
-                {
-                    "status": "busy",
-                    "reason": f"{state.streams} live streams already, the most this web UI "
-                    f"serves ({env_name('webui_max_streams')})",
-                },
-                status_code=503,
-                headers={"Retry-After": str(STREAMS_RETRY_AFTER)},
-            )
+        streams: PerClient = state.streams
+        client = client_key(request.client.host if request.client else None)
+        full = streams.full_for(client)
+        if full is not None:
+            return refuse_stream(streams, client, full)
         monitor: SpeedMonitor = state.monitor
         stopping: asyncio.Event = state.stopping
+        boot: str = state.boot
+        lifetime = settings.webui_stream_lifetime
+        after = resume_after(request.headers.get("last-event-id"), boot, monitor.last_seq)
 
-        async def stream() -> AsyncIterator[str]:
+        async def stream(after: int) -> AsyncIterator[str]:
             yield f"retry: {SSE_RETRY_MS}\n\n"
-            after = 0
+            loop = asyncio.get_running_loop()
+            ends = loop.time() + lifetime
             while not stopping.is_set():
                 snapshot = monitor.snapshot(after)
                 after = snapshot["seq"]
-                yield f"event: state\ndata: {json.dumps(snapshot)}\n\n"
+                yield f"id: {boot}-{after}\nevent: state\ndata: {json.dumps(snapshot)}\n\n"
+                left = ends - loop.time()
+                if left <= 0:
+                    WEBUI_RENEWED.inc()
+                    yield "event: renew\ndata: {}\n\n"
+                    return
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SSE_KEEPALIVE):
+                    async with asyncio.timeout(min(SSE_KEEPALIVE, left)):
                         await monitor.next_point()
 
         def release() -> None:
-            state.streams -= 1
+            streams.give_back(client)
+            WEBUI_STREAMS.dec()
 
-        state.streams += 1
+        streams.take(client)
+        WEBUI_STREAMS.inc()
         return CountedStream(
-            stream(),
+            stream(after),
             release,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"},
         )
 
     return app
+
+
+def refuse_stream(streams: PerClient, client: str, full: str) -> JSONResponse:
+    """429 for a client at its own bound, 503 when every stream is taken; with the reason,
+    Retry-After, and the connection closed (it holds nothing while the page polls /json)."""
+    if full == "client":
+        held = streams.holds(client)
+        reason = (
+            f"{held} live stream{'s' * (held != 1)} from {client} already, the most one "
+            f"address may hold ({env_name('webui_max_streams_per_client')})"
+        )
+        status, code = "too-many", 429
+    else:
+        reason = (
+            f"{streams.held} live streams already, the most this web UI serves "
+            f"({env_name('webui_max_streams')})"
+        )
+        status, code = "busy", 503
+    WEBUI_REFUSED.labels("streams-per-client" if full == "client" else "streams").inc()
+    return JSONResponse(
+        {"status": status, "reason": reason},
+        status_code=code,
+        headers={"Retry-After": str(STREAMS_RETRY_AFTER), "Connection": "close"},
+    )
+
+
+def resume_after(last_event_id: str | None, boot: str, newest: int) -> int:
+    """The sequence number a reconnecting page saw last (its Last-Event-ID), if this process
+    sent it; 0 (the whole history) otherwise."""
+    mark, _, seq = (last_event_id or "").partition("-")
+    if mark != boot or not seq.isdigit() or len(seq) > EVENT_ID_DIGITS:
+        return 0
+    return int(seq) if int(seq) <= newest else 0
+
+
+def server_config(app: FastAPI, settings: WebuiSettings) -> uvicorn.Config:
+    """uvicorn for the web UI: h11 with its guards (webui.connections), the request timeout
+    also its keep-alive timeout. No `limit_concurrency`: it counts every client's connections
+    together, so one flood would turn every visitor away with 503, the door this closes."""
+    connections = PerClient(settings.webui_max_connections_per_client)
+    return uvicorn.Config(
+        app,
+        http=guarded_h11(connections, settings.webui_request_timeout, settings.webui_write_timeout),
+        timeout_keep_alive=settings.webui_request_timeout,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.grace)),
+    )
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -252,14 +318,7 @@ async def serve(settings: WebuiSettings) -> None:
     sock = bind_listener(settings.host, settings.webui_port)
     port = sock.getsockname()[1]
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.grace)),
-    )
-    server = _Server(config)
+    server = _Server(server_config(app, settings))
     stop = stop_event_on_signals()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

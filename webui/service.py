@@ -4,16 +4,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from dockercoins import stages
 from dockercoins.counter_sampler import CounterSampler
 from dockercoins.rate import DEFAULT_WINDOW, Rate, window_rate
-from dockercoins.redis_store import BadData, Totals, is_mining, live_heartbeats
+from dockercoins.redis_store import BadData, BadHeartbeat, Totals, WorkerHeartbeat, heartbeats
+from dockercoins.stages import STAGES, StageMerge
 from webui.config import MARK_SETTLE
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def redis_reason(exc: BaseException) -> str:
     return f"Redis unreachable: {detail}"
 
 
-def bad_data_reason(exc: BadData) -> str:
+def bad_data_reason(what: BadData | str) -> str:
     """One line saying what in Redis is not what the schema allows."""
-    return f"bad data in Redis: {exc}"
+    return f"bad data in Redis: {what}"
 
 
 FULL_AT = 0.99
@@ -105,26 +105,59 @@ class WorkerMark:
     workers: int
 
 
-def rng_modes(heartbeats: list[dict[str, Any]]) -> dict[str, int]:
+@dataclass
+class Fleet:
+    """What the live heartbeats say, folded as they are read (one heartbeat in hand at a time):
+    the workers mining, the rng modes they name, their stage times, the keys that are not
+    heartbeats."""
+
+    mining: int = 0
+    rng_modes: dict[str, int] = field(default_factory=dict)
     """Mode -> workers whose rng named it lately (a worker served by rng of both modes, as
     during a change, counts in both)."""
-    counts: dict[str, int] = {}
-    for heartbeat in heartbeats:
-        named = heartbeat.get("rng_mode")
-        if isinstance(named, str):
-            for mode in set(named.split(",")) - {""}:
-                counts[mode] = counts.get(mode, 0) + 1
-    return dict(sorted(counts.items()))
+    stages: StageMerge = field(default_factory=StageMerge)
+    first_bad: BadHeartbeat | None = None
+    """The first key met that is not a heartbeat, said on the page."""
+    bad_count: int = 0
+
+    def add(self, heartbeat: WorkerHeartbeat | BadHeartbeat) -> None:
+        """Count one heartbeat, or one bad key."""
+        if isinstance(heartbeat, BadHeartbeat):
+            self.bad_count += 1
+            self.first_bad = self.first_bad or heartbeat
+            return
+        info = heartbeat.info
+        self.mining += info.mining
+        for mode in set((info.rng_mode or "").split(",")) - {""}:
+            self.rng_modes[mode] = self.rng_modes.get(mode, 0) + 1
+        if info.latency is not None:
+            self.stages.add(info.latency)
+
+    @property
+    def bad_reason(self) -> str | None:
+        """One line naming the first bad key (and how many more), None if none."""
+        if self.first_bad is None:
+            return None
+        more = f" (and {self.bad_count - 1} more)" if self.bad_count > 1 else ""
+        return bad_data_reason(f"{self.first_bad}{more}")
+
+
+async def read_fleet(redis: Redis) -> Fleet:
+    """Every live heartbeat, folded into a Fleet."""
+    fleet = Fleet()
+    async for heartbeat in heartbeats(redis):
+        fleet.add(heartbeat)
+    return fleet
 
 
 def latency_fields(merged: dict[str, Any] | None) -> dict[str, Any]:
-    """/json's and the page's view of the workers' stage times (`stages.merge`): `latency`
+    """/json's and the page's view of the workers' stage times (`stages.StageMerge`): `latency`
     (p50 and p99 seconds per stage, each null when no worker reports), each stage's share of
     a unit's time, the whole unit's figures and the hashes per unit (1, or a turbo batch)."""
     if merged is None:
         return {
-            "latency": dict.fromkeys(stages.STAGES),
-            "latency_share": dict.fromkeys(stages.STAGES),
+            "latency": dict.fromkeys(STAGES),
+            "latency_share": dict.fromkeys(STAGES),
             "latency_unit": None,
             "hashes_per_unit": None,
         }
@@ -169,13 +202,15 @@ class SpeedMonitor:
         self.workers: int | None = None
         self.rng_modes: dict[str, int] = {}
         self.stages: dict[str, Any] | None = None
-        """Every live worker's stage times, merged (stages.merge); None when none reports."""
+        """Every live worker's stage times, merged (stages.StageMerge); None when none reports."""
         self._marked: int | None = None
         """The worker count of the last mark (or the first reading)."""
         self._change: tuple[float, float] | None = None
         """Since the last mark: when the count first changed, and when it last changed."""
         self.error: str | None = "Redis not read yet"
         self.status = "redis-unreachable"
+        self._counted = False
+        """Whether the last sample read the counters (a chart point has a rate)."""
         self._seq = 0
         self._next_point = 0.0
         self._outage = False
@@ -194,19 +229,22 @@ class SpeedMonitor:
 
     async def sample_once(self) -> None:
         """One reading of Redis; on failure, remember why and say so once (never raise a
-        Redis error or bad data: the page shows the reason, the chart a gap)."""
+        Redis error or bad data: the page shows the reason, the chart a gap). A key among the
+        heartbeats that is not one is skipped and said; the rest of the sample stands."""
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 reading = await self.counter.read()
-                heartbeats = await live_heartbeats(self.redis)
+                fleet = await read_fleet(self.redis)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.info("memory")  # both INFO: ~25 µs of Redis's time each sample
                     pipe.info("errorstats")
                     memory, errors = await pipe.execute(raise_on_error=False)
         except BadData as exc:
+            self._counted = False
             self._failed("bad-data", bad_data_reason(exc))
             return
         except (RedisError, OSError, TimeoutError) as exc:
+            self._counted = False
             self._outage = True
             self._failed("redis-unreachable", redis_reason(exc))
             return
@@ -216,6 +254,8 @@ class SpeedMonitor:
         full = self._memory.reason(memory, errors)
         if full is not None:
             self._failed("redis-full", full)
+        elif fleet.bad_reason is not None:
+            self._failed("bad-data", fleet.bad_reason)
         else:
             if self.status in ("bad-data", "redis-full"):
                 log.info("Redis is back to normal: its data as expected, room for writes")
@@ -223,11 +263,10 @@ class SpeedMonitor:
         totals = reading.totals
         self._clock_offset = totals.now - time.time()
         self.totals = totals
-        self.rng_modes = rng_modes(heartbeats)
-        self.stages = stages.merge(
-            h["latency"] for h in heartbeats if isinstance(h.get("latency"), dict)
-        )
-        self._count_workers(sum(map(is_mining, heartbeats)), totals.now)
+        self._counted = True
+        self.rng_modes = dict(sorted(fleet.rng_modes.items()))
+        self.stages = fleet.stages.result()
+        self._count_workers(fleet.mining, totals.now)
         self.counter.add(reading)
         self.rate = window_rate(self.counter.samples(), self.window)
 
@@ -255,7 +294,7 @@ class SpeedMonitor:
     def add_point(self) -> ChartPoint:
         """Close one chart interval: the current rate, or a gap while Redis cannot be read."""
         self._seq += 1
-        if self.status in ("live", "redis-full") and self.totals is not None:
+        if self._counted and self.totals is not None:
             rate = self.rate.per_second if self.rate else None
             point = ChartPoint(self._seq, self.totals.now, rate)
         else:

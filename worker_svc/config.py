@@ -98,6 +98,15 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
         description="Coins held in memory while Redis does not take them (about 250 bytes "
         "each); at this bound the worker stops mining until Redis takes them again.",
     )
+    worker_max_unflushed: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds of mining a worker may hold that Redis has not counted (from the "
+        "oldest hash not yet in `hashes`): at this bound it stops mining until Redis takes "
+        "them, so a kill -9 during a Redis outage loses at most this much work. Longer than "
+        "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
+    )
     worker_flush_chunk: int = Field(
         10_000,
         ge=1,
@@ -159,6 +168,13 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
             raise ValueError(
                 "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than "
                 f"DOCKERCOINS_WORKER_THINK_TIME ({self.worker_think_time} s)"
+            )
+        flush = self.worker_flush_interval + self.worker_redis_timeout
+        if self.worker_max_unflushed <= flush:
+            raise ValueError(
+                "DOCKERCOINS_WORKER_MAX_UNFLUSHED must be longer than "
+                "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_WORKER_REDIS_TIMEOUT "
+                f"({flush:g} s): the work between two flushes would pause mining"
             )
         step = self.worker_think_time + self.rpc_timeout + MAX_BACKOFF
         if self.worker_liveness_timeout is not None and self.worker_liveness_timeout <= step:

@@ -72,7 +72,11 @@ class Miner:
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
         self.ledger = Ledger(
-            self.worker_id, settings.worker_flush_chunk, settings.worker_max_pending_coins, log
+            self.worker_id,
+            settings.worker_flush_chunk,
+            settings.worker_max_pending_coins,
+            log,
+            settings.worker_max_unflushed,
         )
         self.outages = OutageLog(log)
         self.stopping = asyncio.Event()
@@ -298,7 +302,7 @@ class Miner:
             await self.ledger.flush(
                 self.redis, coins_only, heartbeat, step=lambda: self._step("flusher")
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, redis_store.BadData) as exc:
             raise_if_cancelling()
             WORKER_ERRORS.labels("redis", type(exc).__name__).inc()
             self.outages.failed("redis", f"{type(exc).__name__}: {exc}")
@@ -333,7 +337,7 @@ class Miner:
         if down:
             return f"{', '.join(down)} unreachable"
         if not self.ledger.room.is_set():
-            return "backlog full"
+            return f"mining paused: {self.ledger.paused_for}"
         idle = self.settings.ready_timeout
         if now - self._last_unit > idle:
             return f"no unit of work finished in {idle:g} s"
@@ -371,7 +375,7 @@ class Miner:
             try:
                 await asyncio.wait_for(self._flush_all(), max(deadline - time.monotonic(), 0.01))
                 break
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, redis_store.BadData) as exc:
                 if time.monotonic() >= deadline:
                     log.error(
                         "could not flush %d hashes and %d coins: %s",

@@ -4,6 +4,8 @@
 "use strict";
 
 const STALE_AFTER_MS = 5000; // no state for this long: the stream is dead, reconnect
+const POLL_MS = 2000; // while the web UI refuses this page a stream: /json this often
+const STREAM_RETRY_S = 10; // ... and the stream asked for again after this (or Retry-After)
 const HISTORY_S = 300;
 const TROUBLE = {
   "redis-unreachable": "Redis unreachable",
@@ -24,6 +26,7 @@ const els = {
   stagesNote: document.getElementById("stages-note"),
   chart: document.getElementById("chart"),
   marks: document.getElementById("marks"),
+  fallback: document.getElementById("fallback"),
 };
 
 let xs = [];
@@ -31,6 +34,9 @@ let ys = [];
 let marks = []; // [time, workers]
 let source = null;
 let lastMessage = 0;
+let polling = null; // the interval polling /json while the stream is refused
+let refusal = ""; // why the web UI refused the stream, said on the page while polling
+let renewing = false; // the stream ended at its lifetime: the browser reconnects by itself
 
 const number = new Intl.NumberFormat("en-US");
 // Turbo's millions in 3 significant digits ("1.21 M"), so that they keep to one line on a
@@ -284,26 +290,117 @@ function apply(state) {
   renderMode(state);
   renderStages(state);
 
-  if (state.status === "live") setStatus("live", "live");
+  if (state.status === "live" && polling !== null) setStatus("live", "live · polling", refusal);
+  else if (state.status === "live") setStatus("live", "live");
   else setStatus(state.status, TROUBLE[state.status] || state.status, state.reason);
+  if (polling !== null && state.status === "live") els.status.classList.add("polling");
+}
+
+function fromJson(body, ok) {
+  // /json's answer as a state of the stream: the figures, and one chart point.
+  const speed = body.hashes_per_second ?? null;
+  const status = ok || body.status !== "unavailable" ? body.status : "redis-unreachable";
+  return {
+    status: status || "redis-unreachable",
+    reason: body.reason ?? null,
+    hashes: body.hashes ?? null,
+    coins: body.coins ?? null,
+    now: body.now ?? null,
+    speed,
+    spread: null,
+    window: null,
+    workers: body.workers ?? null,
+    rng_mode: body.rng_mode ?? null,
+    rng_modes: body.rng_modes || {},
+    latency: body.latency || null,
+    latency_share: body.latency_share || {},
+    latency_unit: body.latency_unit || null,
+    hashes_per_unit: body.hashes_per_unit ?? null,
+    reset: false,
+    points: body.now ? [[body.now, speed]] : [],
+    marks: [],
+  };
+}
+
+async function poll() {
+  try {
+    const reply = await fetch("/json", { cache: "no-store", signal: AbortSignal.timeout(POLL_MS * 2) });
+    const state = fromJson(await reply.json(), reply.ok);
+    lastMessage = Date.now();
+    apply(state);
+  } catch (error) {
+    setStatus("disconnected", "disconnected – reconnecting…");
+  }
+}
+
+function startPolling(reason) {
+  // The page goes on, from /json, and says why: never blank while the stream is refused.
+  refusal = reason;
+  els.fallback.textContent =
+    `Live updates refused: ${reason}. This page polls /json every ${POLL_MS / 1000} s meanwhile.`;
+  els.fallback.hidden = false;
+  if (polling === null) {
+    polling = setInterval(poll, POLL_MS);
+    poll();
+  }
+}
+
+function stopPolling() {
+  if (polling === null) return;
+  clearInterval(polling);
+  polling = null;
+  refusal = "";
+  els.fallback.hidden = true;
+}
+
+async function streamRefused() {
+  // The web UI answered /events with an error (429: this address holds its share of streams;
+  // 503: all are taken): ask again why, poll /json meanwhile, ask for the stream later.
+  source = null;
+  let wait = STREAM_RETRY_S;
+  let reason = "the web UI refused the live stream";
+  try {
+    const reply = await fetch("/events", { cache: "no-store", signal: AbortSignal.timeout(5000) });
+    if (reply.ok) {
+      await reply.body.cancel(); // one is free again: take it with an EventSource
+      connect();
+      return;
+    }
+    wait = Number(reply.headers.get("Retry-After")) || wait;
+    reason = (await reply.json()).reason || reason;
+  } catch (error) {
+    // the web UI went away meanwhile: polling says so
+  }
+  startPolling(reason);
+  setTimeout(connect, wait * 1000);
 }
 
 function connect() {
   if (source) source.close();
-  source = new EventSource("/events");
+  const stream = new EventSource("/events");
+  source = stream;
   lastMessage = Date.now();
-  source.addEventListener("state", (event) => {
+  stream.addEventListener("state", (event) => {
     lastMessage = Date.now();
+    renewing = false;
+    stopPolling();
     apply(JSON.parse(event.data));
   });
-  source.onerror = () => {
-    setStatus("disconnected", "disconnected – reconnecting…");
-    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 1000);
+  stream.addEventListener("renew", () => {
+    renewing = true; // the stream ends here; the browser resumes it (Last-Event-ID) at once
+  });
+  stream.onerror = () => {
+    if (stream.readyState === EventSource.CLOSED) {
+      stream.close();
+      streamRefused(); // an HTTP error: the browser does not retry it by itself
+    } else if (!renewing) {
+      setStatus("disconnected", "disconnected – reconnecting…");
+    }
   };
 }
 
 setInterval(() => {
-  if (Date.now() - lastMessage > STALE_AFTER_MS) {
+  if (polling === null && source !== null && Date.now() - lastMessage > STALE_AFTER_MS) {
     setStatus("disconnected", "disconnected – reconnecting…");
     connect();
   }
