@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import FilePath
 
-from dockercoins.grpcserver import BASE_OPTIONS, OTHER_CALLS_ROOM, SMALL_REQUEST_BYTES
+from dockercoins.grpcserver import BASE_OPTIONS, SMALL_REQUEST_BYTES
 from dockercoins.settings import ENV_PREFIX, BaseServiceSettings, GrpcServerSettings
 from hasher_svc.config import HasherSettings
 from hasher_svc.service import HEX_ENTRY_BYTES, REQUEST_FRAMING
@@ -96,8 +96,9 @@ def stream_buffers() -> int:
 
 
 def _server_calls(settings: GrpcServerSettings, per_call: int) -> dict[str, int]:
-    """A gRPC server's calls: the application's, each `per_call` bytes, and the small others."""
-    other = max(settings.max_concurrent_rpcs, OTHER_CALLS_ROOM)
+    """A gRPC server's calls: the application's, each `per_call` bytes, and the small others
+    (health Watch and reflection streams; a Check is answered at once)."""
+    other = settings.max_probe_streams
     return {
         "baseline": PROCESS_BASELINE,
         "calls": settings.max_concurrent_rpcs * per_call,
