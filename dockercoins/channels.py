@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import grpc
 
 from dockercoins.backoff import MAX_BACKOFF
-from dockercoins.grpcserver import MAX_MESSAGE_BYTES
 from dockercoins.tls import open_channel
+from dockercoins.wire import MAX_MESSAGE_BYTES
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
 DNS_MIN_INTERVAL_MS = 1000

@@ -6,6 +6,7 @@ from dockercoins.backoff import MAX_BACKOFF
 from dockercoins.ports import HASHER_PORT, RNG_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import MetricsSettings, TlsSettings
+from dockercoins.wire import BLOCK_SIZE, MAX_BATCH, TURBO_BATCH
 
 READINESS = "readiness"
 """Health service that says whether the worker mines now (the overall status "" says the same)."""
@@ -27,9 +28,11 @@ class WorkerSettings(TlsSettings, MetricsSettings):
     TURBO_DEFAULTS = {
         "worker_think_time": 0.0,
         "worker_loops": 4,
-        "worker_batch": 1000,
+        "worker_batch": TURBO_BATCH,
         "worker_pool_size": 2,
         "worker_streaming": True,
+        "worker_stream_window": 4,
+        "difficulty": 4,
     }
 
     rng_addr: str = Field(
@@ -48,7 +51,10 @@ class WorkerSettings(TlsSettings, MetricsSettings):
     )
     worker_loops: int = Field(1, ge=1, le=1024, description="Concurrent mining loops per worker.")
     worker_batch: int = Field(
-        1, ge=1, le=16384, description="32-byte blocks per message (hashes per unit of work)."
+        1,
+        ge=1,
+        le=MAX_BATCH,
+        description=f"{BLOCK_SIZE}-byte blocks per message (hashes per unit of work).",
     )
     worker_pool_size: int = Field(
         1, ge=1, le=64, description="gRPC channels (connections) per upstream; loops share them."
@@ -57,6 +63,13 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         False,
         description="Streams (rng server-streaming, hasher bidirectional) instead of one "
         "unary call per unit.",
+    )
+    worker_stream_window: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Messages each streaming loop keeps in flight at the hasher (each holds "
+        "its batch's random bytes until its digests come back).",
     )
     worker_health_port: int = Field(
         0,

@@ -20,7 +20,8 @@ from dockercoins.channels import ChannelPool
 from dockercoins.lifecycle import cancel_all, raise_if_cancelling
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from worker_svc.coins import BLOCK_SIZE, find_coins
+from dockercoins.wire import BLOCK_SIZE
+from worker_svc.coins import find_coins
 from worker_svc.config import HEALTH_TICK, WorkerSettings
 from worker_svc.ledger import Ledger
 from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
