@@ -74,6 +74,8 @@ class ChannelPool:
             ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_INTERVAL_MS),
             *options,
         ]
+        self.options = dict(channel_options)
+        """Every channel's options, by name."""
         self.channels = [
             open_channel(self.target, credentials, channel_options) for _ in range(size)
         ]

@@ -159,5 +159,5 @@ async def measure_pipeline(
         ratio_to_ceiling=round(rate / ceiling, 3) if ceiling else 0.0,
         cpu_seconds_per_million=round(sum(used.values()) / hashed * 1e6, 2) if hashed else 0.0,
         processes=processes,
-        ratio_to_native=round(rate / native_ceiling, 3) if native_ceiling else 0.0,
+        ratio_to_native=round(rate / native_ceiling, 4) if native_ceiling else 0.0,
     )
