@@ -65,7 +65,13 @@ def _on_every_core(
         counts = list(pool.map(partial(loop, difficulty=difficulty), [seconds] * cores))
         elapsed = time.perf_counter() - started
     total = sum(counts) / seconds
-    return {"hashes_per_second": total, "per_core": total / cores, "cores": cores, "wall": elapsed}
+    return {
+        "hashes_per_second": total,
+        "per_core": total / cores,
+        "cores": cores,
+        "wall": elapsed,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def measure_ceiling(seconds: float, cores: int, difficulty: int = 1) -> dict[str, float]:

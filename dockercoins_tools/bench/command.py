@@ -77,7 +77,8 @@ async def run_bench(
         report["ceiling"] = ceiling
         say(
             f"Python loop ceiling (in-process, {cores} cores, difficulty {difficulty}): "
-            f"{ceiling['hashes_per_second']:,.0f} hashes/s ({ceiling['per_core']:,.0f} per core)"
+            f"{ceiling['hashes_per_second']:,.0f} hashes/s ({ceiling['per_core']:,.0f} per core; "
+            f"load average {ceiling['load_average']:.1f})"
         )
         native = (
             measure_native_ceiling(options.ceiling_seconds, cores, difficulty)
@@ -87,7 +88,8 @@ async def run_bench(
         report["native_ceiling"] = native
         say(
             f"native ceiling (in-process, {cores} cores, difficulty {difficulty}): "
-            f"{native['hashes_per_second']:,.0f} hashes/s ({native['per_core']:,.0f} per core)"
+            f"{native['hashes_per_second']:,.0f} hashes/s ({native['per_core']:,.0f} per core; "
+            f"load average {native['load_average']:.1f})"
             if native
             else "native ceiling: not measured, the native extension is not built"
         )
@@ -105,7 +107,7 @@ async def run_bench(
         floor = await raw_tcp_floor(min(options.latency_calls, 50), costs["hasher"])
         say(
             f"{'configuration':<52} {'hashes/s':>10} {'± se':>8} {'x loop':>7} {'x native':>8} "
-            f"{'CPU s/M':>8} {'service RSS MB':>15} {'redis MB':>9}"
+            f"{'CPU s/M':>8} {'service RSS MB':>15} {'redis MB':>9} {'others':>6}"
         )
         results = []
         for config in unique(options.grid):
@@ -191,7 +193,7 @@ def say_point(result: PipelineResult, say: Callable[[str], None]) -> None:
     say(
         f"{result.config.label:<52} {result.hashes_per_second:>10,.0f} {result.stderr:>8,.0f} "
         f"{result.ratio_to_ceiling:>7.2f} {native} {result.cpu_seconds_per_million:>8.2f} "
-        f"{max(services, default=0):>15.1f} {redis_mb:>9.1f}"
+        f"{max(services, default=0):>15.1f} {redis_mb:>9.1f} {result.others_cores:>6.2f}"
     )
     say(
         "    CPU-µs per message / per hash: "

@@ -1,6 +1,7 @@
 """The turbo pipeline grid: how the worker talks to rng and hasher, measured end to end."""
 
 import asyncio
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -10,7 +11,7 @@ from dockercoins.counter_sampler import CounterSampler
 from dockercoins.rate import fit_slope
 from dockercoins.wire import MAX_BATCH
 from dockercoins_tools.bench.stacks import SAMPLE_EVERY, bench_stack, settings_env
-from dockercoins_tools.procstat import cpu_seconds, memory_mb
+from dockercoins_tools.procstat import cpu_seconds, machine_busy_cpu, memory_mb
 from worker_svc.config import WorkerSettings
 
 
@@ -112,6 +113,8 @@ class PipelineResult:
     cpu_seconds_per_million: float
     processes: dict[str, ProcessFigures] = field(default_factory=dict)
     ratio_to_native: float = 0.0
+    others_cores: float = 0.0
+    """Cores the rest of the machine (other jobs, the bench itself) kept busy meanwhile."""
 
 
 async def measure_pipeline(
@@ -133,11 +136,14 @@ async def measure_pipeline(
         await asyncio.sleep(warmup)
         pids = stack.pids()
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        machine_before, started = machine_busy_cpu(), time.monotonic()
         counter = CounterSampler.of_redis(redis, SAMPLE_EVERY)
         await counter.run_for(window)
         fitted = fit_slope(counter.samples())
         rate, stderr = (fitted.per_second, fitted.stderr) if fitted else (0.0, 0.0)
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        machine = machine_busy_cpu() - machine_before
+        others = max(0.0, machine - sum(used.values())) / (time.monotonic() - started)
         await redis.aclose()
         hashed = rate * window
         per_hash = {name: used[name] / hashed * 1e6 if hashed else 0.0 for name in used}
@@ -160,4 +166,5 @@ async def measure_pipeline(
         cpu_seconds_per_million=round(sum(used.values()) / hashed * 1e6, 2) if hashed else 0.0,
         processes=processes,
         ratio_to_native=round(rate / native_ceiling, 4) if native_ceiling else 0.0,
+        others_cores=round(others, 2),
     )
