@@ -25,9 +25,12 @@ def hex_digests(digests: bytes) -> list[str]:
     return [text[i : i + width] for i in range(0, len(text), width)]
 
 
-def build_reply(hash_blocks: HashBlocks, request: hasher_pb2.HashRequest) -> hasher_pb2.HashReply:
-    """The reply to a checked request: all the hashing work, by `hash_blocks`."""
-    digests = hash_blocks(request.data, request.block_size)
+def build_reply(
+    hash_blocks: HashBlocks, data: bytes, request: hasher_pb2.HashRequest
+) -> hasher_pb2.HashReply:
+    """The reply to a checked request whose `data` was read: all the hashing work, by
+    `hash_blocks`."""
+    digests = hash_blocks(data, request.block_size)
     if request.raw:
         return hasher_pb2.HashReply(digests=digests)
     return hasher_pb2.HashReply(digests=digests, hexdigests=hex_digests(digests))
@@ -54,9 +57,9 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
         self.hash_blocks = hash_function(self.path)
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher-large")
 
-    def _check(self, request: hasher_pb2.HashRequest) -> int:
-        """Refuse a request outside the bounds; return how many blocks it asks for."""
-        size = len(request.data)
+    def _check(self, size: int, request: hasher_pb2.HashRequest) -> int:
+        """Refuse a request of `size` bytes outside the bounds; return how many blocks it asks
+        for."""
         if size > self.max_request:
             raise ResourceExhausted(
                 f"request of {size} bytes is more than DOCKERCOINS_HASHER_MAX_REQUEST "
@@ -89,13 +92,14 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
         return blocks
 
     async def _answer(self, request: hasher_pb2.HashRequest) -> hasher_pb2.HashReply:
-        blocks = self._check(request)
+        data = request.data  # read once: each read of a bytes field copies it
+        blocks = self._check(len(data), request)
         if self.latency:
             await asyncio.sleep(self.latency)
-        if blocks <= self.inline_blocks and len(request.data) <= self.inline_bytes:
-            return build_reply(self.hash_blocks, request)
+        if blocks <= self.inline_blocks and len(data) <= self.inline_bytes:
+            return build_reply(self.hash_blocks, data, request)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._large, build_reply, self.hash_blocks, request)
+        return await loop.run_in_executor(self._large, build_reply, self.hash_blocks, data, request)
 
     async def Hash(
         self, request: hasher_pb2.HashRequest, context: grpc.aio.ServicerContext

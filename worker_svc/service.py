@@ -203,17 +203,18 @@ class Miner:
             ),
         )
         self.rng_modes_seen.add(random.mode)
+        data = random.data  # each read of a bytes field copies it
         fetched = time.monotonic()
         hashed = await self._call(
             "hasher",
             step,
             lambda: hasher_pb2_grpc.HasherStub(self.hasher.next()).Hash(
-                hasher_pb2.HashRequest(data=random.data, block_size=BLOCK_SIZE, raw=True),
+                hasher_pb2.HashRequest(data=data, block_size=BLOCK_SIZE, raw=True),
                 timeout=self.settings.rpc_timeout,
             ),
         )
         answered = time.monotonic()
-        for digest in self.record(step, random.data, hashed.digests):
+        for digest in self.record(step, data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
         if self.stage_times is not None:
             self.stage_times.add(

@@ -169,10 +169,9 @@ class StreamSession:
             rng_seconds.observe(sent - asked)
             self.rng_asked = None
             rng_modes.add(reply.mode)
-            in_flight.append((reply.data, sent, asked - started - paused, sent - asked, paused))
-            await _write(
-                hashes, hasher_pb2.HashRequest(data=reply.data, block_size=BLOCK_SIZE, raw=True)
-            )
+            data = reply.data  # each read of a bytes field copies it
+            in_flight.append((data, sent, asked - started - paused, sent - asked, paused))
+            await _write(hashes, hasher_pb2.HashRequest(data=data, block_size=BLOCK_SIZE, raw=True))
             recovered("rng")
         self.rng_asked = None
         self.closing = clock()
