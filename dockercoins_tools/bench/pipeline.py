@@ -109,25 +109,24 @@ class PipelineResult:
     config: PipelineConfig
     hashes_per_second: float
     stderr: float
-    ratio_to_ceiling: float
     cpu_seconds_per_million: float
     processes: dict[str, ProcessFigures] = field(default_factory=dict)
-    ratio_to_native: float = 0.0
     others_cores: float = 0.0
     """Cores the rest of the machine (other jobs, the bench itself) kept busy meanwhile."""
+    ratio_to_ceiling: float = 0.0
+    """To the Python loop's ceiling of the same run (set once both are measured)."""
+    ratio_to_native: float = 0.0
+    """To the native ceiling of the same run (0: none measured)."""
 
 
 async def measure_pipeline(
     config: PipelineConfig,
-    ceiling: float,
     window: float,
     warmup: float,
     data_dir: Path,
     log: TextIO,
-    native_ceiling: float = 0.0,
 ) -> PipelineResult:
-    """Run the turbo stack with `config` and measure the counter's rate over `window`; its
-    ratios to the Python loop's `ceiling` and to the `native_ceiling` (0: none measured)."""
+    """Run the turbo stack with `config` and measure the counter's rate over `window`."""
     env = {**settings_env(profile="turbo"), **config.env()}
     stack = bench_stack(data_dir, config.workers, log, env)
     try:
@@ -162,9 +161,7 @@ async def measure_pipeline(
         config=config,
         hashes_per_second=round(rate),
         stderr=round(stderr),
-        ratio_to_ceiling=round(rate / ceiling, 3) if ceiling else 0.0,
         cpu_seconds_per_million=round(sum(used.values()) / hashed * 1e6, 2) if hashed else 0.0,
         processes=processes,
-        ratio_to_native=round(rate / native_ceiling, 4) if native_ceiling else 0.0,
         others_cores=round(others, 2),
     )
