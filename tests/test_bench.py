@@ -36,6 +36,8 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
             assert run["per_core"] * cores == pytest.approx(run["hashes_per_second"])
         rate = ceiling["hashes_per_second"]
         assert rate == max(run["hashes_per_second"] for run in ceiling["runs"]) > 0
+        cpu = ceiling["cpu_us_per_hash"]
+        assert cpu == min(run["cpu_us_per_hash"] for run in ceiling["runs"]) > 0
     # The same work, natively: the native ceiling is the faster (by far, on any machine).
     assert report["native_ceiling"]["hashes_per_second"] > report["ceiling"]["hashes_per_second"]
     openssl = report["openssl"]
@@ -52,6 +54,10 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
             point["hashes_per_second"] / report["ceiling"]["hashes_per_second"], abs=0.001
         )
         assert 0 <= point["ratio_to_native"] < point["ratio_to_ceiling"]
+        # CPU per hash: the Python loop's over the whole stack's, in the same run.
+        assert point["cpu_ratio_to_ceiling"] == pytest.approx(
+            report["ceiling"]["cpu_us_per_hash"] / point["cpu_seconds_per_million"], abs=0.001
+        )
         assert point["cpu_seconds_per_million"] > 0
         assert {"redis", "rng", "hasher", "webui", "worker.1"} <= set(point["processes"])
         assert all(p["peak_rss_mb"] > 0 for p in point["processes"].values())

@@ -27,10 +27,12 @@ PYTHON_BATCH = 1000
 """Blocks the Python loop draws from os.urandom at a time."""
 
 
-def python_loop(seconds: float, difficulty: int, batch: int = PYTHON_BATCH) -> int:
-    """Hashes one core does in `seconds`: urandom in batches, hashlib per block, the coin rule."""
+def python_loop(seconds: float, difficulty: int, batch: int = PYTHON_BATCH) -> tuple[int, float]:
+    """Hashes one core does in `seconds` (and the CPU seconds it used): urandom in batches,
+    hashlib per block, the coin rule."""
     sha256 = hashlib.sha256
     done = 0
+    cpu = time.process_time()
     size = BLOCK_SIZE * batch
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -39,35 +41,41 @@ def python_loop(seconds: float, difficulty: int, batch: int = PYTHON_BATCH) -> i
         digests = b"".join([sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(0, size, 32)])
         find_coins(data, digests, difficulty)
         done += batch
-    return done
+    return done, time.process_time() - cpu
 
 
-def native_loop(seconds: float, difficulty: int, batch: int = MAX_BATCH) -> int:
-    """Hashes one core does in `seconds` with the pipeline's native pieces: rng's turbo
-    keystream, the hasher's batch SHA-256 (one call per batch), the coin rule."""
+def native_loop(seconds: float, difficulty: int, batch: int = MAX_BATCH) -> tuple[int, float]:
+    """Hashes one core does in `seconds` (and the CPU seconds it used) with the pipeline's
+    native pieces: rng's turbo keystream, the hasher's batch SHA-256 (one call per batch), the
+    coin rule."""
     generator = RngSettings(profile="turbo").rng_generator
     _, random_bytes = random_function(generator)
     hash_blocks = hash_function("native")
     done = 0
+    cpu = time.process_time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         data = random_bytes(BLOCK_SIZE * batch)
         find_coins(data, hash_blocks(data, BLOCK_SIZE), difficulty)
         done += batch
-    return done
+    return done, time.process_time() - cpu
 
 
 def _on_every_core(
-    loop: Callable[..., int], seconds: float, cores: int, difficulty: int
+    loop: Callable[..., tuple[int, float]], seconds: float, cores: int, difficulty: int
 ) -> dict[str, float]:
+    """`loop` on every core at once: hashes per second, and CPU-µs per hash (which a shared
+    machine's load does not inflate as it does the rate)."""
     with ProcessPoolExecutor(max_workers=cores) as pool:
         started = time.perf_counter()
-        counts = list(pool.map(partial(loop, difficulty=difficulty), [seconds] * cores))
+        done = list(pool.map(partial(loop, difficulty=difficulty), [seconds] * cores))
         elapsed = time.perf_counter() - started
-    total = sum(counts) / seconds
+    hashes, cpu = sum(count for count, _ in done), sum(used for _, used in done)
+    total = hashes / seconds
     return {
         "hashes_per_second": total,
         "per_core": total / cores,
+        "cpu_us_per_hash": cpu / hashes * 1e6 if hashes else 0.0,
         "cores": cores,
         "wall": elapsed,
         "load_average": os.getloadavg()[0],

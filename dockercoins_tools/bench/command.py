@@ -101,7 +101,10 @@ async def run_bench(
         native = higher(first[1], second[1]) if first[1] and second[1] else None
         report["ceiling"] = {**ceiling, "runs": [first[0], second[0]]}
         report["native_ceiling"] = {**native, "runs": [first[1], second[1]]} if native else None
-        say(f"{'ratios to the higher ceilings':<52} {'x loop':>7} {'x native':>8}")
+        say(
+            f"{'ratios to the higher ceilings':<52} {'x loop':>7} {'x native':>8} "
+            f"{'CPU x loop':>10} {'CPU x native':>12}"
+        )
         for result in results:
             result.ratio_to_ceiling = round(
                 result.hashes_per_second / ceiling["hashes_per_second"], 3
@@ -110,8 +113,20 @@ async def run_bench(
                 result.ratio_to_native = round(
                     result.hashes_per_second / native["hashes_per_second"], 4
                 )
+            if result.cpu_seconds_per_million:  # CPU-µs per hash of the whole stack
+                result.cpu_ratio_to_ceiling = round(
+                    ceiling["cpu_us_per_hash"] / result.cpu_seconds_per_million, 3
+                )
+                if native:
+                    result.cpu_ratio_to_native = round(
+                        native["cpu_us_per_hash"] / result.cpu_seconds_per_million, 4
+                    )
             shown = f"{result.ratio_to_native:>8.3f}" if native else f"{'-':>8}"
-            say(f"{result.config.label:<52} {result.ratio_to_ceiling:>7.2f} {shown}")
+            shown_cpu = f"{result.cpu_ratio_to_native:>12.3f}" if native else f"{'-':>12}"
+            say(
+                f"{result.config.label:<52} {result.ratio_to_ceiling:>7.2f} {shown} "
+                f"{result.cpu_ratio_to_ceiling:>10.2f} {shown_cpu}"
+            )
         report["pipeline"] = [asdict(r) for r in results]
         at_default = [r for r in results if r.config.difficulty == difficulty] or results
         best = max(at_default, key=lambda r: r.hashes_per_second)
@@ -187,15 +202,17 @@ def measure_ceilings(
             continue
         say(
             f"{name} (in-process, {cores} cores, difficulty {difficulty}, {when}): "
-            f"{ceiling['hashes_per_second']:,.0f} hashes/s ({ceiling['per_core']:,.0f} per core; "
-            f"load average {ceiling['load_average']:.1f})"
+            f"{ceiling['hashes_per_second']:,.0f} hashes/s ({ceiling['per_core']:,.0f} per core, "
+            f"{ceiling['cpu_us_per_hash']:.3f} CPU-µs per hash; load average "
+            f"{ceiling['load_average']:.1f})"
         )
     return python, native
 
 
 def higher(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
-    """The higher of two measurements of a ceiling."""
-    return max(first, second, key=lambda ceiling: ceiling["hashes_per_second"])
+    """The higher of two measurements of a ceiling, with the lower of their CPU per hash."""
+    best = max(first, second, key=lambda ceiling: ceiling["hashes_per_second"])
+    return {**best, "cpu_us_per_hash": min(first["cpu_us_per_hash"], second["cpu_us_per_hash"])}
 
 
 def say_point(result: PipelineResult, say: Callable[[str], None]) -> None:
@@ -224,6 +241,8 @@ def summary(result: PipelineResult) -> dict[str, Any]:
         "hashes_per_second": result.hashes_per_second,
         "ratio_to_ceiling": result.ratio_to_ceiling,
         "ratio_to_native": result.ratio_to_native,
+        "cpu_ratio_to_ceiling": result.cpu_ratio_to_ceiling,
+        "cpu_ratio_to_native": result.cpu_ratio_to_native,
     }
 
 
@@ -234,7 +253,8 @@ def ratios(result: PipelineResult) -> str:
     )
     return (
         f"{result.hashes_per_second:,.0f} hashes/s = {result.ratio_to_ceiling:.2f} x the Python "
-        f"loop ceiling{native}"
+        f"loop ceiling{native}; a hash costs the stack {result.cpu_seconds_per_million:.3f} "
+        f"CPU-µs, {result.cpu_ratio_to_ceiling:.2f} x less than the Python loop"
     )
 
 

@@ -117,6 +117,11 @@ class PipelineResult:
     """To the Python loop's ceiling of the same run (set once both are measured)."""
     ratio_to_native: float = 0.0
     """To the native ceiling of the same run (0: none measured)."""
+    cpu_ratio_to_ceiling: float = 0.0
+    """The Python loop's CPU per hash over the whole stack's: how many times less CPU a hash
+    costs here (what a busy machine does not distort, unlike rates)."""
+    cpu_ratio_to_native: float = 0.0
+    """The native loop's CPU per hash over the whole stack's."""
 
 
 async def measure_pipeline(
