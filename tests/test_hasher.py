@@ -3,6 +3,9 @@
 import asyncio
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 
@@ -194,3 +197,30 @@ def test_the_start_line_and_metrics_say_which_path_runs(native, words) -> None:
     finally:
         assert server.terminate() == 0
         server.kill()
+
+
+def test_without_the_extension_hashlib_and_urandom_take_over() -> None:
+    """Where dockercoins._native could not be built (here: its import made to fail), the hasher
+    runs hashlib, rng urandom, and both say so; the digests are the same."""
+    script = textwrap.dedent(
+        """
+        import hashlib, sys
+        sys.modules["dockercoins._native"] = None  # an import of it now raises ImportError
+        from dockercoins import native
+        from hasher_svc.config import HasherSettings
+        from hasher_svc.service import HasherServicer
+        path = HasherServicer(HasherSettings(profile="turbo")).path
+        generator, generate = native.random_function("aes-256-ctr")
+        data = generate(64 * 32)
+        same = native.sha256_blocks(data, 32) == b"".join(
+            hashlib.sha256(data[i : i + 32]).digest() for i in range(0, len(data), 32)
+        )
+        print(native.NATIVE_BUILT, path, generator, len(data), same)
+        print(native.describe_hash_path(path))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out[0].split() == ["False", "hashlib", "urandom", "2048", "True"]
+    assert out[1] == "hashlib per block (the native extension is not built)"
