@@ -31,7 +31,7 @@ class WorkerSettings(TlsSettings, MetricsSettings):
         "worker_batch": TURBO_BATCH,
         "worker_pool_size": 2,
         "worker_streaming": True,
-        "worker_stream_window": 8,
+        "worker_stream_window": 4,
         "difficulty": 4,
     }
 
