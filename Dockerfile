@@ -15,7 +15,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# 1. Dependencies, wheels only (no compiler in a slim image), each file checked against the hashes
+# 0. The toolchain of the native extension (dockercoins/_native.c, over libcrypto), for this stage
+# only: a C compiler, OpenSSL's headers, and Python's where the base image lacks them (a
+# Debian-built base; the official image has its own). The runtime stage needs only libcrypto,
+# which its Python already links. Plain C, so amd64 and arm64 build alike.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev libssl-dev \
+ && include=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') \
+ && if [ ! -e "$include/Python.h" ]; then \
+        apt-get install --yes --no-install-recommends libpython3-dev; \
+    fi \
+ && rm -rf /var/lib/apt/lists/*
+# 1. Dependencies, wheels only (only our own extension is compiled), each file checked against the hashes
 # of the lock files that `make lock` writes from pyproject.toml: requirements-build.lock holds the
 # runtime set of requirements.lock, same pins, plus grpcio-tools and setuptools, so that the stubs'
 # grpcio-tools matches the grpcio and protobuf they run with. One download, checked; two installs
@@ -34,8 +45,9 @@ RUN python -m venv /opt/tools \
 COPY scripts/protos scripts/protos
 COPY protos/ protos/
 RUN sh scripts/protos /opt/tools/bin/python
-# 3. The code: built into a wheel and installed under /opt/app, a tree of its own, so that the
-# final stage copies the unchanged dependencies and the fresh package as separate layers.
+# 3. The code: built into a wheel (the native extension compiled into it) and installed under
+# /opt/app, a tree of its own, so that the final stage copies the unchanged dependencies and the
+# fresh package as separate layers. The check fails the build if the extension did not build.
 COPY README.md ./
 COPY dockercoins/ dockercoins/
 COPY dockercoins_tools/ dockercoins_tools/
@@ -46,8 +58,9 @@ COPY webui/ webui/
 RUN /opt/tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/app . \
  && /opt/tools/bin/pip --python /opt/venv/bin/python install --quiet --no-deps --no-index \
         --root /opt/app /tmp/app/*.whl \
- && PYTHONPATH=$(echo /opt/app/opt/venv/lib/python3*/site-packages) \
-        /opt/venv/bin/python -c "import dockercoins.v1.rng_pb2_grpc, dockercoins.v1.hasher_pb2_grpc"
+ && cd / && PYTHONPATH=$(echo /opt/app/opt/venv/lib/python3*/site-packages) \
+        /opt/venv/bin/python -c "import dockercoins.v1.rng_pb2_grpc, dockercoins.v1.hasher_pb2_grpc, \
+dockercoins._native"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -35,7 +35,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+# The install compiles the native extension (dockercoins/_native.c): a change to it reinstalls.
+$(STAMP): pyproject.toml dockercoins/_native.c | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import grpc
 
 from dockercoins.backoff import MAX_BACKOFF
-from dockercoins.grpcserver import MAX_MESSAGE_BYTES
 from dockercoins.tls import open_channel
+from dockercoins.wire import MAX_MESSAGE_BYTES
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
 DNS_MIN_INTERVAL_MS = 1000
@@ -74,6 +74,8 @@ class ChannelPool:
             ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_INTERVAL_MS),
             *options,
         ]
+        self.options = dict(channel_options)
+        """Every channel's options, by name."""
         self.channels = [
             open_channel(self.target, credentials, channel_options) for _ in range(size)
         ]

@@ -17,13 +17,10 @@ from dockercoins.net import ensure_free, host_port
 from dockercoins.reflection import enable_reflection
 from dockercoins.settings import CallBoundSettings, GrpcServerSettings, TlsSettings, env_name
 from dockercoins.tls import server_credentials
+from dockercoins.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 80 << 20
-"""A client's limit on the messages it sends and receives: above the ceiling of every size
-setting (rng's, 64 MiB), so that a client takes the largest reply any server may send.
-Servers accept only what their own settings allow (`max_receive`)."""
 
 SMALL_REQUEST_BYTES = 4096
 """Receive limit of a server whose requests are all small: rng's (at most 33 bytes), health

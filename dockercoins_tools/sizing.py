@@ -10,13 +10,11 @@ from pydantic import FilePath
 
 from dockercoins.grpcserver import BASE_OPTIONS, SMALL_REQUEST_BYTES
 from dockercoins.settings import ENV_PREFIX, BaseServiceSettings, GrpcServerSettings
+from dockercoins.wire import BLOCK_SIZE, DIGEST_SIZE, MESSAGE_FRAMING, reply_bytes
 from hasher_svc.config import HasherSettings
-from hasher_svc.service import HEX_ENTRY_BYTES, REQUEST_FRAMING
 from rng_svc.config import RngSettings
 from webui.config import WebuiSettings
-from worker_svc.coins import BLOCK_SIZE, DIGEST_SIZE
 from worker_svc.config import WorkerSettings
-from worker_svc.stream import STREAM_WINDOW
 
 MiB = 1 << 20
 
@@ -126,12 +124,13 @@ def worst_case_memory(
             parts["buffer"] = settings.rng_buffer_size + settings.rng_block_size
         return WorstCase("rng", parts)
     if isinstance(settings, HasherSettings):
-        request = settings.hasher_max_request + REQUEST_FRAMING
-        reply = min(settings.hasher_max_reply, settings.hasher_max_blocks * HEX_ENTRY_BYTES)
+        request = settings.hasher_max_request + MESSAGE_FRAMING
+        reply = min(settings.hasher_max_reply, reply_bytes(settings.hasher_max_blocks, raw=False))
         per_call = REQUEST_COPIES * request + REPLY_COPIES * reply + stream_buffers()
         return WorstCase("hasher", _server_calls(settings, per_call))
     if isinstance(settings, WorkerSettings):
-        in_flight = settings.worker_loops * (STREAM_WINDOW if settings.worker_streaming else 1)
+        window = settings.worker_stream_window if settings.worker_streaming else 1
+        in_flight = settings.worker_loops * window
         batch = settings.worker_batch
         # Per unit in flight: rng's reply, the request to hasher, hasher's raw digests.
         unit = (REPLY_COPIES + REQUEST_COPIES) * batch * BLOCK_SIZE

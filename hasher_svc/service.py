@@ -1,56 +1,21 @@
 """The hasher servicer: SHA-256 per block, a simulated latency per request that never queues."""
 
 import asyncio
-import hashlib
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from dockercoins.errors import InvalidArgument, RequestError, ResourceExhausted
 from dockercoins.grpcserver import write_or_gone
+from dockercoins.native import HashBlocks, HashPath, choose_hash_path, hash_function
 from dockercoins.settings import env_name
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+from dockercoins.wire import DIGEST_SIZE, reply_bytes
 from hasher_svc.config import HasherSettings
 
 MAX_BLOCKS_SETTING = env_name("hasher_max_blocks")
 MAX_REPLY_SETTING = env_name("hasher_max_reply")
-
-DIGEST_SIZE = 32
-HEX_ENTRY_BYTES = 2 + 2 * DIGEST_SIZE
-"""One hex digest on the wire: a field tag, a length byte and 64 characters."""
-CHUNK_BLOCKS = 1024
-"""Blocks hashed between two offers of the GIL, and whose digests are held as separate
-objects at once (about half a millisecond, under 100 KB)."""
-REQUEST_FRAMING = 32
-"""Bytes of a HashRequest besides its data: tags, the data's length, block_size, raw (<= 19)."""
-
-
-def hash_blocks(data: bytes, block_size: int) -> bytes:
-    """The SHA-256 digests of `data` (block_size 0) or of each block, concatenated."""
-    if block_size == 0:
-        return hashlib.sha256(data).digest()
-    step = block_size * CHUNK_BLOCKS
-    if len(data) <= step:
-        return _hash_chunk(memoryview(data), block_size)
-    return b"".join(_hash_chunks(data, block_size))
-
-
-def _hash_chunk(view: memoryview, block_size: int) -> bytes:
-    sha256 = hashlib.sha256
-    return b"".join(
-        [sha256(view[i : i + block_size]).digest() for i in range(0, len(view), block_size)]
-    )
-
-
-def _hash_chunks(data: bytes, block_size: int) -> Iterator[bytes]:
-    """Digests of CHUNK_BLOCKS blocks at a time, the GIL offered to other threads between."""
-    view = memoryview(data)
-    step = block_size * CHUNK_BLOCKS
-    for start in range(0, len(data), step):
-        yield _hash_chunk(view[start : start + step], block_size)
-        time.sleep(0)
 
 
 def hex_digests(digests: bytes) -> list[str]:
@@ -60,15 +25,12 @@ def hex_digests(digests: bytes) -> list[str]:
     return [text[i : i + width] for i in range(0, len(text), width)]
 
 
-def reply_bytes(blocks: int, raw: bool) -> int:
-    """An upper bound of the size of the reply to a request of `blocks` blocks."""
-    digests = 6 + DIGEST_SIZE * blocks  # a tag, a length of at most 5 bytes, the digests
-    return digests if raw else digests + HEX_ENTRY_BYTES * blocks
-
-
-def build_reply(request: hasher_pb2.HashRequest) -> hasher_pb2.HashReply:
-    """The reply to a checked request: all the hashing work."""
-    digests = hash_blocks(request.data, request.block_size)
+def build_reply(
+    hash_blocks: HashBlocks, data: bytes, request: hasher_pb2.HashRequest
+) -> hasher_pb2.HashReply:
+    """The reply to a checked request whose `data` was read: all the hashing work, by
+    `hash_blocks`."""
+    digests = hash_blocks(data, request.block_size)
     if request.raw:
         return hasher_pb2.HashReply(digests=digests)
     return hasher_pb2.HashReply(digests=digests, hexdigests=hex_digests(digests))
@@ -79,21 +41,25 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
 
     Every bound is checked before any work. Small requests are hashed on the event loop
     (a thread hop would cost the fast path more than the hashing); larger ones in one
-    thread, one at a time, so that the loop keeps answering health checks meanwhile.
+    thread, one at a time, so that the loop keeps answering health checks meanwhile (the
+    native path releases the GIL: the loop runs on while the thread hashes).
     """
 
-    def __init__(self, settings: HasherSettings) -> None:
+    def __init__(self, settings: HasherSettings, path: HashPath | None = None) -> None:
         self.latency = settings.hasher_latency
         self.max_request = settings.hasher_max_request
         self.max_blocks = settings.hasher_max_blocks
         self.max_reply = settings.hasher_max_reply
         self.inline_blocks = settings.hasher_inline_blocks
         self.inline_bytes = settings.hasher_inline_bytes
+        self.path = path or choose_hash_path(settings.hasher_native)
+        """Which batch SHA-256 runs: native (one C call per batch) or hashlib (per block)."""
+        self.hash_blocks = hash_function(self.path)
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher-large")
 
-    def _check(self, request: hasher_pb2.HashRequest) -> int:
-        """Refuse a request outside the bounds; return how many blocks it asks for."""
-        size = len(request.data)
+    def _check(self, size: int, request: hasher_pb2.HashRequest) -> int:
+        """Refuse a request of `size` bytes outside the bounds; return how many blocks it asks
+        for."""
         if size > self.max_request:
             raise ResourceExhausted(
                 f"request of {size} bytes is more than DOCKERCOINS_HASHER_MAX_REQUEST "
@@ -126,13 +92,14 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
         return blocks
 
     async def _answer(self, request: hasher_pb2.HashRequest) -> hasher_pb2.HashReply:
-        blocks = self._check(request)
+        data = request.data  # read once: each read of a bytes field copies it
+        blocks = self._check(len(data), request)
         if self.latency:
             await asyncio.sleep(self.latency)
-        if blocks <= self.inline_blocks and len(request.data) <= self.inline_bytes:
-            return build_reply(request)
+        if blocks <= self.inline_blocks and len(data) <= self.inline_bytes:
+            return build_reply(self.hash_blocks, data, request)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._large, build_reply, request)
+        return await loop.run_in_executor(self._large, build_reply, self.hash_blocks, data, request)
 
     async def Hash(
         self, request: hasher_pb2.HashRequest, context: grpc.aio.ServicerContext

@@ -4,10 +4,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dockercoins.native import Generator
 from dockercoins.ports import RNG_PORT
 from dockercoins.service_main import Flag
 from dockercoins.settings import GrpcServerSettings, env_name
 from dockercoins.v1 import rng_pb2
+from dockercoins.wire import BATCH_BYTES, MESSAGE_CEILING
 
 SERVICE_NAME = rng_pb2.DESCRIPTOR.services_by_name["Rng"].full_name
 """rng's gRPC service, as reflection, health checks and probes name it."""
@@ -18,7 +20,7 @@ RngMode = Literal["blocking", "buffered"]
 class RngSettings(GrpcServerSettings):
     """DOCKERCOINS_RNG_* settings; defaults are the original's costs."""
 
-    TURBO_DEFAULTS = {"rng_read_cost": 0.0}
+    TURBO_DEFAULTS = {"rng_read_cost": 0.0, "rng_generator": "aes-256-ctr"}
 
     rng_port: int = Field(
         RNG_PORT, ge=0, le=65535, description="Port rng listens on (0: any free)."
@@ -30,6 +32,13 @@ class RngSettings(GrpcServerSettings):
     )
     rng_read_cost: float = Field(
         0.1, ge=0, le=60, description="Seconds every read of the entropy source costs."
+    )
+    rng_generator: Generator = Field(
+        "urandom",
+        description="Where the bytes come from: urandom (the OS, about 0.3-0.5 GB/s per core); "
+        "aes-256-ctr or chacha20: that cipher's keystream under a fresh 256-bit key from the "
+        "OS for every read (libcrypto through the native extension, several GB/s per core; "
+        "urandom where the extension is not built). The start line says which runs.",
     )
     rng_latency: float | None = Field(
         None,
@@ -50,9 +59,9 @@ class RngSettings(GrpcServerSettings):
         "original's rng did; for watching which rng pod serves whom (`kubectl logs -f`).",
     )
     rng_max_request: int = Field(
-        1 << 20,
+        BATCH_BYTES,
         ge=1,
-        le=64 << 20,
+        le=MESSAGE_CEILING,
         description="Largest request in bytes (size x count); larger ones get INVALID_ARGUMENT.",
     )
 

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -16,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class SlowEntropySource:
-    """os.urandom behind one lock, each read costing `read_cost` seconds: one read at a time."""
+    """os.urandom (or `generate`) behind one lock, each read costing `read_cost` seconds: one
+    read at a time."""
 
-    def __init__(self, read_cost: float) -> None:
+    def __init__(self, read_cost: float, generate: Callable[[int], bytes] = os.urandom) -> None:
         self.read_cost = read_cost
+        self.generate = generate
         self.reads = 0
         self._lock = asyncio.Lock()
 
@@ -29,7 +32,7 @@ class SlowEntropySource:
             if self.read_cost:
                 await asyncio.sleep(self.read_cost)
             self.reads += 1
-            return os.urandom(size)
+            return self.generate(size)
 
 
 class RandomSource(Protocol):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 
+from dockercoins_tools.bench.pipeline import TURBO
 from dockercoins_tools.cost_model import profile_costs
 from tests.support import run_cli
 
@@ -18,29 +20,60 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     result = bench("--soak", "0", "--out", str(tmp_path))
-    assert "ceiling (in-process" in result.stdout
     assert "best:" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
 
-    # The ceiling hashes on every core of this machine, and says how many.
+    # Both ceilings hash on every core of this machine, at turbo's difficulty, before and after
+    # the grid, and say so; the ratios are to the higher of the two (the machine is shared).
     cores = os.cpu_count()
-    ceiling = report["ceiling"]
-    assert report["machine"]["cores"] == ceiling["cores"] == cores
-    assert f"ceiling (in-process, {cores} cores): {ceiling['hashes_per_second']:,.0f}" in (
-        result.stdout
-    )
-    assert ceiling["per_core"] * cores == pytest.approx(ceiling["hashes_per_second"])
-    assert ceiling["hashes_per_second"] > 0
+    difficulty = TURBO.difficulty
+    for key, name in (("ceiling", "Python loop ceiling"), ("native_ceiling", "native ceiling")):
+        ceiling = report[key]
+        assert report["machine"]["cores"] == ceiling["cores"] == cores
+        for run, when in zip(ceiling["runs"], ("before", "after"), strict=True):
+            line = f"{name} (in-process, {cores} cores, difficulty {difficulty}, {when} the grid): "
+            assert line + f"{run['hashes_per_second']:,.0f} hashes/s" in result.stdout
+            assert run["per_core"] * cores == pytest.approx(run["hashes_per_second"])
+        rate = ceiling["hashes_per_second"]
+        assert rate == max(run["hashes_per_second"] for run in ceiling["runs"]) > 0
+        cpu = ceiling["cpu_us_per_hash"]
+        assert cpu == min(run["cpu_us_per_hash"] for run in ceiling["runs"]) > 0
+    # The same work, natively: the native ceiling is the faster (by far, on any machine).
+    assert report["native_ceiling"]["hashes_per_second"] > report["ceiling"]["hashes_per_second"]
+    openssl = report["openssl"]
+    if shutil.which("openssl"):
+        assert openssl["hashes_per_second"] > 0 and openssl["cores"] == cores
+        assert f"speed -evp sha256 -bytes 32 -multi {cores}" in openssl["command"]
+        assert f"{openssl['hashes_per_second']:,.0f} hashes/s" in result.stdout
+    else:
+        assert openssl is None and "openssl speed: no openssl" in result.stdout
     assert len(report["pipeline"]) == 2
     for point in report["pipeline"]:
         assert point["hashes_per_second"] > 0
-        assert 0 < point["ratio_to_ceiling"] < 1
+        assert point["ratio_to_ceiling"] == pytest.approx(
+            point["hashes_per_second"] / report["ceiling"]["hashes_per_second"], abs=0.001
+        )
+        assert 0 <= point["ratio_to_native"] < point["ratio_to_ceiling"]
+        # CPU per hash: the Python loop's over the whole stack's, in the same run.
+        assert point["cpu_ratio_to_ceiling"] == pytest.approx(
+            report["ceiling"]["cpu_us_per_hash"] / point["cpu_seconds_per_million"], abs=0.001
+        )
         assert point["cpu_seconds_per_million"] > 0
         assert {"redis", "rng", "hasher", "webui", "worker.1"} <= set(point["processes"])
         assert all(p["peak_rss_mb"] > 0 for p in point["processes"].values())
+        # Each process's CPU per message is its CPU per hash times the batch.
+        batch = point["config"]["batch"]
+        for name in ("rng", "hasher", "worker.1"):
+            figures = point["processes"][name]
+            assert figures["cpu_us_per_hash"] > 0
+            assert figures["cpu_us_per_message"] == pytest.approx(
+                figures["cpu_us_per_hash"] * batch, rel=0.01, abs=0.1
+            )
+        assert "CPU-µs per message / per hash: " in result.stdout
     # Batching pays: 100 hashes per message beats one per message by far.
     one, hundred = report["pipeline"]
     assert hundred["hashes_per_second"] > 5 * one["hashes_per_second"]
+    assert hundred["ratio_to_native"] > 0
 
     # The plumbing is what a call takes over the cost its service's settings simulate.
     classic = profile_costs("classic")
@@ -52,7 +85,7 @@ def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     timing = report["stage_timing"]
     assert timing["windows"] == 1 and timing["hashes"]["on"] > 0 < timing["hashes"]["off"]
     assert timing["worker_cpu_seconds_per_million"]["on"] > 0
-    assert "stage timing (batch 1000" in result.stdout
+    assert f"stage timing ({TURBO.label}" in result.stdout
     assert "soak" not in report
 
 

@@ -22,6 +22,7 @@ from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
 from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
 from dockercoins_tools.procstat import memory_mb
 from tests.stack import FAST_COSTS, LoggedProcess, RunningStack, Service, wait_until
 from tests.support import SourceForwarder, flood_cmd, grpcurl, hold_calls, service_env
@@ -80,16 +81,23 @@ async def open_streams(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
     return streams
 
 
+RAISED = {"hasher_max_request": 1 << 20, "hasher_max_blocks": 1 << 18, "hasher_max_reply": 16 << 20}
+"""The hasher's bounds raised 16-fold: 1 MiB in 4-byte blocks."""
+
+
 @pytest.mark.parametrize(
     ("hasher_process", "blocks", "block_size", "raw"),
     [
-        # The defaults' largest: 1 MiB in 16384 blocks, hex digests (1.6 MB reply).
-        ({}, 16384, 64, False),
-        # Bounds raised 16-fold: a quarter of a second of hashing, off the event loop.
-        ({"hasher_max_blocks": 1 << 18, "hasher_max_reply": 16 << 20}, 1 << 18, 4, True),
+        # The defaults' largest: the batch cap's blocks (512 KiB), hex digests (1.6 MB reply),
+        # by the native path and by hashlib's.
+        ({}, MAX_BATCH, BLOCK_SIZE, False),
+        ({"hasher_native": False}, MAX_BATCH, BLOCK_SIZE, False),
+        # Raised bounds: a quarter of a million digests, hashed off the event loop.
+        (RAISED, 1 << 18, 4, True),
+        ({**RAISED, "hasher_native": False}, 1 << 18, 4, True),
     ],
     indirect=["hasher_process"],
-    ids=["defaults", "raised-bounds"],
+    ids=["defaults", "defaults-hashlib", "raised-bounds", "raised-bounds-hashlib"],
 )
 def test_health_answers_during_the_largest_accepted_request(
     hasher_process, blocks, block_size, raw, record_property
@@ -116,12 +124,15 @@ def test_health_answers_during_the_largest_accepted_request(
 
 
 def test_hostile_hashes_are_refused_before_any_work(hasher_process) -> None:
-    """The reported request (4 MiB in 1-byte blocks), a million blocks, a 64 MiB message."""
+    """The reported request (4 MiB in 1-byte blocks), 32 times the batch cap, a 64 MiB message."""
     server, address = hasher_process
     before = memory_mb(server.proc.pid)
     hostile = [
         (hasher_pb2.HashRequest(data=os.urandom(4 << 20), block_size=1), "larger than max"),
-        (hasher_pb2.HashRequest(data=os.urandom(1 << 20), block_size=1), "HASHER_MAX_BLOCKS"),
+        (
+            hasher_pb2.HashRequest(data=os.urandom(MAX_BATCH * BLOCK_SIZE), block_size=1),
+            "MAX_BLOCKS",
+        ),
         (hasher_pb2.HashRequest(data=bytes(64 << 20)), "larger than max"),
     ]
     with grpc.insecure_channel(address, options=UNLIMITED) as channel:
@@ -135,7 +146,8 @@ def test_hostile_hashes_are_refused_before_any_work(hasher_process) -> None:
             assert words in refused.value.details()
             assert max(latencies) < HEALTH_BOUND
     # Neither hashed nor read whole: the peak grew by far less than the 64 MiB message or the
-    # 98 MB of a million hex digests (gRPC's own buffers take a few MB, more on a busy machine).
+    # 51 MB of half a million hex digests (gRPC's own buffers take a few MB, more on a busy
+    # machine).
     assert memory_mb(server.proc.pid) - before < 32
     assert hash_of(b"after", address)
 
@@ -300,6 +312,7 @@ SILENT_CLIENT = """
 import asyncio, sys
 import grpc
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
 
 async def hold(address, method):
     async with grpc.aio.insecure_channel(address) as channel:

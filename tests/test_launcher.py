@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dockercoins.backoff import Backoff
+from dockercoins.wire import TURBO_BATCH
 from dockercoins_tools.launcher.stack import _wait_until
 from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
 from tests.stack import RunningStack, alive, get_json, scale
@@ -179,7 +180,7 @@ def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
     second = get_json(url + "/json")
     # Classic costs allow 3.3 hashes/s per worker; turbo is orders of magnitude above.
     assert (second["hashes"] - first["hashes"]) / (second["now"] - first["now"]) > 1000
-    running.wait_for_line(r"batch 1000, 2 channel\(s\), streaming")
+    running.wait_for_line(rf"batch {TURBO_BATCH}, 2 channel\(s\), streaming")
     assert running.stop() == 0
 
 

@@ -3,12 +3,17 @@
 import asyncio
 import statistics
 import time
+from collections import Counter
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dockercoins.native import random_function
+from dockercoins.net import free_port
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+from rng_svc.config import RngSettings
+from tests.stack import Service
 
 READ_COST = 0.02  # scaled down: at most 50 reads/s
 
@@ -146,3 +151,49 @@ async def test_rng_logs_each_call_and_its_caller_only_when_asked(servers, caplog
     assert len(lines) == 2, lines
     assert lines[0].startswith("GetRandom 2 x 32 bytes for ipv4:127.0.0.1:")
     assert lines[1].startswith("StreamRandom 1 x 32 bytes, 2 messages, for ipv4:127.0.0.1:")
+
+
+@pytest.mark.parametrize("generator", ["aes-256-ctr", "chacha20"])
+def test_a_keystream_generator_gives_fresh_uniform_bytes_at_every_read(generator) -> None:
+    """A fresh key from the OS at every read: two reads never repeat, and the bytes look
+    uniform (each byte value about 1/256 of 1 MiB, no run of zeros as a bare cipher would)."""
+    runs, random_bytes = random_function(generator)
+    assert runs == generator, "the native extension is built on this kind of machine"
+    first, second = random_bytes(1 << 20), random_bytes(1 << 20)
+    assert len(first) == len(second) == 1 << 20 and first != second
+    assert first[:32] != second[:32]
+    counts = Counter(first)
+    assert len(counts) == 256
+    assert 3000 < min(counts.values()) <= max(counts.values()) < 5200  # 4096 expected
+    assert random_bytes(0) == b"" and len(random_bytes(33)) == 33
+
+
+@pytest.mark.parametrize(
+    ("profile", "generator"), [("classic", "urandom"), ("turbo", "aes-256-ctr")]
+)
+async def test_turbo_serves_a_keystream_and_classic_the_os_behind_its_cost(
+    servers, profile, generator
+) -> None:
+    settings = RngSettings(profile=profile)
+    assert settings.rng_generator == generator
+    assert settings.rng_read_cost == (0.1 if profile == "classic" else 0.0)
+    address = await servers.rng(profile=profile, rng_read_cost=0.01)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rng_pb2_grpc.RngStub(channel)
+        replies = [
+            await stub.GetRandom(rng_pb2.RandomRequest(size=32, count=4096), timeout=5)
+            for _ in range(2)
+        ]
+    assert [len(reply.data) for reply in replies] == [32 * 4096] * 2
+    assert replies[0].data != replies[1].data
+
+
+@pytest.mark.slow
+def test_the_start_line_names_the_generator() -> None:
+    for profile, words in (("classic", "generator urandom"), ("turbo", "generator aes-256-ctr")):
+        server = Service("rng", rng_port=free_port(), profile=profile)
+        try:
+            assert words in server.wait_for_line("listening on").string
+        finally:
+            assert server.terminate() == 0
+            server.kill()

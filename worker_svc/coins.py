@@ -1,9 +1,6 @@
 """The coin rule: a digest is a coin when its hex form starts with `difficulty` zeros."""
 
-BLOCK_SIZE = 32
-"""Bytes of randomness per hash, as in the original."""
-
-DIGEST_SIZE = 32
+from dockercoins.wire import BLOCK_SIZE, DIGEST_SIZE
 
 
 def is_coin(hexdigest: str, difficulty: int = 1) -> bool:

@@ -11,6 +11,7 @@ from dockercoins.settings import (
     RedisClientSettings,
     TlsSettings,
 )
+from dockercoins.wire import BLOCK_SIZE, MAX_BATCH, TURBO_BATCH
 
 READINESS = "readiness"
 """Health service that says whether the worker mines now (the overall status "" says the same)."""
@@ -32,9 +33,11 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
     TURBO_DEFAULTS = {
         "worker_think_time": 0.0,
         "worker_loops": 4,
-        "worker_batch": 1000,
+        "worker_batch": TURBO_BATCH,
         "worker_pool_size": 2,
         "worker_streaming": True,
+        "worker_stream_window": 4,
+        "difficulty": 4,
     }
 
     rng_addr: str = Field(
@@ -53,7 +56,10 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
     )
     worker_loops: int = Field(1, ge=1, le=1024, description="Concurrent mining loops per worker.")
     worker_batch: int = Field(
-        1, ge=1, le=16384, description="32-byte blocks per message (hashes per unit of work)."
+        1,
+        ge=1,
+        le=MAX_BATCH,
+        description=f"{BLOCK_SIZE}-byte blocks per message (hashes per unit of work).",
     )
     worker_pool_size: int = Field(
         1, ge=1, le=64, description="gRPC channels (connections) per upstream; loops share them."
@@ -62,6 +68,13 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
         False,
         description="Streams (rng server-streaming, hasher bidirectional) instead of one "
         "unary call per unit.",
+    )
+    worker_stream_window: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Messages each streaming loop keeps in flight at the hasher (each holds "
+        "its batch's random bytes until its digests come back).",
     )
     worker_health_port: int = Field(
         0,

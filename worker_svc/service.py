@@ -20,7 +20,8 @@ from dockercoins.channels import ChannelPool
 from dockercoins.lifecycle import cancel_all, raise_if_cancelling
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from worker_svc.coins import BLOCK_SIZE, find_coins
+from dockercoins.wire import BLOCK_SIZE
+from worker_svc.coins import find_coins
 from worker_svc.config import HEALTH_TICK, WorkerSettings
 from worker_svc.ledger import Ledger
 from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
@@ -206,17 +207,18 @@ class Miner:
             ),
         )
         self.rng_modes_seen.add(random.mode)
+        data = random.data  # each read of a bytes field copies it
         fetched = time.monotonic()
         hashed = await self._call(
             "hasher",
             step,
             lambda: hasher_pb2_grpc.HasherStub(self.hasher.next()).Hash(
-                hasher_pb2.HashRequest(data=random.data, block_size=BLOCK_SIZE, raw=True),
+                hasher_pb2.HashRequest(data=data, block_size=BLOCK_SIZE, raw=True),
                 timeout=self.settings.rpc_timeout,
             ),
         )
         answered = time.monotonic()
-        for digest in self.record(step, random.data, hashed.digests):
+        for digest in self.record(step, data, hashed.digests):
             log.info("coin found: %s...", digest[:8])
         if self.stage_times is not None:
             self.stage_times.add(

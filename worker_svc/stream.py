@@ -12,12 +12,9 @@ from dockercoins.channels import ChannelPool
 from dockercoins.lifecycle import cancel_all
 from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
-from worker_svc.coins import BLOCK_SIZE
+from dockercoins.wire import BLOCK_SIZE
 from worker_svc.config import HEALTH_TICK, WorkerSettings
 from worker_svc.metrics import WORKER_RPC_SECONDS
-
-STREAM_WINDOW = 4
-"""Messages a streaming loop keeps in flight at the hasher."""
 
 
 class Mining(Protocol):
@@ -110,7 +107,7 @@ class StreamSession:
         self.deadline = miner.settings.rpc_timeout
         self.in_flight: deque[tuple[bytes, float, float, float, float]] = deque()
         """Batches at hasher: data, when sent, and the unit's think, rng and pause seconds."""
-        self.window = asyncio.Semaphore(STREAM_WINDOW)
+        self.window = asyncio.Semaphore(miner.settings.worker_stream_window)
         self.rng_asked: float | None = None
         """Since when the writer waits for rng's next batch; None while it does not."""
         self.closing: float | None = None
@@ -172,10 +169,9 @@ class StreamSession:
             rng_seconds.observe(sent - asked)
             self.rng_asked = None
             rng_modes.add(reply.mode)
-            in_flight.append((reply.data, sent, asked - started - paused, sent - asked, paused))
-            await _write(
-                hashes, hasher_pb2.HashRequest(data=reply.data, block_size=BLOCK_SIZE, raw=True)
-            )
+            data = reply.data  # each read of a bytes field copies it
+            in_flight.append((data, sent, asked - started - paused, sent - asked, paused))
+            await _write(hashes, hasher_pb2.HashRequest(data=data, block_size=BLOCK_SIZE, raw=True))
             recovered("rng")
         self.rng_asked = None
         self.closing = clock()

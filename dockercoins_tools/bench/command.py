@@ -14,10 +14,19 @@ from typing import Any, TextIO
 
 import grpc
 
-from dockercoins_tools.bench.ceiling import measure_ceiling
+from dockercoins.native import NATIVE_BUILT
+from dockercoins_tools.bench.ceiling import measure_ceiling, measure_native_ceiling, openssl_speed
 from dockercoins_tools.bench.faults import QUICK_FAULTS, SoakPlan
 from dockercoins_tools.bench.latency import measure_overhead, raw_tcp_floor, simulated_costs
-from dockercoins_tools.bench.pipeline import FULL_GRID, QUICK_GRID, PipelineConfig, measure_pipeline
+from dockercoins_tools.bench.pipeline import (
+    FULL_GRID,
+    QUICK_GRID,
+    TURBO,
+    PipelineConfig,
+    PipelineResult,
+    measure_pipeline,
+    unique,
+)
 from dockercoins_tools.bench.soak import soak
 from dockercoins_tools.bench.stage_timing import STAGE_TIMING_CONFIG, measure_stage_timing_cost
 
@@ -63,50 +72,70 @@ async def run_bench(
         (out_dir / "bench-stack.log").open("w") as log,
     ):
         data_dir = Path(tmp)
-        ceiling = measure_ceiling(options.ceiling_seconds, cores)
-        report["ceiling"] = ceiling
+        difficulty = TURBO.difficulty
+        first = measure_ceilings(options.ceiling_seconds, cores, difficulty, "before the grid", say)
+        openssl = openssl_speed(options.ceiling_seconds, cores)
+        report["openssl"] = openssl
+        if openssl is None or "error" in openssl:
+            say(f"openssl speed: {'no openssl' if openssl is None else openssl['error']}")
+        else:
+            rate, per_core = openssl["hashes_per_second"], openssl["per_core"]
+            say(
+                f"{openssl['command']} ({openssl['version']}): {rate:,.0f} hashes/s "
+                f"({per_core:,.0f} per core)"
+            )
         costs = simulated_costs()
         floor = await raw_tcp_floor(min(options.latency_calls, 50), costs["hasher"])
         say(
-            f"ceiling (in-process, {cores} cores): {ceiling['hashes_per_second']:,.0f} hashes/s "
-            f"({ceiling['per_core']:,.0f} per core)"
-        )
-        say(
-            f"{'configuration':<42} {'hashes/s':>10} {'± se':>8} {'ceiling':>8} "
-            f"{'CPU s/M':>8} {'service RSS MB':>15} {'redis MB':>9}"
+            f"{'configuration':<52} {'hashes/s':>10} {'± se':>8} "
+            f"{'CPU s/M':>8} {'service RSS MB':>15} {'redis MB':>9} {'others':>6}"
         )
         results = []
-        for config in options.grid:
-            result = await measure_pipeline(
-                config,
-                ceiling["hashes_per_second"],
-                options.window,
-                options.warmup,
-                data_dir,
-                log,
-            )
+        for config in unique(options.grid):
+            result = await measure_pipeline(config, options.window, options.warmup, data_dir, log)
             results.append(result)
-            services = [p.peak_rss_mb for n, p in result.processes.items() if n != "redis"]
-            redis_mb = result.processes["redis"].peak_rss_mb if "redis" in result.processes else 0
+            say_point(result, say)
+        # The machine is shared: the ceilings again, and each ratio to the higher of the two.
+        second = measure_ceilings(options.ceiling_seconds, cores, difficulty, "after the grid", say)
+        ceiling = higher(first[0], second[0])
+        native = higher(first[1], second[1]) if first[1] and second[1] else None
+        report["ceiling"] = {**ceiling, "runs": [first[0], second[0]]}
+        report["native_ceiling"] = {**native, "runs": [first[1], second[1]]} if native else None
+        say(
+            f"{'ratios to the higher ceilings':<52} {'x loop':>7} {'x native':>8} "
+            f"{'CPU x loop':>10} {'CPU x native':>12}"
+        )
+        for result in results:
+            result.ratio_to_ceiling = round(
+                result.hashes_per_second / ceiling["hashes_per_second"], 3
+            )
+            if native:
+                result.ratio_to_native = round(
+                    result.hashes_per_second / native["hashes_per_second"], 4
+                )
+            if result.cpu_seconds_per_million:  # CPU-µs per hash of the whole stack
+                result.cpu_ratio_to_ceiling = round(
+                    ceiling["cpu_us_per_hash"] / result.cpu_seconds_per_million, 3
+                )
+                if native:
+                    result.cpu_ratio_to_native = round(
+                        native["cpu_us_per_hash"] / result.cpu_seconds_per_million, 4
+                    )
+            shown = f"{result.ratio_to_native:>8.3f}" if native else f"{'-':>8}"
+            shown_cpu = f"{result.cpu_ratio_to_native:>12.3f}" if native else f"{'-':>12}"
             say(
-                f"{config.label:<42} {result.hashes_per_second:>10,.0f} {result.stderr:>8,.0f} "
-                f"{result.ratio_to_ceiling:>8.1%} {result.cpu_seconds_per_million:>8.2f} "
-                f"{max(services, default=0):>15.1f} {redis_mb:>9.1f}"
+                f"{result.config.label:<52} {result.ratio_to_ceiling:>7.2f} {shown} "
+                f"{result.cpu_ratio_to_ceiling:>10.2f} {shown_cpu}"
             )
         report["pipeline"] = [asdict(r) for r in results]
-        best = max(results, key=lambda r: r.hashes_per_second)
+        at_default = [r for r in results if r.config.difficulty == difficulty] or results
+        best = max(at_default, key=lambda r: r.hashes_per_second)
         original_rule = [r for r in results if r.config.difficulty == 1] or results
         best_classic_rule = max(original_rule, key=lambda r: r.hashes_per_second)
-        report["best"] = {
-            "label": best.config.label,
-            "hashes_per_second": best.hashes_per_second,
-            "ratio_to_ceiling": best.ratio_to_ceiling,
-        }
-        report["best_difficulty_1"] = {
-            "label": best_classic_rule.config.label,
-            "hashes_per_second": best_classic_rule.hashes_per_second,
-            "ratio_to_ceiling": best_classic_rule.ratio_to_ceiling,
-        }
+        default = next((r for r in results if r.config == TURBO), None)
+        report["best"] = summary(best)
+        report["best_difficulty_1"] = summary(best_classic_rule)
+        report["default"] = summary(default) if default else None
         if options.stage_timing_halves:
             timing = await measure_stage_timing_cost(
                 options.stage_timing_halves,
@@ -150,18 +179,83 @@ async def run_bench(
         if options.soak.seconds:
             report["soak"] = await run_soak(options.soak, out_dir, say, data_dir, log)
     report["duration_seconds"] = round(time.monotonic() - started, 1)
-    say(
-        f"best: {best.config.label}: {best.hashes_per_second:,.0f} hashes/s = "
-        f"{best.ratio_to_ceiling:.1%} of the in-process ceiling"
-    )
+    say(f"best: {best.config.label}: {ratios(best)}")
+    if default is not None:
+        say(f"default turbo ({default.config.label}): {ratios(default)}")
     say(
         f"best with the original's coin rule (difficulty 1): {best_classic_rule.config.label}: "
-        f"{best_classic_rule.hashes_per_second:,.0f} hashes/s = "
-        f"{best_classic_rule.ratio_to_ceiling:.1%} of the ceiling; whole bench "
-        f"{report['duration_seconds']:.0f} s"
+        f"{ratios(best_classic_rule)}; whole bench {report['duration_seconds']:.0f} s"
     )
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def measure_ceilings(
+    seconds: float, cores: int, difficulty: int, when: str, say: Callable[[str], None]
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The Python loop's and the native ceiling (None where the extension is not built), said."""
+    python = measure_ceiling(seconds, cores, difficulty)
+    native = measure_native_ceiling(seconds, cores, difficulty) if NATIVE_BUILT else None
+    for name, ceiling in (("Python loop ceiling", python), ("native ceiling", native)):
+        if ceiling is None:
+            say(f"{name}: not measured, the native extension is not built")
+            continue
+        say(
+            f"{name} (in-process, {cores} cores, difficulty {difficulty}, {when}): "
+            f"{ceiling['hashes_per_second']:,.0f} hashes/s ({ceiling['per_core']:,.0f} per core, "
+            f"{ceiling['cpu_us_per_hash']:.3f} CPU-µs per hash; load average "
+            f"{ceiling['load_average']:.1f})"
+        )
+    return python, native
+
+
+def higher(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
+    """The higher of two measurements of a ceiling, with the lower of their CPU per hash."""
+    best = max(first, second, key=lambda ceiling: ceiling["hashes_per_second"])
+    return {**best, "cpu_us_per_hash": min(first["cpu_us_per_hash"], second["cpu_us_per_hash"])}
+
+
+def say_point(result: PipelineResult, say: Callable[[str], None]) -> None:
+    """A grid point's row, then each process's CPU-µs per message and per hash."""
+    services = [p.peak_rss_mb for n, p in result.processes.items() if n != "redis"]
+    redis_mb = result.processes["redis"].peak_rss_mb if "redis" in result.processes else 0
+    say(
+        f"{result.config.label:<52} {result.hashes_per_second:>10,.0f} {result.stderr:>8,.0f} "
+        f"{result.cpu_seconds_per_million:>8.2f} "
+        f"{max(services, default=0):>15.1f} {redis_mb:>9.1f} {result.others_cores:>6.2f}"
+    )
+    say(
+        "    CPU-µs per message / per hash: "
+        + ", ".join(
+            f"{name} {figures.cpu_us_per_message:,.0f} / {figures.cpu_us_per_hash:.3f}"
+            for name, figures in result.processes.items()
+            if name != "webui"
+        )
+    )
+
+
+def summary(result: PipelineResult) -> dict[str, Any]:
+    """A grid point in the report's summary: its label, rate and ratios."""
+    return {
+        "label": result.config.label,
+        "hashes_per_second": result.hashes_per_second,
+        "ratio_to_ceiling": result.ratio_to_ceiling,
+        "ratio_to_native": result.ratio_to_native,
+        "cpu_ratio_to_ceiling": result.cpu_ratio_to_ceiling,
+        "cpu_ratio_to_native": result.cpu_ratio_to_native,
+    }
+
+
+def ratios(result: PipelineResult) -> str:
+    """A grid point's rate and its ratios to the two ceilings, for a closing line."""
+    native = (
+        f", {result.ratio_to_native:.3f} x the native ceiling" if result.ratio_to_native else ""
+    )
+    return (
+        f"{result.hashes_per_second:,.0f} hashes/s = {result.ratio_to_ceiling:.2f} x the Python "
+        f"loop ceiling{native}; a hash costs the stack {result.cpu_seconds_per_million:.3f} "
+        f"CPU-µs, {result.cpu_ratio_to_ceiling:.2f} x less than the Python loop"
+    )
 
 
 async def run_soak(

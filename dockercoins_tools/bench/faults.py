@@ -5,12 +5,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dockercoins.counter_sampler import Reading
+from worker_svc.config import WorkerSettings
 
-SOAK_DIFFICULTY = 3
-"""The soak's coin rule: one coin in 4,096 hashes keeps the wallet near 30 MB over 10 minutes
-of turbo; at difficulty 1 (one in 16) it passes the embedded Redis's 1 GiB maxmemory in about
-two minutes, after which Redis refuses writes and the worker pauses (nothing lost, but the
-soak would measure a full Redis instead of the faults)."""
+SOAK_DIFFICULTY: int = WorkerSettings.TURBO_DEFAULTS["difficulty"]
+"""The soak's coin rule: turbo's default (one coin in 65,536 hashes at difficulty 4), which keeps
+the wallet small (README: the difficulty table); at difficulty 1 (one in 16) turbo passes the
+embedded Redis's 1 GiB maxmemory in a minute or two, after which Redis refuses writes and the
+worker pauses (nothing lost, but the soak would measure a full Redis instead of the faults)."""
 
 RECOVERED = 0.8
 """A fault is over once the counter's rate is back to this fraction of the rate before it."""
