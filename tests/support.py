@@ -108,6 +108,12 @@ class GrpcServers:
         self._running.append((server, None))
         return f"127.0.0.1:{server.port}"
 
+    def at(self, address: str) -> Any:
+        """The running server (a dockercoins.grpcserver.GrpcServer) listening on `address`."""
+        port = int(address.rsplit(":", 1)[1])
+        (server,) = [server for server, _ in self._running if server.port == port]  # type: ignore[attr-defined]
+        return server
+
     async def upstreams(self, cost: float = 0.0, **both: object) -> tuple[str, str]:
         """rng and hasher whose simulated costs are `cost` each; their addresses."""
         rng = await self.rng(rng_read_cost=cost, **both)

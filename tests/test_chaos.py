@@ -449,8 +449,15 @@ def test_kill_9_during_a_redis_outage_loses_at_most_the_unflushed_bound(
     """Redis paused for OUTAGE s: the worker stops mining once its oldest uncounted hash is
     UNFLUSHED s old (said once, not ready, still live), so a kill -9 then loses at most about
     UNFLUSHED s of its own rate, not the whole outage."""
+    # The coin bound out of the way: at turbo's rate and the original's rule (difficulty 1) it
+    # would pause the worker first, within a second.
     worker = turbo_worker_mining(
-        upstreams, own_redis, workers, worker_max_unflushed=UNFLUSHED, difficulty=difficulty
+        upstreams,
+        own_redis,
+        workers,
+        worker_max_unflushed=UNFLUSHED,
+        worker_max_pending_coins=2_000_000,
+        difficulty=difficulty,
     )
     before = worker.hashes_done()
     time.sleep(1.5)

@@ -24,7 +24,14 @@ from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
 from dockercoins_tools.procstat import memory_mb
-from tests.stack import FAST_COSTS, LoggedProcess, RunningStack, Service, wait_until
+from tests.stack import (
+    FAST_COSTS,
+    LoggedProcess,
+    RunningStack,
+    Service,
+    wait_until,
+    wait_until_async,
+)
 from tests.support import SourceForwarder, flood_cmd, grpcurl, hold_calls, service_env
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -715,7 +722,7 @@ from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 
 async def ask(address):  # a window of 64 KiB, as the worker's
     async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
-        request = hasher_pb2.HashRequest(data=os.urandom(1 << 20), block_size=64)
+        request = hasher_pb2.HashRequest(data=os.urandom(1 << 19), block_size=32)  # the largest
         call = hasher_pb2_grpc.HasherStub(channel).Hash(request)  # a 1.6 MB reply
         await asyncio.sleep(0.2)  # sent
         print("sent", flush=True)
@@ -737,6 +744,8 @@ async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(serv
     )
     try:
         assert await asyncio.wait_for(client.stdout.readline(), 20) == b"sent\n"
+        budget = servers.at(address).budgets.app
+        await wait_until_async(lambda: budget.in_use == 1, 10)  # its call has reached the server
         client.send_signal(signal.SIGSTOP)
         paused = time.monotonic()
         async with grpc.aio.insecure_channel(address) as channel:
