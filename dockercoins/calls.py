@@ -1,6 +1,7 @@
 """The server interceptor: every call's budget, in total and per client address (one for the
 application's calls, one for health and reflection), an end to calls that wait on their client
-too long and, with metrics on, every call counted and timed.
+too long, a request the servicer refuses (`RequestError`) answered with its status code and, with
+metrics on, every call counted and timed.
 
 grpcio's own `maximum_concurrent_rpcs` is not used: it counts every call together and refuses
 before any interceptor runs, so that one client holding streams made every other client's
@@ -22,6 +23,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from dockercoins.errors import RequestError
 from dockercoins.metrics import CallMetrics
 from dockercoins.settings import CallBoundSettings, GrpcServerSettings, env_name
 
@@ -192,7 +194,8 @@ def _wrap(
     """`behavior` as a handler that reads its requests itself (a request stream, whatever the
     method's kind, so that it runs from the call's first byte): the call holds a place in
     `budget` until it has ended, its last reply and status sent; it is ended (UNAVAILABLE)
-    when `watch` finds it waited on its client too long; when `metered`, it is counted and
+    when `watch` finds it waited on its client too long; a RequestError that `behavior`
+    raises ends it with the error's status code and message; when `metered`, it is counted and
     timed.
 
     A refused call is counted too, with its code. A streaming handler either yields its
@@ -234,6 +237,8 @@ def _wrap(
                 async for reply in behavior(request, tracked):
                     await tracked.write(reply)
                 return None
+            except RequestError as exc:
+                await context.abort(exc.code, str(exc))
             except asyncio.CancelledError:
                 if not call.idle:
                     raise

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from dockercoins.errors import InvalidArgument, RequestError, ResourceExhausted
+from dockercoins.errors import InvalidArgument, ResourceExhausted
 from dockercoins.grpcserver import write_or_gone
 from dockercoins.native import HashBlocks, HashPath, choose_hash_path, hash_function
 from dockercoins.settings import env_name
@@ -42,7 +42,8 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
     Every bound is checked before any work. Small requests are hashed on the event loop
     (a thread hop would cost the fast path more than the hashing); larger ones in one
     thread, one at a time, so that the loop keeps answering health checks meanwhile (the
-    native path releases the GIL: the loop runs on while the thread hashes).
+    native path releases the GIL: the loop runs on while the thread hashes). A request out of
+    bounds raises a RequestError, which the server's interceptor answers with its code.
     """
 
     def __init__(self, settings: HasherSettings, path: HashPath | None = None) -> None:
@@ -104,11 +105,7 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
     async def Hash(
         self, request: hasher_pb2.HashRequest, context: grpc.aio.ServicerContext
     ) -> hasher_pb2.HashReply:
-        try:
-            return await self._answer(request)
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
-            raise
+        return await self._answer(request)
 
     async def HashStream(
         self,
@@ -116,10 +113,6 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         async for request in request_iterator:
-            try:
-                reply = await self._answer(request)
-            except RequestError as exc:
-                await context.abort(exc.code, str(exc))
-                raise  # unreachable: abort raises
+            reply = await self._answer(request)
             if not await write_or_gone(context, reply, "HashStream"):
                 return
