@@ -154,7 +154,7 @@ MAX_SECONDS = 1e9
 every worker's are added up."""
 
 MAX_HASHES_PER_UNIT = 1e6
-"""Most hashes a unit of work may stand for (a turbo batch is at most 16384)."""
+"""Most hashes a unit of work may stand for (a batch is at most the wire's MAX_BATCH)."""
 
 STAGE_ROUNDING = 1e-3
 """How much a window's stages may sum beyond its units' wall time: each bucket's seconds are

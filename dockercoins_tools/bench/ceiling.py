@@ -38,7 +38,9 @@ def python_loop(seconds: float, difficulty: int, batch: int = PYTHON_BATCH) -> t
     while time.perf_counter() < end:
         data = os.urandom(size)
         view = memoryview(data)
-        digests = b"".join([sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(0, size, 32)])
+        digests = b"".join(
+            [sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(0, size, BLOCK_SIZE)]
+        )
         find_coins(data, digests, difficulty)
         done += batch
     return done, time.process_time() - cpu
