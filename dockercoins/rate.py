@@ -32,19 +32,6 @@ class Rate:
     samples: int
     span: float
 
-    @property
-    def relative_spread(self) -> float:
-        """Standard error as a fraction of the rate (infinite when the rate is 0)."""
-        return self.stderr / abs(self.per_second) if self.per_second else math.inf
-
-
-def two_poll_rate(previous: Sample, current: Sample) -> float:
-    """The original web UI's speed: difference of two polls over their time apart."""
-    elapsed = current.time - previous.time
-    if elapsed <= 0:
-        return 0.0
-    return (current.value - previous.value) / elapsed
-
 
 def since_last_reset(samples: Sequence[Sample]) -> Sequence[Sample]:
     """The samples after the counter last went down (Redis emptied or restarted without data)."""
@@ -94,18 +81,3 @@ def window_rate(
     end = ordered[-1].time if now is None else now
     recent = [s for s in ordered if end - window <= s.time <= end]
     return fit_slope(since_last_reset(recent))
-
-
-def rate_series(
-    samples: Sequence[Sample], window: float = DEFAULT_WINDOW
-) -> list[tuple[float, Rate]]:
-    """The windowed rate at every sample time (where one can be fitted), for a chart."""
-    series = []
-    first = 0
-    for index, sample in enumerate(samples):
-        while samples[first].time < sample.time - window:
-            first += 1
-        rate = fit_slope(since_last_reset(samples[first : index + 1]))
-        if rate is not None:
-            series.append((sample.time, rate))
-    return series
