@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from dockercoins.errors import DockercoinsError
+from dockercoins.settings import REDIS_TIMEOUT
 from dockercoins.stages import Summary
 
 HASHES_KEY = "hashes"
@@ -29,9 +30,6 @@ WALLET_KEY = "wallet"
 
 WORKER_KEY_PREFIX = "dockercoins:worker:"
 """String per live worker, JSON, expiring: workers announce themselves with a heartbeat."""
-
-REDIS_TIMEOUT = 2.0
-"""Seconds a Redis call or connect may take before it fails, unless the caller says otherwise."""
 
 
 def connect(url: str, timeout: float = REDIS_TIMEOUT, password: str | None = None) -> Redis:
@@ -228,9 +226,9 @@ async def record(
         raise BadWrite(str(exc), counted) from None
 
 
-async def announce_worker(redis: Redis, worker_id: str, info: dict[str, Any], ttl: float) -> None:
-    """Heartbeat: this worker is alive for the next `ttl` seconds."""
-    await redis.set(WORKER_KEY_PREFIX + worker_id, json.dumps(info), px=int(ttl * 1000))
+async def withdraw_heartbeat(redis: Redis, worker: str) -> None:
+    """Take a stopping worker's heartbeat away: it no longer counts among the live workers."""
+    await redis.delete(WORKER_KEY_PREFIX + worker)
 
 
 HEARTBEAT_PAGE = 100

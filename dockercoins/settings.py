@@ -10,6 +10,10 @@ from dockercoins.errors import ConfigError
 
 ENV_PREFIX = "DOCKERCOINS_"
 
+REDIS_TIMEOUT = 2.0
+"""Seconds a Redis call or connect may take before it fails: the default of every Redis client
+(`redis_store.connect`), the services' DOCKERCOINS_REDIS_TIMEOUT and the tools' alike."""
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Profile = Literal["classic", "turbo"]
 
@@ -85,9 +89,17 @@ class MetricsSettings(BaseServiceSettings):
 
 
 class RedisClientSettings(BaseServiceSettings):
-    """How a service reaches Redis: a URL, and its password from a file (a mounted secret)."""
+    """How a service reaches Redis: a URL, its password from a file (a mounted secret), and how
+    long it waits for it."""
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis this service uses.")
+    redis_timeout: float = Field(
+        REDIS_TIMEOUT,
+        gt=0,
+        le=60,
+        description="Seconds a service waits for Redis: to connect, for each reply, and for a "
+        "whole reading (the web UI's sample, /json, /readyz); then Redis counts as unreachable.",
+    )
     redis_password_file: FilePath | None = Field(
         None,
         description="File holding Redis's password (a mounted secret: compose's, say), for a "

@@ -1,6 +1,7 @@
 """What the tests share that is not a fixture: the repository's root, a service's environment,
-the CLI run to its end, real gRPC servers in the test's event loop, the real grpcurl, a TCP
-forwarder that makes a client come from another address, and a flood of held calls."""
+the CLI run to its end, real gRPC servers in the test's event loop, a worker's heartbeat, the real
+grpcurl, a TCP forwarder that makes a client come from another address, and a flood of held
+calls."""
 
 import asyncio
 import contextlib
@@ -21,6 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dockercoins.redis_store import Heartbeat, record
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +135,12 @@ async def grpcurl(*args: str) -> tuple[int, str]:
     return await _run_async([tool("grpcurl"), "-plaintext", *args], None, 30)
 
 
+async def announce_worker(redis: Any, worker: str, info: dict[str, Any], ttl: float) -> None:
+    """A heartbeat of `worker`, alive for `ttl` seconds, written as a worker writes it (with a
+    flush of nothing)."""
+    await record(redis, 0, {}, heartbeat=Heartbeat(worker, info, ttl))
+
+
 FAST_WORKER = {"worker_think_time": 0.005, "worker_flush_interval": 0.3}
 """A worker that thinks 5 ms and flushes every 0.3 s: tests see its work soon."""
 
@@ -200,9 +208,9 @@ class SourceForwarder:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> str:
-        """Listen on a free port of 127.0.0.1; its host:port."""
-        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> str:
+        """Listen on `port` of 127.0.0.1 (0: a free one); its host:port."""
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", port)
         self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self.address
 

@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import WALLET_KEY, WORKER_KEY_PREFIX
 from tests.stack import LoggedProcess, RedisProcess, wait_until
 from tests.support import service_env
 
@@ -34,7 +35,7 @@ GRACE = 2.0
 
 WORKER = {
     "rpc_timeout": 1.0,
-    "worker_redis_timeout": 0.5,
+    "redis_timeout": 0.5,
     "worker_flush_interval": 0.2,
     "grace": GRACE,
     "worker_think_time": 0.01,
@@ -186,7 +187,7 @@ def assert_exact_count(server: RedisProcess, worker: Worker) -> tuple[int, float
     hashes, coins, unflushed, took = worker.stop_and_totals()
     assert unflushed == 0, worker.output
     assert server.hashes() == hashes, worker.output
-    assert server.client.hlen("wallet") == coins
+    assert server.client.hlen(WALLET_KEY) == coins
     return hashes, took
 
 
@@ -249,7 +250,7 @@ def test_readiness_and_the_heartbeat_say_mining_only_while_it_mines(
     workers.append(worker)
 
     def heartbeat() -> dict:
-        keys = own_redis.client.keys("dockercoins:worker:*")
+        keys = own_redis.client.keys(WORKER_KEY_PREFIX + "*")
         return json.loads(own_redis.client.get(keys[0]) or "{}") if keys else {}
 
     wait_until(lambda: heartbeat().get("mining") is True, 30, "heartbeat mining", worker)
@@ -538,4 +539,4 @@ def test_sigterm_during_an_outage_stops_within_the_grace(
     else:
         assert unflushed == 0
         assert own_redis.hashes() == hashes
-        assert own_redis.client.hlen("wallet") == coins
+        assert own_redis.client.hlen(WALLET_KEY) == coins

@@ -10,7 +10,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from dockercoins.redis_store import BadWrite, Heartbeat
+from dockercoins.redis_store import (
+    FLUSHED_KEY_PREFIX,
+    HASHES_KEY,
+    WALLET_KEY,
+    BadWrite,
+    Heartbeat,
+)
 from worker_svc.ledger import COIN_BATCH, Ledger
 
 
@@ -96,14 +102,14 @@ async def test_a_count_whose_reply_was_lost_is_added_once(lossy) -> None:
     await lose_the_next_reply(proxy, client)
     with pytest.raises((RedisConnectionError, OSError)):
         await ledger.flush(client)
-    assert int(await direct.get("hashes")) == 100, "Redis applied it"
+    assert int(await direct.get(HASHES_KEY)) == 100, "Redis applied it"
     assert ledger.unflushed_hashes == 100, "the worker cannot know"
 
     ledger.add(50, {})
     await ledger.flush(client)  # resends the 100 as it was, then the 50
-    assert int(await direct.get("hashes")) == 150
+    assert int(await direct.get(HASHES_KEY)) == 150
     assert ledger.unflushed_hashes == 0
-    assert await direct.hget("wallet", "0abc") == b"x" * 32
+    assert await direct.hget(WALLET_KEY, "0abc") == b"x" * 32
     assert ledger.total_hashes == 150
 
 
@@ -114,7 +120,7 @@ async def test_the_clients_own_retry_after_a_lost_reply_counts_once(lossy) -> No
     ledger.add(100, {})
     await lose_the_next_reply(proxy, client)
     await ledger.flush(client)
-    assert int(await direct.get("hashes")) == 100  # sent twice, added once
+    assert int(await direct.get(HASHES_KEY)) == 100  # sent twice, added once
 
 
 async def test_two_writers_never_skip_each_others_counts(redis_url) -> None:
@@ -123,7 +129,7 @@ async def test_two_writers_never_skip_each_others_counts(redis_url) -> None:
     for ledger in (first, second, first, second):
         ledger.add(10, {})
         await ledger.flush(redis)
-    assert int(await redis.get("hashes")) == 40
+    assert int(await redis.get(HASHES_KEY)) == 40
     await redis.aclose()
 
 
@@ -138,16 +144,16 @@ async def test_a_chunked_drain_cut_short_resumes_and_counts_once(lossy) -> None:
     proxy.replies_before_drop = 2  # two chunks answered, the third applied but not answered
     with pytest.raises((RedisConnectionError, OSError)):
         await ledger.flush(client)
-    assert await direct.hlen("wallet") == 30
-    assert await direct.get("hashes") is None, "the count goes last, with the last chunk"
+    assert await direct.hlen(WALLET_KEY) == 30
+    assert await direct.get(HASHES_KEY) is None, "the count goes last, with the last chunk"
     assert ledger.pending_coins == 35 and ledger.unflushed_hashes == 220
 
     await ledger.flush(client)
-    assert await direct.hgetall("wallet") == {k.encode(): v for k, v in coins.items()}
-    assert int(await direct.get("hashes")) == 220
+    assert await direct.hgetall(WALLET_KEY) == {k.encode(): v for k, v in coins.items()}
+    assert int(await direct.get(HASHES_KEY)) == 220
     assert ledger.pending_coins == 0 and ledger.unflushed_hashes == 0
     await ledger.flush(client)
-    assert int(await direct.get("hashes")) == 220
+    assert int(await direct.get(HASHES_KEY)) == 220
 
 
 async def test_the_backlog_bound_pauses_mining_until_redis_takes_half(redis_url, caplog) -> None:
@@ -179,7 +185,7 @@ async def test_the_backlog_bound_pauses_mining_until_redis_takes_half(redis_url,
     await ledger.flush(redis, coins_only=True)
     ledger.make_room()
     assert ledger.room.is_set() and ledger.pending_coins == 0
-    assert await redis.hlen("wallet") == 2 * COIN_BATCH + COIN_BATCH // 2
+    assert await redis.hlen(WALLET_KEY) == 2 * COIN_BATCH + COIN_BATCH // 2
     assert [r.getMessage() for r in caplog.records if "mining" in r.getMessage()] == [
         paused[0],
         "mining resumed: Redis took the backlog",
@@ -214,7 +220,7 @@ async def test_the_unflushed_bound_pauses_mining_once_until_redis_takes_the_work
     await ledger.flush(redis)
     ledger.make_room()
     assert ledger.room.is_set() and ledger.unflushed_seconds() == 0.0
-    assert int(await redis.get("hashes")) == 4000
+    assert int(await redis.get(HASHES_KEY)) == 4000
     assert [r.getMessage() for r in caplog.records if "mining" in r.getMessage()][1:] == [
         "mining resumed: Redis took the backlog"
     ]
@@ -228,7 +234,7 @@ async def test_a_count_refused_for_bad_data_is_kept_and_counted_once_later(redis
     redis = Redis.from_url(redis_url)
     now = [0.0]
     ledger = Ledger("w", clock=lambda: now[0])
-    flushed = "dockercoins:flushed:w"
+    flushed = FLUSHED_KEY_PREFIX + "w"
     for garbage in ("1e999", "999999999"):  # garbled, and ahead of this writer's flushes
         await redis.set(flushed, garbage)
         ledger.add(100, {})
@@ -238,16 +244,16 @@ async def test_a_count_refused_for_bad_data_is_kept_and_counted_once_later(redis
     now[0] = 5.0
     assert ledger.unflushed_hashes == 200 and ledger.unflushed_seconds() == 5.0
     await redis.delete(flushed)
-    await redis.set("wallet", "not a hash")
+    await redis.set(WALLET_KEY, "not a hash")
     ledger.add(50, {"0abc": b"x" * 32})
     heartbeat = Heartbeat("w", {}, 10)  # in a transaction: the count goes in, the coin not
     with pytest.raises(BadWrite, match="`wallet` holds another type than a hash") as refused:
         await ledger.flush(redis, heartbeat=heartbeat)
     assert refused.value.counted
-    assert int(await redis.get("hashes")) == 250 and ledger.unflushed_hashes == 0
+    assert int(await redis.get(HASHES_KEY)) == 250 and ledger.unflushed_hashes == 0
     assert ledger.pending_coins == 1
-    await redis.delete("wallet")
+    await redis.delete(WALLET_KEY)
     await ledger.flush(redis, heartbeat=heartbeat)
-    assert int(await redis.get("hashes")) == 250
-    assert await redis.hget("wallet", "0abc") == b"x" * 32
+    assert int(await redis.get(HASHES_KEY)) == 250
+    assert await redis.hget(WALLET_KEY, "0abc") == b"x" * 32
     await redis.aclose()

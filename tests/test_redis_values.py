@@ -22,6 +22,9 @@ from dockercoins.counter_sampler import CounterSampler
 from dockercoins.net import free_port
 from dockercoins.redis_store import (
     FLUSHED_KEY_PREFIX,
+    HASHES_KEY,
+    WALLET_KEY,
+    WORKER_KEY_PREFIX,
     BadData,
     BadHeartbeat,
     BadWrite,
@@ -35,8 +38,8 @@ from dockercoins.settings import load_settings
 from dockercoins.stages import STAGES, UNIT, StageMerge, StageTimes
 from tests.stack import Service, wait_until_async
 from webui.config import WebuiSettings
+from webui.monitor import Fleet, latency_fields
 from webui.server import create_app
-from webui.service import Fleet, latency_fields
 
 PROPERTY = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -128,7 +131,7 @@ def test_any_heartbeat_is_read_or_refused_and_the_merge_never_raises(texts: list
     fleet = Fleet()
     merging = StageMerge()
     for n, text in enumerate([*texts, json.dumps(REAL)]):
-        heartbeat = parse_heartbeat(f"dockercoins:worker:{n}", b"string", text.encode())
+        heartbeat = parse_heartbeat(f"{WORKER_KEY_PREFIX}{n}", b"string", text.encode())
         assert isinstance(heartbeat, WorkerHeartbeat | BadHeartbeat)
         fleet.add(heartbeat)
         if isinstance(heartbeat, WorkerHeartbeat) and heartbeat.info.latency is not None:
@@ -164,9 +167,9 @@ def test_any_heartbeat_in_redis_leaves_the_sampler_and_json_standing(page, text:
 
     async def example() -> None:
         redis_client = app.state.redis
-        await redis_client.set("hashes", 12345)
-        await redis_client.set("dockercoins:worker:real", json.dumps(REAL), ex=60)
-        await redis_client.set("dockercoins:worker:x", text, ex=60)
+        await redis_client.set(HASHES_KEY, 12345)
+        await redis_client.set(WORKER_KEY_PREFIX + "real", json.dumps(REAL), ex=60)
+        await redis_client.set(WORKER_KEY_PREFIX + "x", text, ex=60)
         await monitor.sample_once()
         monitor.add_point()
         snapshot = strict_json(json.dumps(monitor.snapshot(), allow_nan=False))
@@ -200,7 +203,7 @@ def test_any_counter_is_read_as_a_count_or_bad_data(redis_url, hashes, flushed) 
     async def example() -> None:
         client = connect(redis_url)
         try:
-            await client.set("hashes", hashes)
+            await client.set(HASHES_KEY, hashes)
             try:
                 totals = await read_totals(client)
                 assert totals.hashes == int(hashes or 0) and 0 <= totals.hashes < 2**63
@@ -210,17 +213,17 @@ def test_any_counter_is_read_as_a_count_or_bad_data(redis_url, hashes, flushed) 
             sampler = CounterSampler.of_redis(client, 1.0)  # the bench's and the experiment's
             reading = await sampler.sample_answered()
             assert (reading and reading.totals.hashes) == (totals and totals.hashes)
-            await client.set("hashes", 0)
+            await client.set(HASHES_KEY, 0)
             await client.set(FLUSHED_KEY_PREFIX + "w", flushed)
             last = int(flushed) if re.fullmatch(rb"\d{1,15}", flushed) else None
             try:
                 await record(client, 10, {}, "w", 7)
                 assert last is not None and last <= 7, "bad data taken"
-                assert int(await client.get("hashes")) == (10 if last < 7 else 0)  # 7: in
+                assert int(await client.get(HASHES_KEY)) == (10 if last < 7 else 0)  # 7: in
             except BadWrite as exc:
                 assert last is None or last > 7
                 assert f"`{FLUSHED_KEY_PREFIX}w`" in str(exc) and not exc.counted
-                assert int(await client.get("hashes")) == 0
+                assert int(await client.get(HASHES_KEY)) == 0
         finally:
             await client.aclose()
 
@@ -263,17 +266,17 @@ async def test_the_web_ui_and_a_worker_run_on_while_bad_keys_live_in_redis(
 
     try:
         webui.wait_for("listening on")
-        await wait_until_async(lambda: sync.hlen("wallet") > 0, 30, "coins")
-        [heartbeat] = sync.keys("dockercoins:worker:*")
-        flushed = FLUSHED_KEY_PREFIX + heartbeat.decode().removeprefix("dockercoins:worker:")
+        await wait_until_async(lambda: sync.hlen(WALLET_KEY) > 0, 30, "coins")
+        [heartbeat] = sync.keys(WORKER_KEY_PREFIX + "*")
+        flushed = FLUSHED_KEY_PREFIX + heartbeat.decode().removeprefix(WORKER_KEY_PREFIX)
 
-        sync.set("dockercoins:worker:x", '{"latency":{"units":Infinity}}')  # the value
-        body = await json_says("worker heartbeat `dockercoins:worker:x` skipped: latency.units")
+        sync.set(WORKER_KEY_PREFIX + "x", '{"latency":{"units":Infinity}}')  # the value
+        body = await json_says(f"worker heartbeat `{WORKER_KEY_PREFIX}x` skipped: latency.units")
         assert (body["status"], body["workers"]) == ("bad-data", 1)
-        sync.delete("dockercoins:worker:x")
-        sync.hset("dockercoins:worker:h", "mining", "true")
-        await json_says("`dockercoins:worker:h` skipped: a hash, not a string")
-        sync.delete("dockercoins:worker:h")
+        sync.delete(WORKER_KEY_PREFIX + "x")
+        sync.hset(WORKER_KEY_PREFIX + "h", "mining", "true")
+        await json_says(f"`{WORKER_KEY_PREFIX}h` skipped: a hash, not a string")
+        sync.delete(WORKER_KEY_PREFIX + "h")
 
         saved = sync.get(flushed)
         sync.set(flushed, "garbage")
@@ -284,18 +287,18 @@ async def test_the_web_ui_and_a_worker_run_on_while_bad_keys_live_in_redis(
         await logged(r"mining resumed")
 
         with sync.pipeline() as pipe:  # a transaction: no flush between the two
-            pipe.rename("wallet", "saved-wallet").set("wallet", "a string").execute()
+            pipe.rename(WALLET_KEY, "saved-wallet").set(WALLET_KEY, "a string").execute()
         await json_says("`wallet` holds another type than a hash (WRONGTYPE)")
         await logged(r"BadWrite: `wallet` holds another type than a hash")
         with sync.pipeline() as pipe:
-            pipe.delete("wallet").rename("saved-wallet", "wallet").execute()
+            pipe.delete(WALLET_KEY).rename("saved-wallet", WALLET_KEY).execute()
         await logged(r"redis is back after", 2)  # one outage, one line, each
         with sync.pipeline() as pipe:
-            pipe.rename("hashes", "saved-hashes").rpush("hashes", "a list").execute()
+            pipe.rename(HASHES_KEY, "saved-hashes").rpush(HASHES_KEY, "a list").execute()
         await json_says("`hashes` holds another type than a counter (WRONGTYPE)")
         await logged(r"BadWrite: `hashes` cannot count: WRONGTYPE")
         with sync.pipeline() as pipe:
-            pipe.delete("hashes").rename("saved-hashes", "hashes").execute()
+            pipe.delete(HASHES_KEY).rename("saved-hashes", HASHES_KEY).execute()
         await json_says("", "live")
 
         assert worker.returncode is None and webui.proc.poll() is None
@@ -305,8 +308,8 @@ async def test_the_web_ui_and_a_worker_run_on_while_bad_keys_live_in_redis(
             r"worker stopped: (\d+) hashes, (\d+) coins, 0 hashes unflushed", log.read_text()
         )
         assert stopped, log.read_text()[-3000:]
-        assert int(sync.get("hashes")) == int(stopped[1])
-        assert sync.hlen("wallet") == int(stopped[2])
+        assert int(sync.get(HASHES_KEY)) == int(stopped[1])
+        assert sync.hlen(WALLET_KEY) == int(stopped[2])
     finally:
         webui.terminate()
         webui.kill()

@@ -1,4 +1,5 @@
-"""The web UI against a real redis-server: /json, probes, SSE, the sampler, the process."""
+"""The web UI against a real redis-server: /json, probes, SSE, its doors, the process. Its
+monitor (the sampler behind them) is tested in tests/test_monitor.py."""
 
 import asyncio
 import contextlib
@@ -18,11 +19,10 @@ import pytest
 import redis
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 
 from dockercoins.errors import PortInUseError
 from dockercoins.net import free_port
-from dockercoins.redis_store import announce_worker, connect
+from dockercoins.redis_store import HASHES_KEY, WALLET_KEY, WORKER_KEY_PREFIX
 from dockercoins.settings import load_settings
 from dockercoins.stages import StageTimes
 from dockercoins_tools.procstat import memory_mb
@@ -31,7 +31,6 @@ from tests.support import service_env
 from webui.config import WebuiSettings
 from webui.connections import client_key
 from webui.server import _Server, bind_listener, create_app, server_config
-from webui.service import SpeedMonitor
 
 LETTERS = str.maketrans("0123456789", "abcdefghij")
 """Digits as letters: rng modes are lowercase words."""
@@ -76,8 +75,8 @@ async def json_when(
 
 async def test_json_has_the_original_shape(client: httpx.AsyncClient, redis_url: str) -> None:
     sync = redis.Redis.from_url(redis_url)
-    sync.incrby("hashes", 42)
-    sync.hset("wallet", mapping={"0abc": b"x", "0def": b"y", "0123": b"z"})
+    sync.incrby(HASHES_KEY, 42)
+    sync.hset(WALLET_KEY, mapping={"0abc": b"x", "0def": b"y", "0123": b"z"})
 
     response = await client.get("/json")
 
@@ -128,79 +127,13 @@ async def test_page_and_vendored_chart_are_served_locally(client: httpx.AsyncCli
     assert (await client.get("/static/vendor/uplot/LICENSE")).status_code == 200
 
 
-async def test_monitor_fits_the_rate_and_marks_worker_changes(redis_url: str) -> None:
-    client: Redis = connect(redis_url)
-    monitor = SpeedMonitor(client, window=5, mark_settle=0.3)
-    try:
-        await announce_worker(client, "one", {"loops": 1, "rng_mode": "buffered"}, ttl=30)
-        for step in range(12):
-            await client.incrby("hashes", 50)
-            await monitor.sample_once()
-            if step == 6:
-                await announce_worker(client, "two", {"loops": 1}, ttl=30)
-            if step == 7:
-                second_seen = monitor.snapshot()["now"]  # Redis's clock, as the page shows it
-            monitor.add_point()
-            await asyncio.sleep(0.1)
-
-        state = monitor.snapshot()
-        assert state["status"] == "live"
-        assert state["rng_mode"] == "buffered"
-        assert state["workers"] == 2
-        # One mark, "2 workers", where the second one began (not 0.3 s later, when it settled),
-        # on the chart's time axis: the point drawn from the same sample.
-        assert state["marks"] == [[pytest.approx(second_seen, abs=0.01), 2]]
-        assert state["points"][7][0] == pytest.approx(second_seen, abs=0.01)
-        assert 200 < state["speed"] < 1000  # 50 per ~0.1 s, on a busy machine
-        assert len(state["points"]) == 12
-        newer = monitor.snapshot(after=state["seq"])
-        assert newer["points"] == [] and newer["marks"] == [] and not newer["reset"]
-    finally:
-        await client.aclose()
-
-
-async def test_one_scaling_step_draws_one_mark_where_it_began(redis_url: str) -> None:
-    client: Redis = connect(redis_url)
-    monitor = SpeedMonitor(client, mark_settle=0.6)
-
-    async def sample_for(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            await monitor.sample_once()
-            await asyncio.sleep(0.05)
-
-    try:
-        for name in range(3):
-            await announce_worker(client, f"w{name}", {}, ttl=30)
-        await monitor.sample_once()
-        began = None
-        for name in range(3, 10):  # `scale worker=10`: seven heartbeats over about a second
-            await announce_worker(client, f"w{name}", {}, ttl=30)
-            await monitor.sample_once()
-            began = began or monitor.totals.now
-            await asyncio.sleep(0.15)
-        assert monitor.snapshot()["marks"] == []  # not settled yet
-        await sample_for(1.0)
-        assert monitor.snapshot()["marks"] == [[pytest.approx(began, abs=0.01), 10]]
-
-        seq = monitor.last_seq
-        await client.delete("dockercoins:worker:w9")  # a heartbeat missed, then back: no mark
-        await monitor.sample_once()
-        await announce_worker(client, "w9", {}, ttl=30)
-        await sample_for(1.0)
-        assert monitor.snapshot(after=seq)["marks"] == []
-        assert monitor.workers == 10
-    finally:
-        await client.aclose()
-
-
 async def test_the_rng_mode_comes_from_the_heartbeats_and_says_mixed(
     client: httpx.AsyncClient, redis_url: str
 ) -> None:
     sync = redis.Redis.from_url(redis_url)
 
     def beat(name: str, mode: str) -> None:
-        sync.set(f"dockercoins:worker:{name}", json.dumps({"rng_mode": mode}), ex=30)
+        sync.set(f"{WORKER_KEY_PREFIX}{name}", json.dumps({"rng_mode": mode}), ex=30)
 
     body = await json_when(client, lambda body: body["status"] == "live")
     assert body["rng_mode"] is None and body["rng_modes"] == {}
@@ -211,7 +144,7 @@ async def test_the_rng_mode_comes_from_the_heartbeats_and_says_mixed(
     beat("c", "blocking,buffered")
     body = await json_when(client, lambda body: body["rng_mode"] == "mixed")
     assert body["rng_modes"] == {"blocking": 2, "buffered": 2}
-    sync.delete("dockercoins:worker:a", "dockercoins:worker:c")
+    sync.delete(WORKER_KEY_PREFIX + "a", WORKER_KEY_PREFIX + "c")
     await json_when(client, lambda body: body["rng_mode"] == "buffered")
 
 
@@ -227,8 +160,8 @@ async def test_json_and_metrics_give_the_workers_stage_times(
         for _ in range(50):
             times.add(0.1, rng_seconds, 0.1, 0.00002)
         info = {"latency": times.summary(hashes_per_unit=1)}
-        sync.set(f"dockercoins:worker:{name}", json.dumps(info), ex=30)
-    sync.set("dockercoins:worker:older", json.dumps({"mining": True}), ex=30)  # no stage times
+        sync.set(f"{WORKER_KEY_PREFIX}{name}", json.dumps(info), ex=30)
+    sync.set(WORKER_KEY_PREFIX + "older", json.dumps({"mining": True}), ex=30)  # no stage times
 
     body = await json_when(client, lambda body: body["latency"]["rng"] is not None)
     assert {"coins", "hashes", "now"} <= body.keys()
@@ -247,20 +180,6 @@ async def test_json_and_metrics_give_the_workers_stage_times(
     )
     assert rng_p99 and float(rng_p99[1]) == latency["rng"]["p99"]
     assert 'dockercoins_stage_share{stage="rng"}' in metrics
-
-
-async def test_monitor_says_why_when_redis_is_down() -> None:
-    client = connect(f"redis://127.0.0.1:{free_port()}/0")
-    monitor = SpeedMonitor(client)
-    try:
-        await monitor.sample_once()
-        point = monitor.add_point()
-    finally:
-        await client.aclose()
-    assert point.rate is None
-    state = monitor.snapshot()
-    assert state["status"] == "redis-unreachable"
-    assert state["reason"].startswith("Redis unreachable")
 
 
 def test_busy_port_is_refused_with_its_number() -> None:
@@ -300,11 +219,12 @@ def webui_process(redis_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]
         proc.wait(10)
 
 
+@pytest.mark.slow
 def test_process_streams_events_and_stops_on_sigterm(
     webui_process: tuple[subprocess.Popen[str], str], redis_url: str
 ) -> None:
     proc, url = webui_process
-    redis.Redis.from_url(redis_url).incrby("hashes", 7)
+    redis.Redis.from_url(redis_url).incrby(HASHES_KEY, 7)
     states = []
     with (
         httpx.Client(base_url=url, timeout=10) as http,
@@ -405,6 +325,7 @@ def test_a_flood_of_idle_streams_from_one_address_leaves_the_page_to_everyone(
             sock.close()
 
 
+@pytest.mark.slow
 def test_process_on_a_busy_port_fails_with_one_line(redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -432,19 +353,6 @@ async def test_every_response_carries_the_security_headers(client: httpx.AsyncCl
         assert response.headers["referrer-policy"] == "no-referrer", path
 
 
-async def test_only_mining_workers_are_counted(redis_url: str) -> None:
-    client: Redis = connect(redis_url)
-    monitor = SpeedMonitor(client)
-    try:
-        await announce_worker(client, "busy", {"mining": True}, ttl=30)
-        await announce_worker(client, "paused", {"mining": False}, ttl=30)
-        await announce_worker(client, "older", {"loops": 1}, ttl=30)  # no `mining`: mining
-        await monitor.sample_once()
-    finally:
-        await client.aclose()
-    assert (monitor.status, monitor.workers) == ("live", 2)
-
-
 async def test_bad_data_in_redis_is_said_by_the_page_and_json(
     client: httpx.AsyncClient, redis_url: str
 ) -> None:
@@ -455,20 +363,20 @@ async def test_bad_data_in_redis_is_said_by_the_page_and_json(
             client, lambda body: body["status"] == status and reason in (body["reason"] or "")
         )
 
-    sync.set("hashes", "notanumber")
+    sync.set(HASHES_KEY, "notanumber")
     await says("bad-data", "`hashes` holds 'notanumber', not a number of hashes")
     assert (await client.get("/json")).status_code == 503
-    sync.set("hashes", "9" * 30)  # more digits than any count Redis keeps
+    sync.set(HASHES_KEY, "9" * 30)  # more digits than any count Redis keeps
     await says("bad-data", "`hashes` holds '999")
-    sync.set("hashes", 5)
-    sync.set("wallet", "not a hash")
+    sync.set(HASHES_KEY, 5)
+    sync.set(WALLET_KEY, "not a hash")
     await says("bad-data", "`wallet` holds another type than a hash (WRONGTYPE)")
-    sync.delete("wallet")
-    sync.delete("hashes")
-    sync.rpush("hashes", 1)
+    sync.delete(WALLET_KEY)
+    sync.delete(HASHES_KEY)
+    sync.rpush(HASHES_KEY, 1)
     await says("bad-data", "`hashes` holds another type than a counter (WRONGTYPE)")
-    sync.delete("hashes")
-    sync.set("hashes", 5)
+    sync.delete(HASHES_KEY)
+    sync.set(HASHES_KEY, 5)
     await says("live", "")
 
 
@@ -478,8 +386,8 @@ async def test_a_bad_heartbeat_is_skipped_and_named_and_the_sample_stands(
     """The issue's value (`Infinity` in the stage times) took the web UI down; now it and
     other bad heartbeats are skipped, named on /json, and the good workers still count."""
     sync = redis.Redis.from_url(redis_url)
-    sync.set("hashes", 5)
-    sync.set("dockercoins:worker:good", json.dumps({"mining": True, "rng_mode": "buffered"}))
+    sync.set(HASHES_KEY, 5)
+    sync.set(WORKER_KEY_PREFIX + "good", json.dumps({"mining": True, "rng_mode": "buffered"}))
 
     async def says(reason: str) -> dict[str, Any]:
         return await json_when(
@@ -494,16 +402,16 @@ async def test_a_bad_heartbeat_is_skipped_and_named_and_the_sample_stands(
         ("x", "[" * 100_000, "longer than 65536 bytes"),
         ("x", "[" * 5000, "Invalid JSON: recursion limit exceeded"),
     ]:
-        sync.set(f"dockercoins:worker:{key}", bad)
-        body = await says(f"worker heartbeat `dockercoins:worker:{key}` skipped: {why}")
+        sync.set(f"{WORKER_KEY_PREFIX}{key}", bad)
+        body = await says(f"worker heartbeat `{WORKER_KEY_PREFIX}{key}` skipped: {why}")
         assert (body["hashes"], body["workers"], body["rng_mode"]) == (5, 1, "buffered"), body
-    sync.delete("dockercoins:worker:x")
-    sync.hset("dockercoins:worker:h", "mining", "true")
-    body = await says("worker heartbeat `dockercoins:worker:h` skipped: a hash, not a string")
+    sync.delete(WORKER_KEY_PREFIX + "x")
+    sync.hset(WORKER_KEY_PREFIX + "h", "mining", "true")
+    body = await says(f"worker heartbeat `{WORKER_KEY_PREFIX}h` skipped: a hash, not a string")
     assert body["workers"] == 1
-    sync.incrby("hashes", 100)  # the rate goes on through bad heartbeats
+    sync.incrby(HASHES_KEY, 100)  # the rate goes on through bad heartbeats
     await json_when(client, lambda body: (body["hashes_per_second"] or 0) > 0)
-    sync.delete("dockercoins:worker:h")
+    sync.delete(WORKER_KEY_PREFIX + "h")
     await json_when(client, lambda body: body["status"] == "live")
 
 
@@ -654,7 +562,7 @@ async def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
     sync = redis.Redis.from_url(redis_url)
     for n in range(900):  # a big fleet's state, 4 rng modes each: about 80 KB per event
         modes = ",".join(f"{n:04d}{part}".translate(LETTERS) + "x" * 11 for part in "0123")
-        sync.set(f"dockercoins:worker:w{n}", json.dumps({"rng_mode": modes}), ex=120)
+        sync.set(f"{WORKER_KEY_PREFIX}w{n}", json.dumps({"rng_mode": modes}), ex=120)
     was = dropped("stopped-reading")
     async with served_app(redis_url, webui_write_timeout=1.0) as (app, port):
         await wait_for_points(app, 1)

@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dockercoins.metrics import export
-from webui.service import SpeedMonitor
+from webui.monitor import SpeedMonitor
 
 WEBUI_STREAMS = Gauge("dockercoins_webui_streams", "Live /events streams (open pages).")
 WEBUI_REFUSED = Counter(

@@ -14,14 +14,8 @@ from redis.exceptions import RedisError
 
 from dockercoins.counter_sampler import CounterSampler
 from dockercoins.rate import DEFAULT_WINDOW, Rate, window_rate
-from dockercoins.redis_store import (
-    REDIS_TIMEOUT,
-    BadData,
-    BadHeartbeat,
-    Totals,
-    WorkerHeartbeat,
-    heartbeats,
-)
+from dockercoins.redis_store import BadData, BadHeartbeat, Totals, WorkerHeartbeat, heartbeats
+from dockercoins.settings import REDIS_TIMEOUT
 from dockercoins.stages import STAGES, StageMerge
 from webui.config import MARK_SETTLE
 
@@ -35,6 +29,7 @@ POINT_INTERVAL = 1.0
 
 HISTORY = 300.0
 """Seconds of chart the server keeps and sends to a page that connects."""
+
 
 def redis_reason(exc: BaseException) -> str:
     """One line saying why Redis could not be read."""

@@ -25,20 +25,11 @@ from dockercoins.settings import env_name
 from webui.config import WebuiSettings
 from webui.connections import PerClient, client_key, guarded_h11
 from webui.metrics import WEBUI_REFUSED, WEBUI_RENEWED, WEBUI_STREAMS, watch_stages
-from webui.service import (
-    READ_TIMEOUT,
-    SpeedMonitor,
-    bad_data_reason,
-    latency_fields,
-    redis_reason,
-)
+from webui.monitor import SpeedMonitor, bad_data_reason, latency_fields, redis_reason
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-REDIS_TIMEOUT = 1.0
-"""Seconds a Redis connect or reply may take: a dead Redis must give a 503, not a hang."""
 
 BACKLOG = 128
 """Connections the listening socket queues before the app accepts them."""
@@ -110,8 +101,10 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
-        redis = connect(settings.redis_url, REDIS_TIMEOUT, settings.redis_password())
-        monitor = SpeedMonitor(redis, mark_settle=settings.webui_mark_settle)
+        redis = connect(settings.redis_url, settings.redis_timeout, settings.redis_password())
+        monitor = SpeedMonitor(
+            redis, mark_settle=settings.webui_mark_settle, read_timeout=settings.redis_timeout
+        )
         unwatch = watch_stages(monitor)
         app.state.redis = redis
         app.state.monitor = monitor
@@ -155,9 +148,9 @@ def create_app(settings: WebuiSettings) -> FastAPI:
 
     @app.get("/readyz", response_model=None)
     async def readyz(request: Request) -> dict[str, str] | JSONResponse:
-        """Readiness: Redis answers a PING."""
+        """Readiness: Redis answers a PING (a dead Redis gives a 503, not a hang)."""
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(settings.redis_timeout):
                 await request.app.state.redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             return unavailable(redis_reason(exc))
@@ -167,7 +160,7 @@ def create_app(settings: WebuiSettings) -> FastAPI:
     async def totals(request: Request) -> dict[str, object] | JSONResponse:
         """The original's numbers (`coins`, `hashes`, `now`), plus the windowed speed."""
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(settings.redis_timeout):
                 read = await read_totals(request.app.state.redis)
         except BadData as exc:
             return unavailable(bad_data_reason(exc), "bad-data")

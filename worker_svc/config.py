@@ -101,9 +101,6 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
         "and hasher; a ping unanswered within DOCKERCOINS_RPC_TIMEOUT closes the connection "
         "(servers accept pings every 5 s at most).",
     )
-    worker_redis_timeout: float = Field(
-        2.0, gt=0, le=60, description="Seconds the worker waits for Redis on each command."
-    )
     worker_max_pending_coins: int = Field(
         200_000,
         ge=1,
@@ -118,14 +115,14 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
         description="Seconds of mining a worker may hold that Redis has not counted (from the "
         "oldest hash not yet in `hashes`): at this bound it stops mining until Redis takes "
         "them, so a kill -9 during a Redis outage loses at most this much work. Longer than "
-        "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
+        "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_REDIS_TIMEOUT.",
     )
     worker_flush_chunk: int = Field(
         10_000,
         ge=1,
         le=1_000_000,
         description="Coins written to Redis per command (a unit's coins are never split), so "
-        "that a backlog drains in steps that each fit DOCKERCOINS_WORKER_REDIS_TIMEOUT.",
+        "that a backlog drains in steps that each fit DOCKERCOINS_REDIS_TIMEOUT.",
     )
     worker_stage_timing: bool = Field(
         True,
@@ -182,11 +179,11 @@ class WorkerSettings(TlsSettings, MetricsSettings, RedisClientSettings, CallBoun
                 "DOCKERCOINS_WORKER_READY_TIMEOUT must be longer than "
                 f"DOCKERCOINS_WORKER_THINK_TIME ({self.worker_think_time} s)"
             )
-        flush = self.worker_flush_interval + self.worker_redis_timeout
+        flush = self.worker_flush_interval + self.redis_timeout
         if self.worker_max_unflushed <= flush:
             raise ValueError(
                 "DOCKERCOINS_WORKER_MAX_UNFLUSHED must be longer than "
-                "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_WORKER_REDIS_TIMEOUT "
+                "DOCKERCOINS_WORKER_FLUSH_INTERVAL + DOCKERCOINS_REDIS_TIMEOUT "
                 f"({flush:g} s): the work between two flushes would pause mining"
             )
         step = self.worker_think_time + self.rpc_timeout + MAX_BACKOFF

@@ -26,7 +26,7 @@ class Ledger:
     cleared (mining pauses) at `max_pending` coins not yet written, until Redis has taken half
     of them, and once the oldest hash not yet counted in Redis is `max_unflushed` seconds old
     (the work a kill -9 would lose), until Redis has taken it; pausing and resuming are told
-    on `logger`, once each.
+    once each.
     """
 
     def __init__(
@@ -34,7 +34,6 @@ class Ledger:
         writer: str = "",
         chunk: int = 10_000,
         max_pending: int = sys.maxsize,
-        logger: logging.Logger = log,
         max_unflushed: float = math.inf,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -42,7 +41,6 @@ class Ledger:
         self.chunk = chunk
         self.max_pending = max_pending
         self.max_unflushed = max_unflushed
-        self.log = logger
         self._clock = clock
         self.total_hashes = 0
         self.total_coins = 0
@@ -114,7 +112,7 @@ class Ledger:
         if self.room.is_set():
             self.room.clear()
             self.paused_for = why
-            self.log.warning("mining paused: %s; resuming once Redis takes them", why)
+            log.warning("mining paused: %s; resuming once Redis takes them", why)
 
     def make_room(self) -> None:
         """After a flush: resume mining once Redis has taken half the coins' bound and the work
@@ -126,7 +124,7 @@ class Ledger:
         ):
             self.room.set()
             self.paused_for = ""
-            self.log.info("mining resumed: Redis took the backlog")
+            log.info("mining resumed: Redis took the backlog")
 
     def _take_chunk(self) -> dict[str, bytes]:
         """The oldest pending chunk, no longer pending (new coins go to a fresh one)."""

@@ -1,13 +1,14 @@
 """The worker's metrics: its failed and timed calls, and its totals read from its ledger."""
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from dockercoins.metrics import LATENCY_BUCKETS, export
+from worker_svc.ledger import Ledger
 
 WORKER_ERRORS = Counter(
     "dockercoins_worker_errors_total",
@@ -22,21 +23,10 @@ WORKER_RPC_SECONDS = Histogram(
 )
 
 
-class Totals(Protocol):
-    """What the collector reads: the worker's Ledger (which the miner records on these metrics,
-    so this module does not import it)."""
-
-    @property
-    def total_hashes(self) -> int: ...
-
-    @property
-    def total_coins(self) -> int: ...
-
-
 class LedgerCollector(Collector):
     """A worker's totals as Prometheus sees them, read from its ledger at scrape time."""
 
-    def __init__(self, ledger: Totals) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
     def collect(self) -> Iterator[Any]:
@@ -48,6 +38,6 @@ class LedgerCollector(Collector):
         )
 
 
-def watch_ledger(ledger: Totals, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+def watch_ledger(ledger: Ledger, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
     """Export a worker's totals; returns the function that stops exporting them."""
     return export(LedgerCollector(ledger), registry)

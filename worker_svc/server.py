@@ -1,8 +1,9 @@
 """Run a worker: channels, Redis, the optional health server, signals."""
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from grpc_health.v1 import health_pb2
 
@@ -13,8 +14,9 @@ from dockercoins.metrics import start_metrics_endpoint
 from dockercoins.redis_store import connect
 from dockercoins.tls import channel_credentials
 from worker_svc.config import LIVENESS, READINESS_SERVICES, WorkerSettings
+from worker_svc.health import HealthReport
 from worker_svc.metrics import watch_ledger
-from worker_svc.service import Miner
+from worker_svc.miner import Miner
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,30 @@ _STATUS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def open_miner(
+    settings: WorkerSettings, report_health: HealthReport | None = None
+) -> AsyncIterator[Miner]:
+    """A miner with what it mines through: a pool of channels to rng and one to hasher (with
+    keepalive, and TLS when set), a Redis client; all closed when the block ends."""
+    credentials = channel_credentials(settings)
+    options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
+    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, options, credentials)
+    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, options, credentials)
+    redis = connect(settings.redis_url, settings.redis_timeout, settings.redis_password())
+    try:
+        yield Miner(settings, rng, hasher, redis, report_health=report_health)
+    finally:
+        await rng.close()
+        await hasher.close()
+        await redis.aclose()
+
+
 async def serve(settings: WorkerSettings) -> None:
     """Mine until a stop signal; then finish the unit in hand, flush, exit."""
     stop = stop_event_on_signals()
     health: GrpcServer | None = None
-    report: Callable[[bool, bool], Awaitable[None]] | None = None
+    report: HealthReport | None = None
     if settings.worker_health_port:
         health = GrpcServer("worker", [], calls=settings)
         health.listen(settings, "worker_health_port")
@@ -42,19 +63,25 @@ async def serve(settings: WorkerSettings) -> None:
         await report(False, True)  # not ready until a unit of work is done
         await health.start(serving=False)
     start_metrics_endpoint(settings.host, settings.metrics_port)
-    credentials = channel_credentials(settings)
-    options = keepalive_options(settings.worker_keepalive_time, settings.rpc_timeout)
-    rng = ChannelPool(settings.rng_addr, settings.worker_pool_size, options, credentials)
-    hasher = ChannelPool(settings.hasher_addr, settings.worker_pool_size, options, credentials)
-    redis = connect(settings.redis_url, settings.worker_redis_timeout, settings.redis_password())
-    miner = Miner(settings, rng, hasher, redis, report_health=report)
-    if settings.metrics_port:
-        watch_ledger(miner.ledger)
+    try:
+        async with open_miner(settings, report) as miner:
+            if settings.metrics_port:
+                watch_ledger(miner.ledger)
+            await _mine_until(stop, miner, health)
+    finally:
+        if health is not None:
+            await health.stop(0)
+
+
+async def _mine_until(stop: asyncio.Event, miner: Miner, health: GrpcServer | None) -> None:
+    """Run `miner` until `stop` is set, then stop it: NOT_SERVING first, then the unit in hand
+    and the last flush."""
+    settings = miner.settings
     log.info(
         "worker %s mining: rng %s, hasher %s, %d loop(s), batch %d, %d channel(s), %s",
         miner.worker_id,
-        rng.target,
-        hasher.target,
+        miner.rng.target,
+        miner.hasher.target,
         settings.worker_loops,
         settings.worker_batch,
         settings.worker_pool_size,
@@ -73,8 +100,3 @@ async def serve(settings: WorkerSettings) -> None:
         await running  # a loop's or the flusher's failure ends the process here, traceback and all
     finally:
         stopped.cancel()
-        await rng.close()
-        await hasher.close()
-        await redis.aclose()
-        if health is not None:
-            await health.stop(0)

@@ -1,57 +1,94 @@
-"""The fast path's stream session: rng's batches streamed to hasher, digests streamed back."""
+"""The fast path as a unit source: rng's batches streamed to hasher, digests streamed back, the
+streams reopened whenever they end."""
 
 import asyncio
+import logging
 import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from dockercoins.backoff import OutageLog
+from dockercoins.backoff import Backoff, OutageLog
 from dockercoins.channels import ChannelPool
 from dockercoins.lifecycle import cancel_all
-from dockercoins.stages import StageTimes
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE
 from worker_svc.config import HEALTH_TICK, WorkerSettings
-from worker_svc.metrics import WORKER_RPC_SECONDS
+from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
+from worker_svc.units import Units
+
+log = logging.getLogger(__name__)
 
 
-class Mining(Protocol):
-    """What a session needs of the miner whose loop runs it."""
+class StreamLoops:
+    """Mining loops of one pair of streams each (a session), over the channel pools: loop n
+    streams over the n-th channel of each pool.
 
-    @property
-    def settings(self) -> WorkerSettings: ...
+    A session that ends is replaced at once when it worked (a server going away, a connection
+    reaching its maximum age) or when it ended while mining was paused (a server ends a stream
+    left idle that long: not an outage); one that failed or stalled is an outage, said once on
+    `outages`, and the next is opened after a backoff.
+    """
 
-    @property
-    def rng(self) -> ChannelPool: ...
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        rng: ChannelPool,
+        hasher: ChannelPool,
+        units: Units,
+        outages: OutageLog,
+    ) -> None:
+        self.settings = settings
+        self.rng = rng
+        self.hasher = hasher
+        self.units = units
+        self.outages = outages
 
-    @property
-    def hasher(self) -> ChannelPool: ...
+    def session(self, index: int, step: str) -> "StreamSession":
+        """A new pair of streams for loop `index`."""
+        rng, hasher = self.rng.channels, self.hasher.channels
+        return StreamSession(
+            self.settings,
+            rng[index % len(rng)],
+            hasher[index % len(hasher)],
+            self.units,
+            self.outages,
+            step,
+        )
 
-    @property
-    def outages(self) -> OutageLog: ...
-
-    @property
-    def stage_times(self) -> StageTimes | None: ...
-
-    @property
-    def steps(self) -> dict[str, float]:
-        """Last step (time.monotonic()) of each loop, by name."""
-        ...
-
-    @property
-    def rng_modes_seen(self) -> set[str]:
-        """The modes rng named in its replies since the last heartbeat."""
-        ...
-
-    async def next_unit(self, step: str) -> float | None:
-        """Wait for room and think; the seconds waited for room, None once stopping."""
-        ...
-
-    def record(self, step: str, data: bytes, digests: bytes) -> dict[str, bytes]:
-        """Count a finished unit of `data` hashed to `digests`; its coins."""
-        ...
+    async def run(self, index: int) -> None:
+        """Loop `index`: an rng stream feeding a hasher stream, reopened whenever one ends."""
+        step = f"loop-{index}"
+        units = self.units
+        backoff = Backoff()
+        while not units.stopping.is_set():
+            units.step(step)
+            try:
+                answered = await self.session(index, step).run()
+            except StreamBroken as broken:
+                WORKER_ERRORS.labels(broken.upstream, broken.code).inc()
+                if broken.paused and not broken.stalled:
+                    # Ended while this worker held it idle, mining paused (a server ends such a
+                    # stream after DOCKERCOINS_CALL_IDLE_TIMEOUT): reopened once mining resumes.
+                    log.debug("stream to %s ended while paused: %s", broken.upstream, broken.reason)
+                    await units.wait_for_room(step)
+                    backoff.reset()
+                    continue
+                if broken.answered and not broken.stalled:
+                    # A stream that worked and then ended (a server going away, a connection
+                    # reaching its maximum age) is reopened at once, without an outage.
+                    log.debug("stream to %s ended: %s; reopening", broken.upstream, broken.reason)
+                    backoff.reset()
+                    continue
+                self.outages.failed(broken.upstream, broken.reason, broken.started)
+            else:
+                if answered:  # rng ended its stream cleanly: reopen at once
+                    backoff.reset()
+                    continue
+            units.step(step)
+            if await units.stopped_within(backoff.next_delay()):
+                return
 
 
 class StreamBroken(Exception):
@@ -59,7 +96,8 @@ class StreamBroken(Exception):
 
     `code`: the gRPC status code's name, or the cause's class name; `started`: when the
     failed wait began (time.monotonic()); `stalled`: the peer was silent past the deadline;
-    `answered`: batches the session had answered before.
+    `answered`: batches the session had answered before; `paused`: mining was paused since the
+    session last sent a batch (or is paused now), so that the session sat idle.
     """
 
     def __init__(
@@ -79,12 +117,13 @@ class StreamBroken(Exception):
         self.started = started
         self.stalled = stalled
         self.answered = 0
+        self.paused = False
 
 
 class StreamSession:
     """One pair of streams: a writer sends rng's batches to hasher, a reader takes the digests.
 
-    `run` returns the number of batches answered when the worker stops (after the batches in
+    `run` returns the number of batches answered when the miner stops (after the batches in
     flight are answered) or when rng ends its stream cleanly. It raises StreamBroken when a
     stream fails, or when a peer keeps the worker waiting longer than the deadline: rng for
     its next batch, hasher for the oldest unanswered one or for the end of the stream. The
@@ -92,28 +131,37 @@ class StreamSession:
     write held by HTTP/2 flow control, the window).
     """
 
-    def __init__(self, miner: Mining, index: int, step: str) -> None:
-        self.miner = miner
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        rng: grpc.aio.Channel,
+        hasher: grpc.aio.Channel,
+        units: Units,
+        outages: OutageLog,
+        step: str,
+    ) -> None:
+        self.units = units
+        self.outages = outages
         self.step = step
-        rng_stub = rng_pb2_grpc.RngStub(miner.rng.channels[index % len(miner.rng.channels)])
-        hasher_stub = hasher_pb2_grpc.HasherStub(
-            miner.hasher.channels[index % len(miner.hasher.channels)]
-        )
         self.opened = time.monotonic()
-        self.randoms = rng_stub.StreamRandom(
-            rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=miner.settings.worker_batch)
+        self.randoms = rng_pb2_grpc.RngStub(rng).StreamRandom(
+            rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=settings.worker_batch)
         )
-        self.hashes = hasher_stub.HashStream()
-        self.deadline = miner.settings.rpc_timeout
+        self.hashes = hasher_pb2_grpc.HasherStub(hasher).HashStream()
+        self.deadline = settings.rpc_timeout
         self.in_flight: deque[tuple[bytes, float, float, float, float]] = deque()
         """Batches at hasher: data, when sent, and the unit's think, rng and pause seconds."""
-        self.window = asyncio.Semaphore(miner.settings.worker_stream_window)
+        self.window = asyncio.Semaphore(settings.worker_stream_window)
         self.rng_asked: float | None = None
         """Since when the writer waits for rng's next batch; None while it does not."""
         self.closing: float | None = None
         """When the writer half-closed the hasher stream; None before."""
         self.answered = 0
         """Batches hasher answered."""
+        self.begun = 0
+        """Units the writer began (answered, in flight, or in hand)."""
+        self.idle_paused = False
+        """Whether the writer waited for room (mining paused) since it last sent a batch."""
 
     async def run(self) -> int:
         """Run the writer, the reader and the watchdog until the reader ends or one fails."""
@@ -138,6 +186,7 @@ class StreamSession:
                     return self.answered
         except StreamBroken as broken:
             broken.answered = self.answered
+            broken.paused = self.idle_paused or not self.units.ledger.room.is_set()
             if broken.started is None:
                 broken.started = self.opened
             raise
@@ -145,15 +194,16 @@ class StreamSession:
             self.randoms.cancel()
             self.hashes.cancel()
             await cancel_all(list(tasks))
+            self.units.give_back(self.begun - self.answered)
 
     async def _send_batches(self) -> None:
         """The writer: a unit's place in the window, its think time, rng's batch, to hasher."""
         # Locals, not attributes, in the loop: it runs once per batch on the fast path.
-        miner, step, randoms, hashes = self.miner, self.step, self.randoms, self.hashes
-        window, in_flight, steps = self.window, self.in_flight, miner.steps
-        next_unit, recovered = miner.next_unit, miner.outages.recovered
+        units, step, randoms, hashes = self.units, self.step, self.randoms, self.hashes
+        window, in_flight, steps = self.window, self.in_flight, units.steps
+        next_unit, recovered = units.next_unit, self.outages.recovered
         rng_seconds = WORKER_RPC_SECONDS.labels("rng")
-        rng_modes = miner.rng_modes_seen
+        rng_modes = units.rng_modes_seen
         clock = time.monotonic
         while True:
             await window.acquire()
@@ -161,6 +211,8 @@ class StreamSession:
             paused = await next_unit(step)
             if paused is None:
                 break
+            self.begun += 1
+            self.idle_paused = paused > 0
             asked = self.rng_asked = clock()
             reply = await _read(randoms, "rng")
             if reply is None:
@@ -179,11 +231,11 @@ class StreamSession:
 
     async def _take_digests(self) -> None:
         """The reader: hasher's digests of the oldest batch in flight, recorded; its place freed."""
-        miner, step, hashes = self.miner, self.step, self.hashes
+        step, hashes = self.step, self.hashes
         window, in_flight = self.window, self.in_flight
-        record, recovered = miner.record, miner.outages.recovered
+        record, recovered = self.units.record, self.outages.recovered
         hasher_seconds = WORKER_RPC_SECONDS.labels("hasher")
-        stage_times = miner.stage_times
+        stage_times = self.units.stage_times
         clock = time.monotonic
         while True:
             reply = await _read(hashes, "hasher")
