@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import HASHES_KEY, WALLET_KEY
 from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.support import dockercoins_cmd, run_cli, service_env
 
@@ -169,7 +170,7 @@ class RedisProcess:
             return False
 
     def hashes(self) -> int:
-        return int(self.client.get("hashes") or 0)
+        return int(self.client.get(HASHES_KEY) or 0)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
@@ -182,7 +183,7 @@ def read_data_dir(data: Path) -> tuple[int, int]:
     embedded Redis's, after its stack stopped) by a server of the test's own."""
     server = RedisProcess(data, "--appendonly", "yes")
     try:
-        return server.hashes(), int(server.client.hlen("wallet"))
+        return server.hashes(), int(server.client.hlen(WALLET_KEY))
     finally:
         server.stop()
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import HASHES_KEY, WALLET_KEY
 from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import FAST_COSTS, ServiceProcesses, python_m
 from tests.support import ROOT, service_env, skip_unless_ci
@@ -107,14 +108,14 @@ def feed_turbo_numbers(redis_url: str, stop: threading.Event) -> None:
     client.eval(
         "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'turbo' .. i, '') end",
         1,
-        "wallet",
+        WALLET_KEY,
         1_000_000,
     )
     client.incrby(
-        "hashes", 20_000_000
+        HASHES_KEY, 20_000_000
     )  # after the coins: a turbo speed on the page comes with them
     while not stop.wait(0.1):
-        client.incrby("hashes", 120_000)
+        client.incrby(HASHES_KEY, 120_000)
 
 
 def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_path: Path) -> None:

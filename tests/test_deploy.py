@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dockercoins.redis_store import HASHES_KEY, WALLET_KEY, WORKER_KEY_PREFIX
 from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
 from dockercoins_tools.services import SERVICES
@@ -1671,17 +1672,17 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
 
         wait_until(noauth, 10, "redis-server answering NOAUTH")
         with pytest.raises(redis.AuthenticationError, match=r"(?i)authenticat"):
-            stranger.get("hashes")
+            stranger.get(HASHES_KEY)
         with pytest.raises(redis.AuthenticationError):
             redis_cli(port, "default", "").ping()
         root = redis_cli(port, "admin", admin)
         webui_client = redis_cli(port, "webui", passwords[("redis-passwords", "webui")])
         worker_client = redis_cli(port, "worker", passwords[("redis-passwords", "worker")])
-        assert webui_client.getrange("hashes", 0, 19) == b""
+        assert webui_client.getrange(HASHES_KEY, 0, 19) == b""
         for client, forbidden in (
             (
                 webui_client,
-                [("SET", "hashes", "1"), ("HSET", "wallet", "a", "b"), ("DEL", "wallet")],
+                [("SET", HASHES_KEY, "1"), ("HSET", WALLET_KEY, "a", "b"), ("DEL", WALLET_KEY)],
             ),
             (worker_client, [("GET", "elsewhere"), ("KEYS", "*"), ("SCAN", "0")]),
         ):
@@ -1690,7 +1691,7 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
                     client.execute_command(*command)
 
         # The web UI alone first (with one heartbeat to read), then a worker beside it.
-        root.set("dockercoins:worker:seed", json.dumps({"loops": 1}), px=60_000)
+        root.set(WORKER_KEY_PREFIX + "seed", json.dumps({"loops": 1}), px=60_000)
         root.acl_log_reset()  # the refusals above were the test's
         root.config_resetstat()
         grants = {
@@ -1725,7 +1726,7 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
         used -= {"config|resetstat", "config", "set", "auth", "hello", "client|setinfo", "client"}
         assert used == grants["webui"], f"the web UI used {used}, is granted {grants['webui']}"
 
-        root.delete("dockercoins:worker:seed")
+        root.delete(WORKER_KEY_PREFIX + "seed")
         root.config_resetstat()
         rng_port, hasher_port = free_port(), free_port()
         start("rng", rng_port=rng_port, rng_read_cost=0.005)

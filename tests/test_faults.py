@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import HASHES_KEY
 from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until
 
 WORKERS = 2
@@ -108,23 +109,23 @@ def test_kill_9_rng_hasher_redis_loses_nothing(stack, tmp_path, record_property)
     ports.append(int(webui.rsplit(":", 1)[1]))
     ports.append(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
-    wait_until(lambda: int(client.get("hashes") or 0) > 20, 20, "mining")
+    wait_until(lambda: int(client.get(HASHES_KEY) or 0) > 20, 20, "mining")
     children = stack.children()
 
     figures = {}
     figures["rng"] = kill_and_recover(stack, "rng", "rng")
     figures["hasher"] = kill_and_recover(stack, "hasher", "hasher")
 
-    before = int(client.get("hashes") or 0)
+    before = int(client.get(HASHES_KEY) or 0)
     figures["redis"] = kill_and_recover(stack, "redis", "redis")
-    after = int(client.get("hashes") or 0)
+    after = int(client.get(HASHES_KEY) or 0)
     assert after >= before, "the hashes counter went backwards across a Redis crash"
     # The web UI noticed the outage, said why, and came back by itself.
     stack.wait_for_line(r"^webui\s*\|.*Redis reachable again", 15)
     assert get_json(webui + "/json")["hashes"] >= after
 
     # Mining goes on after all three.
-    wait_until(lambda: int(client.get("hashes") or 0) > after + 20, 20, "mining after the faults")
+    wait_until(lambda: int(client.get(HASHES_KEY) or 0) > after + 20, 20, "mining after the faults")
     assert not [line for line in stack.lines if re.match(r"^worker\.\d+\s*\| exited", line)]
     client.close()
 

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from dockercoins.calls import peer_address
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
+from dockercoins.redis_store import HASHES_KEY
 from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
@@ -599,7 +600,7 @@ def counter_rate(client: redis.Redis, seconds: float = 3, windows: int = 2) -> f
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             pipe = client.pipeline(transaction=False)
-            (now, micros), hashes = pipe.time().get("hashes").execute()
+            (now, micros), hashes = pipe.time().get(HASHES_KEY).execute()
             samples.append(Sample(now + micros / 1e6, int(hashes or 0)))
             time.sleep(0.1)
         fitted = fit_slope(samples)
@@ -659,7 +660,7 @@ def test_a_flood_from_one_address_leaves_every_other_client_served(
             "worker": f"127.0.0.1:{health_port}",
         }
         counter = redis.Redis.from_url(stack.redis_url(), socket_timeout=5)
-        wait_until(lambda: int(counter.get("hashes") or 0) > 0, 30, "mining", stack)
+        wait_until(lambda: int(counter.get(HASHES_KEY) or 0) > 0, 30, "mining", stack)
         pids = service_pids(stack)
         before = counter_rate(counter)
         rss_before = {name: memory_mb(pid, "VmRSS") for name, pid in pids.items()}

@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import WORKER_KEY_PREFIX
 from tests.stack import (
     FAST_COSTS,
     RedisProcess,
@@ -102,7 +103,7 @@ async def test_a_units_stages_add_up_to_its_wall_time(
         deadline = time.monotonic() + 30
         while len(counts) < 20 or info.get("latency", {}).get("units", 0) < 60:
             assert time.monotonic() < deadline, (counts, info)
-            keys = await client.keys("dockercoins:worker:*")
+            keys = await client.keys(WORKER_KEY_PREFIX + "*")
             value = await client.get(keys[0]) if keys else None
             if value is not None:
                 info = json.loads(value)

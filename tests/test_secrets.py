@@ -14,6 +14,7 @@ import trustme
 
 from dockercoins.net import free_port
 from dockercoins.redaction import redact_url
+from dockercoins.redis_store import HASHES_KEY
 from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import RunningStack, get_json, scale, wait_until
 
@@ -159,7 +160,7 @@ def test_embedded_redis_wants_a_password_no_one_sees_and_refuses_config(tmp_path
                 client.execute_command(*command.split())
         # The workers' counts go through a Lua script (at most once per flush), and so does this.
         script = "return redis.call('INCRBY', KEYS[1], 0)"
-        wait_until(lambda: client.eval(script, 1, "hashes") > 0, 20, "counts, read by Lua")
+        wait_until(lambda: client.eval(script, 1, HASHES_KEY) > 0, 20, "counts, read by Lua")
         memory = client.info("memory")
         assert (memory["maxmemory"], memory["maxmemory_policy"]) == (8 << 20, "noeviction")
         # The password is on no command line (readable by every user) and in no output.

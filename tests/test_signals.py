@@ -13,6 +13,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.net import free_port
+from dockercoins.redis_store import HASHES_KEY
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.stack import RunningStack, Service, alive, get_json, read_data_dir, wait_until
 
@@ -130,7 +131,7 @@ def test_a_stop_signal_to_a_worker_flushes_everything_and_exits_0(redis_url, sig
         hashes = int(stopped.split("worker stopped: ")[1].split()[0])
         assert hashes > 10
         assert stopped.endswith(" 0 hashes unflushed")
-        assert int(redis.Redis.from_url(redis_url).get("hashes")) == hashes
+        assert int(redis.Redis.from_url(redis_url).get(HASHES_KEY)) == hashes
         watch.close()
         for server in (hasher, rng):
             assert server.terminate() == 0
