@@ -63,10 +63,8 @@ class Budget:
         self, what: str, limit: int, limit_setting: str, per_peer: int, peer_setting: str
     ) -> None:
         self.what = what
-        self.limit = limit
-        self.limit_setting = limit_setting
-        self.per_peer = per_peer
-        self.peer_setting = peer_setting
+        self.limit, self.limit_setting = limit, limit_setting
+        self.per_peer, self.peer_setting = per_peer, peer_setting
         self.in_use = 0
         self.by_peer: dict[str, int] = {}
 

@@ -394,8 +394,7 @@ async def test_a_flusher_that_dies_ends_the_miner_after_a_last_flush(
     rng, hasher = await servers.upstreams(0)
     settings = worker_settings(rng, hasher, redis_url)
     async with open_miner(settings) as miner:
-        parts = (miner.ledger, miner.flusher.redis, miner.units, miner.health, miner.outages)
-        miner.flusher = BrokenFlusher(settings, *parts)
+        miner.flusher = BrokenFlusher(settings, miner.flusher.redis, miner.units, miner.health)
         with pytest.raises(ValueError, match="a defect in the flusher"):
             await asyncio.wait_for(miner.run(), 15)
     assert miner.ledger.total_hashes > 0
@@ -410,7 +409,8 @@ def parts(
     outage log."""
     settings = worker_settings("127.0.0.1:1", "127.0.0.1:2", "redis://127.0.0.1:3/0", **fields)
     ledger = Ledger("w", max_unflushed=settings.worker_max_unflushed, clock=clock)
-    return settings, ledger, Units(settings, ledger), OutageLog(logging.getLogger("test"))
+    outages = OutageLog(logging.getLogger("test"))
+    return settings, ledger, Units(settings, ledger, outages), outages
 
 
 def unit(blocks: int) -> tuple[bytes, bytes]:
@@ -444,7 +444,7 @@ async def test_the_health_watch_says_why_the_worker_is_not_ready() -> None:
     settings, ledger, units, outages = parts(
         lambda: found_at[0], worker_max_unflushed=5, worker_ready_timeout=2
     )
-    health = HealthWatch(settings, ledger, units, outages)
+    health = HealthWatch(settings, units)
     assert health.readiness(time.monotonic()) == "no unit of work finished in 2 s"
     units.step("loop-0")
     units.record("loop-0", *unit(1))
@@ -468,15 +468,15 @@ async def test_the_health_watch_says_why_the_worker_is_not_ready() -> None:
 async def test_the_flusher_sends_the_count_with_the_heartbeat_and_says_an_outage_once(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings, ledger, units, outages = parts(worker_loops=3)
-    health = HealthWatch(settings, ledger, units, outages)
+    settings, ledger, units, _ = parts(worker_loops=3)
+    health = HealthWatch(settings, units)
     health.ready = True
     units.rng_modes_seen.update({"buffered", ""})
     units.step("loop-0")
     units.record("loop-0", *unit(2))
     redis_client: Redis = connect(redis_url)
     try:
-        flusher = Flusher(settings, ledger, redis_client, units, health, outages)
+        flusher = Flusher(settings, redis_client, units, health)
         assert await flusher.flush_counters()
         [beat] = [beat async for beat in heartbeats(redis_client)]
         assert isinstance(beat, WorkerHeartbeat) and beat.key == WORKER_KEY_PREFIX + "w"

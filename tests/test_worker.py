@@ -37,8 +37,8 @@ async def probe_worker_until_ok(port: int, *args: str, timeout: float = 20) -> s
 async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
-    rng, hasher = await servers.upstreams(0.002)
     client = redis.Redis.from_url(redis_url)
+    rng, hasher = await servers.upstreams(0.002)
     log = tmp_path / "worker.log"
     worker = await start_worker(log, rng_addr=rng, hasher_addr=hasher, redis_url=redis_url)
     await wait_for(lambda: int(client.get(HASHES_KEY) or 0) > 400, timeout=30)

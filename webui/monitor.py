@@ -191,13 +191,14 @@ class SpeedMonitor:
         read_timeout: float = REDIS_TIMEOUT,
     ) -> None:
         self.redis = redis
+        self.counter = CounterSampler.of_redis(redis, sample_interval, keep=window + 1)
+        """The `hashes` counter of the last `window` + 1 seconds, read every `sample_interval`."""
         self.read_timeout = read_timeout
+        """Seconds one reading may take (DOCKERCOINS_REDIS_TIMEOUT), then Redis is unreachable."""
         self.mark_settle = mark_settle
         self.point_interval = point_interval
         self.window = window
         self.history = history
-        self.counter = CounterSampler.of_redis(redis, sample_interval, keep=window + 1)
-        """The `hashes` counter of the last `window` + 1 seconds, read every `sample_interval`."""
         self.points: deque[ChartPoint] = deque()
         self.marks: deque[WorkerMark] = deque()
         self.totals: Totals | None = None

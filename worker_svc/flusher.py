@@ -29,36 +29,32 @@ class Flusher:
     """Writes the ledger to Redis: the count (and the heartbeat) once per flush interval, the
     coins also in between once many wait, and everything when the miner stops.
 
-    An error of Redis (down, full, too slow, bad data) is an outage, said once on `outages`;
-    the work stays in the ledger, and mining goes on until the ledger's bounds pause it.
-    The heartbeat says whether the worker mines (`health`), rng's mode and the units' stage
-    times (`units`).
+    An error of Redis (down, full, too slow, bad data) is an outage, said once on
+    `units.outages`; the work stays in the ledger (`units.ledger`), and mining goes on until
+    the ledger's bounds pause it. The heartbeat says whether the worker mines (`health`), rng's
+    mode and the units' stage times.
     """
 
     def __init__(
         self,
         settings: WorkerSettings,
-        ledger: Ledger,
         redis: Redis,
         units: Units,
         health: HealthWatch,
-        outages: OutageLog,
     ) -> None:
-        self.ledger = ledger
+        self.settings = settings
         self.redis = redis
         self.units = units
         self.health = health
-        self.outages = outages
-        self.interval = settings.worker_flush_interval
-        self.loops = settings.worker_loops
-        self.batch = settings.worker_batch
+        self.ledger: Ledger = units.ledger
+        self.outages: OutageLog = units.outages
 
     def _step(self) -> None:
         self.units.step(STEP)
 
     async def run(self) -> None:
         """The count once per interval; coins also in between when many are waiting."""
-        ledger, interval = self.ledger, self.interval
+        ledger, interval = self.ledger, self.settings.worker_flush_interval
         due = time.monotonic() + interval
         while True:
             self._step()
@@ -76,14 +72,16 @@ class Flusher:
 
     def heartbeat(self) -> redis_store.Heartbeat:
         """What the worker says of itself with each count: alive for three flush intervals."""
-        info: dict[str, Any] = {"pid": os.getpid(), "loops": self.loops}
+        settings = self.settings
+        info: dict[str, Any] = {"pid": os.getpid(), "loops": settings.worker_loops}
         info["mining"] = self.health.ready
         rng_mode = self.units.take_rng_mode()
         if rng_mode:
             info["rng_mode"] = rng_mode
         if self.units.stage_times is not None:
-            info["latency"] = self.units.stage_times.summary(self.batch)
-        return redis_store.Heartbeat(self.ledger.writer, info, max(3 * self.interval, 2.0))
+            info["latency"] = self.units.stage_times.summary(settings.worker_batch)
+        ttl = max(3 * settings.worker_flush_interval, 2.0)
+        return redis_store.Heartbeat(self.ledger.writer, info, ttl)
 
     async def flush_counters(self) -> bool:
         """Flush pending hashes and coins and renew the heartbeat; False if Redis failed."""

@@ -6,9 +6,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from dockercoins.backoff import OutageLog
 from worker_svc.config import HEALTH_TICK, WorkerSettings
-from worker_svc.ledger import Ledger
 from worker_svc.units import Units
 
 log = logging.getLogger(__name__)
@@ -24,8 +22,8 @@ class StuckError(RuntimeError):
 class HealthWatch:
     """Keeps `ready` and `live` up to date and reports each change to `report`.
 
-    Readiness is "mining now": no upstream unreachable (`outages`), room in the backlog
-    (`ledger`), a unit finished recently (`units`). Liveness is "every loop and the flusher
+    Readiness is "mining now": no upstream unreachable (`units.outages`), room in the backlog
+    (`units.ledger`), a unit finished recently. Liveness is "every loop and the flusher
     still step" (`units.steps`); an outage, however long, does not fail it, so that a
     supervisor never restarts a worker holding a backlog.
     """
@@ -33,32 +31,28 @@ class HealthWatch:
     def __init__(
         self,
         settings: WorkerSettings,
-        ledger: Ledger,
         units: Units,
-        outages: OutageLog,
         report: HealthReport | None = None,
     ) -> None:
-        self.ledger = ledger
+        self.settings = settings
         self.units = units
-        self.outages = outages
         self.report = report
-        self.ready_timeout = settings.ready_timeout
-        self.liveness_timeout = settings.liveness_timeout
-        self.ready = False
+        self.ready: bool = False
         """Readiness: mining now."""
-        self.live = True
+        self.live: bool = True
         """Liveness: every loop and the flusher step."""
 
     def readiness(self, now: float) -> str:
         """Why the worker is not mining now; empty if it is."""
         if self.units.stopping.is_set():
             return "stopping"
-        down = self.outages.down()
+        down = self.units.outages.down()
         if down:
             return f"{', '.join(down)} unreachable"
-        if not self.ledger.room.is_set():
-            return f"mining paused: {self.ledger.paused_for}"
-        idle = self.ready_timeout
+        ledger = self.units.ledger
+        if not ledger.room.is_set():
+            return f"mining paused: {ledger.paused_for}"
+        idle = self.settings.ready_timeout
         if now - self.units.last_unit > idle:
             return f"no unit of work finished in {idle:g} s"
         return ""
@@ -67,7 +61,7 @@ class HealthWatch:
         """The loops (and the flusher) without a step in the liveness timeout."""
         if self.units.stopping.is_set():
             return []
-        before = now - self.liveness_timeout
+        before = now - self.settings.liveness_timeout
         return [name for name, at in self.units.steps.items() if at < before]
 
     async def run(self) -> None:
@@ -90,7 +84,7 @@ class HealthWatch:
                     await self.report(ready, live)
             if stuck:
                 raise StuckError(
-                    f"no step of {', '.join(stuck)} in {self.liveness_timeout:g} s "
+                    f"no step of {', '.join(stuck)} in {self.settings.liveness_timeout:g} s "
                     "(DOCKERCOINS_WORKER_LIVENESS_TIMEOUT); exiting to be restarted"
                 )
             await asyncio.sleep(HEALTH_TICK)

@@ -38,13 +38,16 @@ class Ledger:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.writer = writer
+        """Whose counts these are: the worker's id, under which Redis numbers its flushes."""
         self.chunk = chunk
         self.max_pending = max_pending
         self.max_unflushed = max_unflushed
-        self._clock = clock
+        self._clock: Callable[[], float] = clock
         self.total_hashes = 0
+        """Hashes found since the start, in Redis or not (the worker's own total)."""
         self.total_coins = 0
         self.pending_hashes = 0
+        """Hashes found and not yet sent to Redis (a count in doubt aside)."""
         self.pending_coins = 0
         """Coins not yet written to Redis."""
         self._chunks: deque[dict[str, bytes]] = deque([{}])

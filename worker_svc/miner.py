@@ -21,7 +21,7 @@ from worker_svc.health import HealthReport, HealthWatch
 from worker_svc.ledger import Ledger
 from worker_svc.stream import StreamLoops
 from worker_svc.unary import UnaryLoops
-from worker_svc.units import Units
+from worker_svc.units import Units, UnitSource
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,11 @@ class Miner:
             settings.worker_max_pending_coins,
             settings.worker_max_unflushed,
         )
-        self.outages = OutageLog(log)
-        self.units = Units(settings, self.ledger)
-        loops = StreamLoops if settings.worker_streaming else UnaryLoops
-        self.loops = loops(settings, rng, hasher, self.units, self.outages)
-        self.health = HealthWatch(settings, self.ledger, self.units, self.outages, report_health)
-        self.flusher = Flusher(settings, self.ledger, redis, self.units, self.health, self.outages)
+        self.units = Units(settings, self.ledger, OutageLog(log))
+        source = StreamLoops if settings.worker_streaming else UnaryLoops
+        self.loops: UnitSource = source(settings, rng, hasher, self.units)
+        self.health = HealthWatch(settings, self.units, report_health)
+        self.flusher = Flusher(settings, redis, self.units, self.health)
 
     def stop(self) -> None:
         """Ask the loops to finish the unit in hand and return."""

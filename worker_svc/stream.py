@@ -9,52 +9,32 @@ from typing import Any
 
 import grpc
 
-from dockercoins.backoff import Backoff, OutageLog
-from dockercoins.channels import ChannelPool
+from dockercoins.backoff import Backoff
 from dockercoins.lifecycle import cancel_all
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE
 from worker_svc.config import HEALTH_TICK, WorkerSettings
 from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
-from worker_svc.units import Units
+from worker_svc.units import Units, UnitSource
 
 log = logging.getLogger(__name__)
 
 
-class StreamLoops:
+class StreamLoops(UnitSource):
     """Mining loops of one pair of streams each (a session), over the channel pools: loop n
     streams over the n-th channel of each pool.
 
     A session that ends is replaced at once when it worked (a server going away, a connection
-    reaching its maximum age) or when it ended while mining was paused (a server ends a stream
-    left idle that long: not an outage); one that failed or stalled is an outage, said once on
-    `outages`, and the next is opened after a backoff.
+    reaching its maximum age), or once mining resumes when it ended while mining was paused (a
+    server ends a stream left idle that long: not an outage); one that failed or stalled is an
+    outage, said once, and the next is opened after a backoff.
     """
-
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        rng: ChannelPool,
-        hasher: ChannelPool,
-        units: Units,
-        outages: OutageLog,
-    ) -> None:
-        self.settings = settings
-        self.rng = rng
-        self.hasher = hasher
-        self.units = units
-        self.outages = outages
 
     def session(self, index: int, step: str) -> "StreamSession":
         """A new pair of streams for loop `index`."""
         rng, hasher = self.rng.channels, self.hasher.channels
         return StreamSession(
-            self.settings,
-            rng[index % len(rng)],
-            hasher[index % len(hasher)],
-            self.units,
-            self.outages,
-            step,
+            self.settings, rng[index % len(rng)], hasher[index % len(hasher)], self.units, step
         )
 
     async def run(self, index: int) -> None:
@@ -81,7 +61,7 @@ class StreamLoops:
                     log.debug("stream to %s ended: %s; reopening", broken.upstream, broken.reason)
                     backoff.reset()
                     continue
-                self.outages.failed(broken.upstream, broken.reason, broken.started)
+                units.outages.failed(broken.upstream, broken.reason, broken.started)
             else:
                 if answered:  # rng ended its stream cleanly: reopen at once
                     backoff.reset()
@@ -137,13 +117,12 @@ class StreamSession:
         rng: grpc.aio.Channel,
         hasher: grpc.aio.Channel,
         units: Units,
-        outages: OutageLog,
         step: str,
     ) -> None:
         self.units = units
-        self.outages = outages
         self.step = step
         self.opened = time.monotonic()
+        """When the session began (time.monotonic()): a failure to open dates from then."""
         self.randoms = rng_pb2_grpc.RngStub(rng).StreamRandom(
             rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=settings.worker_batch)
         )
@@ -201,7 +180,7 @@ class StreamSession:
         # Locals, not attributes, in the loop: it runs once per batch on the fast path.
         units, step, randoms, hashes = self.units, self.step, self.randoms, self.hashes
         window, in_flight, steps = self.window, self.in_flight, units.steps
-        next_unit, recovered = units.next_unit, self.outages.recovered
+        next_unit, recovered = units.next_unit, units.outages.recovered
         rng_seconds = WORKER_RPC_SECONDS.labels("rng")
         rng_modes = units.rng_modes_seen
         clock = time.monotonic
@@ -233,7 +212,7 @@ class StreamSession:
         """The reader: hasher's digests of the oldest batch in flight, recorded; its place freed."""
         step, hashes = self.step, self.hashes
         window, in_flight = self.window, self.in_flight
-        record, recovered = self.units.record, self.outages.recovered
+        record, recovered = self.units.record, self.units.outages.recovered
         hasher_seconds = WORKER_RPC_SECONDS.labels("hasher")
         stage_times = self.units.stage_times
         clock = time.monotonic

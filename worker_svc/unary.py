@@ -7,40 +7,24 @@ from typing import TypeVar
 
 import grpc
 
-from dockercoins.backoff import Backoff, OutageLog
-from dockercoins.channels import ChannelPool
+from dockercoins.backoff import Backoff
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE
-from worker_svc.config import WorkerSettings
 from worker_svc.metrics import WORKER_ERRORS, WORKER_RPC_SECONDS
-from worker_svc.units import Units
+from worker_svc.units import UnitSource
 
 log = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
 
-class UnaryLoops:
-    """Mining loops of one unary call to rng and one to hasher per unit, over the channel pools.
+class UnaryLoops(UnitSource):
+    """Mining loops of one unary call to rng and one to hasher per unit, over the channel pools
+    round-robin.
 
     A failed call is retried with backoff until it succeeds (each failure counted, an outage
-    said once on `outages`); the unit in hand is given up only when the miner stops.
+    said once); the unit in hand is given up only when the miner stops.
     """
-
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        rng: ChannelPool,
-        hasher: ChannelPool,
-        units: Units,
-        outages: OutageLog,
-    ) -> None:
-        self.rng = rng
-        self.hasher = hasher
-        self.units = units
-        self.outages = outages
-        self.batch = settings.worker_batch
-        self.timeout = settings.rpc_timeout
 
     async def run(self, index: int) -> None:
         """Loop `index`: mine units until the miner stops."""
@@ -60,13 +44,14 @@ class UnaryLoops:
         """One unit of work: random bytes from rng, their hashes, the coin check; its stages
         timed from `started` (when the unit began, before `paused` seconds waiting for room
         and its think time)."""
-        units = self.units
+        units, timeout = self.units, self.settings.rpc_timeout
         thought = time.monotonic()
         random = await self._call(
             "rng",
             step,
             lambda: rng_pb2_grpc.RngStub(self.rng.next()).GetRandom(
-                rng_pb2.RandomRequest(size=BLOCK_SIZE, count=self.batch), timeout=self.timeout
+                rng_pb2.RandomRequest(size=BLOCK_SIZE, count=self.settings.worker_batch),
+                timeout=timeout,
             ),
         )
         units.rng_modes_seen.add(random.mode)
@@ -77,7 +62,7 @@ class UnaryLoops:
             step,
             lambda: hasher_pb2_grpc.HasherStub(self.hasher.next()).Hash(
                 hasher_pb2.HashRequest(data=data, block_size=BLOCK_SIZE, raw=True),
-                timeout=self.timeout,
+                timeout=timeout,
             ),
         )
         answered = time.monotonic()
@@ -101,13 +86,13 @@ class UnaryLoops:
             except grpc.aio.AioRpcError as exc:
                 self.units.step(step)
                 WORKER_ERRORS.labels(name, exc.code().name).inc()
-                self.outages.failed(name, f"{exc.code().name}: {exc.details()}", started)
+                self.units.outages.failed(name, f"{exc.code().name}: {exc.details()}", started)
                 if await self.units.stopped_within(backoff.next_delay()):
                     raise _Abandoned from None
                 continue
             self.units.step(step)
             WORKER_RPC_SECONDS.labels(name).observe(time.monotonic() - started)
-            self.outages.recovered(name)
+            self.units.outages.recovered(name)
             return reply
 
 

@@ -6,6 +6,8 @@ import contextlib
 import sys
 import time
 
+from dockercoins.backoff import OutageLog
+from dockercoins.channels import ChannelPool
 from dockercoins.lifecycle import raise_if_cancelling
 from dockercoins.stages import StageTimes
 from dockercoins.wire import BLOCK_SIZE
@@ -23,14 +25,16 @@ class Units:
     A unit starts once the ledger has room and the think time has passed; a finished one is
     checked for coins, recorded in the ledger, its stages timed (think, rng, hasher, its wait
     on Redis) and rng's mode noted, for the heartbeat. `steps` holds the last step of every
-    loop (and of the flusher), which liveness watches. With a `limit`, no unit starts past
-    it, and the miner is told to stop once the last one has finished.
+    loop (and of the flusher), which liveness watches; `outages`, the upstreams (Redis among
+    them) that fail now, which readiness watches. With a `limit`, no unit starts past it, and
+    the miner is told to stop once the last one has finished.
     """
 
-    def __init__(self, settings: WorkerSettings, ledger: Ledger) -> None:
+    def __init__(self, settings: WorkerSettings, ledger: Ledger, outages: OutageLog) -> None:
         self.think_time = settings.worker_think_time
         self.difficulty = settings.difficulty
         self.ledger = ledger
+        self.outages = outages
         self.stopping = asyncio.Event()
         self.steps: dict[str, float] = {}
         """Last step (time.monotonic()) of each loop and of the flusher, by name."""
@@ -114,6 +118,24 @@ class Units:
         if seen:
             self.rng_mode = ",".join(seen)
         return self.rng_mode
+
+
+class UnitSource:
+    """Mining loops over a pool of channels to rng and one to hasher (`run(index)`: loop
+    `index` until the miner stops), recording each unit in `units`; an upstream that fails
+    is an outage, said once on `units.outages`."""
+
+    def __init__(
+        self, settings: WorkerSettings, rng: ChannelPool, hasher: ChannelPool, units: Units
+    ) -> None:
+        self.settings = settings
+        self.rng = rng
+        self.hasher = hasher
+        self.units = units
+
+    async def run(self, index: int) -> None:
+        """Loop `index`: mine units until the miner stops."""
+        raise NotImplementedError
 
 
 async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:

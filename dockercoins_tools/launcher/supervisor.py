@@ -63,10 +63,10 @@ class ManagedProcess:
         self.name = name
         self.argv = argv
         self.env = env
+        self.backoff = backoff or Backoff(initial=1.0, maximum=30.0)
         self.console = console
         self.stdin = stdin
         self.on_crash = on_crash
-        self.backoff = backoff or Backoff(initial=1.0, maximum=30.0)
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.stopping = False
