@@ -85,7 +85,7 @@ class Units:
                 return None
             self.step(step)
         self.started += 1
-        paused = await self.wait_for_room(step)
+        paused = 0.0 if self.ledger.room.is_set() else await self.wait_for_room(step)
         if self.think_time:
             if await wait_for_event(self.stopping, self.think_time):
                 self.started -= 1
