@@ -311,7 +311,7 @@ def test_page_polls_json_while_its_stream_is_refused_and_renews_streams_unseen(
     def feed() -> None:
         client = redis.Redis.from_url(redis_url)
         while not feeding.wait(0.1):
-            client.incrby("hashes", 100)
+            client.incrby(HASHES_KEY, 100)
 
     try:
         stack.start(

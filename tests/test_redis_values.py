@@ -176,7 +176,7 @@ def test_any_heartbeat_in_redis_leaves_the_sampler_and_json_standing(page, text:
         assert snapshot["status"] in ("live", "bad-data"), snapshot
         assert snapshot["hashes"] == 12345 and snapshot["workers"] >= 1
         if snapshot["status"] == "bad-data":
-            assert "`dockercoins:worker:x` skipped" in snapshot["reason"]
+            assert f"`{WORKER_KEY_PREFIX}x` skipped" in snapshot["reason"]
         reply = await client.get("/json")
         assert reply.status_code == 200
         body = strict_json(reply.text)
