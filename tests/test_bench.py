@@ -11,6 +11,8 @@ from dockercoins_tools.bench.pipeline import TURBO
 from dockercoins_tools.cost_model import profile_costs
 from tests.support import run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     result = run_cli("bench", "--quick", *args, timeout=240)

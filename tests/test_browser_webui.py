@@ -19,6 +19,8 @@ from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.stack import FAST_COSTS, ServiceProcesses, python_m
 from tests.support import ROOT, service_env, skip_unless_ci
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "test-artifacts"

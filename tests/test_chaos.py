@@ -27,6 +27,8 @@ from dockercoins.net import free_port
 from tests.stack import LoggedProcess, RedisProcess, wait_until
 from tests.support import service_env
 
+pytestmark = pytest.mark.slow
+
 PAUSE = 2.5
 """Seconds a peer is paused: well past the worker's 1 s deadline."""
 

@@ -34,6 +34,8 @@ from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
+pytestmark = pytest.mark.slow
+
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
 LOOP = 3 * COST

@@ -11,6 +11,8 @@ import pytest
 from dockercoins.service_main import COMMON_FLAGS
 from tests.support import dockercoins_cmd, run_cli, service_env
 
+pytestmark = pytest.mark.slow
+
 
 def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.CompletedProcess:
     return run_cli(*args, env=service_env(**settings), timeout=timeout)

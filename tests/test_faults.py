@@ -17,6 +17,8 @@ import redis
 from dockercoins.net import free_port
 from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until
 
+pytestmark = pytest.mark.slow
+
 WORKERS = 2
 RECOVERY_BOUND = 10.0
 """Seconds from a kill -9 to every worker mining again: the launcher waits 1 s before a

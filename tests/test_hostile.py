@@ -92,6 +92,7 @@ RAISED = {"hasher_max_request": 1 << 20, "hasher_max_blocks": 1 << 18, "hasher_m
 """The hasher's bounds raised 16-fold: 1 MiB in 4-byte blocks."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("hasher_process", "blocks", "block_size", "raw"),
     [
@@ -130,6 +131,7 @@ def test_health_answers_during_the_largest_accepted_request(
     assert hash_of(b"after", address)
 
 
+@pytest.mark.slow
 def test_hostile_hashes_are_refused_before_any_work(hasher_process) -> None:
     """The reported request (4 MiB in 1-byte blocks), 32 times the batch cap, a 64 MiB message."""
     server, address = hasher_process
@@ -186,6 +188,7 @@ def refused_count(method: str) -> float:
     return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
+@pytest.mark.slow
 async def test_the_concurrency_bound_counts_application_calls_only(servers) -> None:
     """Four open streams fill a bound of 4: the next call is refused at once, naming the
     setting, and counted; health (checks and more watches than the bound) and reflection are
@@ -337,6 +340,7 @@ asyncio.run(hold(*sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["HashStream", "StreamRandom"])
 async def test_a_paused_client_gives_its_slot_back_after_keepalive(servers, method) -> None:
     """A client process holds the only slot with an open stream, then is SIGSTOPped: the
@@ -438,6 +442,7 @@ async def check_answers(target: str) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow
 async def test_one_address_holds_its_share_and_others_are_served(servers) -> None:
     """127.0.0.2 and 127.0.0.3 (through forwarders) against 127.0.0.1: each address holds at
     most its share of application calls and of health and reflection calls; the totals hold
@@ -732,6 +737,7 @@ asyncio.run(ask(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(servers) -> None:
     """A client process asks for a 1.6 MB reply and is SIGSTOPped before it comes: the reply,
     stuck behind HTTP/2 flow control once the handler has returned, keeps the call's place

@@ -22,6 +22,8 @@ from tests.stack import (
 )
 from tests.support import service_env
 
+pytestmark = pytest.mark.slow
+
 COST = FAST_COSTS["worker_think_time"]
 """Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""
 

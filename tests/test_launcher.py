@@ -36,6 +36,7 @@ def stack(tmp_path):
         running.kill()
 
 
+@pytest.mark.slow
 def test_up_serves_json_mines_and_stops_without_orphans(stack) -> None:
     running = stack("--workers", "2")
     url = running.ready()
@@ -68,6 +69,7 @@ def control(path: Path, request: bytes) -> dict:
         return json.loads(sock.makefile("rb").readline())
 
 
+@pytest.mark.slow
 def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     stack, tmp_path
 ) -> None:
@@ -126,6 +128,7 @@ def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     assert running.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_path) -> None:
     others = tmp_path / "others"
     others.mkdir()
@@ -150,6 +153,7 @@ def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_pa
     assert not too_long.exists() and not (others / "redis").exists()
 
 
+@pytest.mark.slow
 def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -165,12 +169,14 @@ def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_scale_without_a_running_stack_says_so(tmp_path) -> None:
     result = run_cli("scale", "worker=2", env=service_env(data_dir=tmp_path))
     assert result.returncode == 2
     assert "no running `dockercoins up` found" in result.stderr
 
 
+@pytest.mark.slow
 def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
     running = stack("--profile", "turbo", "--workers", "1")
     url = running.ready()
@@ -184,6 +190,7 @@ def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
     assert running.stop() == 0
 
 
+@pytest.mark.slow
 async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked() -> None:
     out = io.StringIO()
     child = ManagedProcess(
@@ -200,6 +207,7 @@ async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked
     assert lines == ["chatty    | " + "x" * 1_000_000, "chatty    | after"]
 
 
+@pytest.mark.slow
 async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> None:
     program = tmp_path / "short-lived"
     program.write_text("#!/bin/sh\necho started\nexit 7\n")

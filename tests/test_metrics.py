@@ -10,6 +10,8 @@ from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
 from tests.stack import RunningStack, wait_until
 
+pytestmark = pytest.mark.slow
+
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample at `url`: (name, labels) -> value."""

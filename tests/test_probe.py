@@ -13,6 +13,8 @@ import pytest
 from tests.stack import RunningStack, Service, get_json
 from tests.support import dockercoins_cmd, run_cli, service_env
 
+pytestmark = pytest.mark.slow
+
 LINE = r"^{what} {addr}: seq={seq} time=(\d+\.\d) ms$"
 SUMMARY = r"^4 calls, 4 ok, 0 failed, round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms$"
 

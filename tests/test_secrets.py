@@ -105,6 +105,7 @@ def test_redact_url_masks_every_form_of_password() -> None:
     assert redact_url("redis://u:p@ss@h/0") == "redis://u:***@h/0"
 
 
+@pytest.mark.slow
 def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, tmp_path) -> None:
     url, front = secured_redis
     # Plaintext with the password, or TLS with a wrong one or none: refused, so the stack below
@@ -136,6 +137,7 @@ def test_up_with_rediss_and_a_password_mines_and_never_shows_it(secured_redis, t
         stack.kill()
 
 
+@pytest.mark.slow
 def test_embedded_redis_wants_a_password_no_one_sees_and_refuses_config(tmp_path) -> None:
     stack = RunningStack(tmp_path / "data", ("--workers", "1"), redis_maxmemory_mb=8)
     try:

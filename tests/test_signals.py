@@ -16,6 +16,8 @@ from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.stack import RunningStack, Service, alive, get_json, read_data_dir, wait_until
 
+pytestmark = pytest.mark.slow
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -160,7 +162,6 @@ def test_a_stop_signal_to_the_web_ui_exits_0(redis_url, sig) -> None:
         webui.kill()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
 )

@@ -123,6 +123,7 @@ def test_no_tls_settings_means_plaintext() -> None:
     assert channel_credentials(tls(ca=None)) is None
 
 
+@pytest.mark.slow
 def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
     cert = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_ca": pki.ca}
     stack = RunningStack(tmp_path / "data", ("--workers", "1"), **cert)
@@ -146,6 +147,7 @@ def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
         stack.kill()
 
 
+@pytest.mark.slow
 def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> None:
     result = run_cli("rng", "--port", "0", env=service_env(tls_cert=pki.server_cert))
     assert result.returncode == 2
@@ -155,6 +157,7 @@ def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> Non
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "settings", "line"),
     [

@@ -300,6 +300,7 @@ def webui_process(redis_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]
         proc.wait(10)
 
 
+@pytest.mark.slow
 def test_process_streams_events_and_stops_on_sigterm(
     webui_process: tuple[subprocess.Popen[str], str], redis_url: str
 ) -> None:
@@ -405,6 +406,7 @@ def test_a_flood_of_idle_streams_from_one_address_leaves_the_page_to_everyone(
             sock.close()
 
 
+@pytest.mark.slow
 def test_process_on_a_busy_port_fails_with_one_line(redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

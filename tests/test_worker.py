@@ -30,6 +30,7 @@ async def probe_worker_until_ok(port: int, *args: str, timeout: float = 20) -> s
     return result[1]
 
 
+@pytest.mark.slow
 async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
@@ -57,6 +58,7 @@ async def test_worker_mines_real_coins_and_flushes_its_count_on_sigterm(
     assert not client.keys("dockercoins:worker:*"), "the heartbeat is withdrawn on exit"
 
 
+@pytest.mark.slow
 async def test_worker_logs_an_outage_once_and_resumes_by_itself(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
@@ -80,6 +82,7 @@ async def test_worker_logs_an_outage_once_and_resumes_by_itself(
     assert text.count("rng is back") == 1, text
 
 
+@pytest.mark.slow
 async def test_worker_keeps_counts_while_redis_is_down(start_worker, servers, tmp_path) -> None:
     rng, hasher = await servers.upstreams(0)
     redis_port = free_port()
@@ -131,6 +134,7 @@ def established_connections(port: int) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool_size", [1, 3])
 async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connections(
     start_worker, servers, redis_url, tmp_path, pool_size: int
@@ -166,6 +170,7 @@ async def test_streaming_worker_batches_and_a_pool_of_n_channels_makes_n_connect
         assert digest.startswith(b"0")
 
 
+@pytest.mark.slow
 async def test_streams_are_reopened_when_the_server_ends_them(
     start_worker, servers, redis_url, tmp_path
 ):
@@ -191,6 +196,7 @@ async def test_streams_are_reopened_when_the_server_ends_them(
     assert "unreachable" not in log.read_text()
 
 
+@pytest.mark.slow
 async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
@@ -223,6 +229,7 @@ async def test_kill_9_loses_only_what_the_worker_had_not_flushed(
         assert digest.decode() == hashlib.sha256(block).hexdigest()
 
 
+@pytest.mark.slow
 async def test_probe_reaches_the_workers_own_health_port(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
@@ -246,6 +253,7 @@ async def test_probe_reaches_the_workers_own_health_port(
     assert code == 1 and "0 ok, 1 failed" in out
 
 
+@pytest.mark.slow
 async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
     start_worker, redis_url, tmp_path
 ) -> None:
@@ -267,6 +275,7 @@ async def test_probe_checks_the_workers_liveness_apart_from_its_readiness(
     assert await asyncio.wait_for(worker.wait(), 15) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "line"),
     [
