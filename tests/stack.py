@@ -128,16 +128,16 @@ class RunningStack(LoggedProcess):
 def wait_until(
     condition: Callable[[], object],
     timeout: float,
-    what: str,
+    what: str | Callable[[], str],
     proc: LoggedProcess | None = None,
     *,
     errors: tuple[type[BaseException], ...] = (),
     interval: float = POLL_INTERVAL,
 ) -> float:
     """The one way a test waits: poll `condition()` every `interval` s until it holds; the
-    seconds that took. After `timeout` s, fail saying `what` did not happen, with the last of
-    the `errors` the condition raised (those count as "not yet": a server still starting, a
-    page between two states) and `proc`'s last output."""
+    seconds that took. After `timeout` s, fail saying `what` (or what `what()` says then) did
+    not happen, with the last of the `errors` the condition raised (those count as "not yet":
+    a server still starting, a page between two states) and `proc`'s last output."""
     started = time.monotonic()
     last_error: BaseException | None = None
     while True:
@@ -154,7 +154,7 @@ def wait_until(
 async def wait_until_async(
     condition: Callable[[], object],
     timeout: float = 15.0,
-    what: str = "the condition",
+    what: str | Callable[[], str] = "the condition",
     proc: LoggedProcess | None = None,
     *,
     errors: tuple[type[BaseException], ...] = (),
@@ -180,9 +180,12 @@ async def wait_until_async(
 
 
 def _not_within(
-    what: str, timeout: float, error: BaseException | None, proc: LoggedProcess | None
+    what: str | Callable[[], str],
+    timeout: float,
+    error: BaseException | None,
+    proc: LoggedProcess | None,
 ) -> str:
-    message = f"{what} did not happen within {timeout:g} s"
+    message = f"{what if isinstance(what, str) else what()} did not happen within {timeout:g} s"
     if error is not None:
         message += f" (last: {type(error).__name__}: {error})"
     if proc is not None:

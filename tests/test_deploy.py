@@ -28,6 +28,7 @@ from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
 from dockercoins_tools.services import SERVICES
 from dockercoins_tools.sizing import settings_from_env
+from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, tool
 
 K8S = ROOT / "k8s"
@@ -765,11 +766,15 @@ def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(ser
         text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while (result := run(check)).returncode != 0:
+        said: list[str] = []
+
+        def passes() -> bool:
             assert server.poll() is None, f"{service} exited: {server.communicate()[1]}"
-            assert time.monotonic() < deadline, f"{check} never passed: {result.stdout}"
-            time.sleep(0.2)
+            result = run(check)
+            said[:] = [result.stdout]
+            return result.returncode == 0
+
+        wait_until(passes, 20, lambda: f"{check} passing (it said {said})", interval=0.2)
     finally:
         server.terminate()
         server.wait(timeout=15)
@@ -800,6 +805,26 @@ def kubelet_probe(probe: dict[str, Any], container: dict[str, Any], ports: dict[
             return "" if 200 <= reply.status < 400 else f"HTTP {reply.status}"
     except (urllib.error.URLError, OSError) as exc:
         return str(exc)
+
+
+def wait_for_probe(
+    name: str,
+    probe: dict[str, Any],
+    container: dict[str, Any],
+    ports: dict[int, int],
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+) -> None:
+    """Until `probe` of `container` passes as the kubelet runs it; its process must live on."""
+    failure = [""]
+
+    def passes() -> bool:
+        assert proc.poll() is None, f"{name}: exited with {proc.returncode}"
+        failure[0] = kubelet_probe(probe, container, ports)
+        return not failure[0]
+
+    timeout = max(0.0, deadline - time.monotonic())
+    wait_until(passes, timeout, lambda: f"{name} passing ({failure[0]})", interval=0.2)
 
 
 @pytest.mark.slow
@@ -846,10 +871,7 @@ def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace
         deadline = time.monotonic() + 20
         for w, c, ports, proc in started:
             for kind, probe in probes(c):
-                while failure := kubelet_probe(probe, c, ports):
-                    assert proc.poll() is None, f"{w.name} exited with {proc.returncode}"
-                    assert time.monotonic() < deadline, f"{w.name} {kind}: {failure}"
-                    time.sleep(0.2)
+                wait_for_probe(f"{w.name} {kind}", probe, c, ports, proc, deadline)
         for _, _, _, proc in started:
             proc.terminate()
         stopping = time.monotonic()
@@ -1630,7 +1652,7 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
 
     from dockercoins.net import free_port
     from dockercoins_tools.embedded_redis import redis_server_argv
-    from tests.stack import LoggedProcess, get_json, wait_until
+    from tests.stack import LoggedProcess, get_json
     from tests.support import dockercoins_cmd, service_env
 
     docs = rendered("base")
@@ -1746,9 +1768,18 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
 
         wait_until(lambda: (json_or_none() or {}).get("workers") == 1, 20, "the web UI reading")
         assert get_json(page + "/readyz") == {"status": "ready"}
-        time.sleep(1.5)  # a few more samples of the page's loop
-        used = {name.removeprefix("cmdstat_") for name in root.info("commandstats")}
-        used -= {"config|resetstat", "config", "set", "auth", "hello", "client|setinfo", "client"}
+
+        def used_by_webui() -> set[str]:
+            used = {name.removeprefix("cmdstat_") for name in root.info("commandstats")}
+            test_and_handshake = {"config|resetstat", "config", "set", "auth", "hello", "client"}
+            return used - test_and_handshake - {"client|setinfo"}
+
+        wait_until(
+            lambda: used_by_webui() >= grants["webui"],
+            10,
+            lambda: f"the web UI using its grants {grants['webui']} (used {used_by_webui()})",
+        )
+        used = used_by_webui()
         assert used == grants["webui"], f"the web UI used {used}, is granted {grants['webui']}"
 
         root.delete("dockercoins:worker:seed")

@@ -13,7 +13,7 @@ from dockercoins.native import random_function
 from dockercoins.net import free_port
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
-from tests.stack import Service
+from tests.stack import Service, wait_until_async
 
 READ_COST = 0.02  # scaled down: at most 50 reads/s
 
@@ -82,7 +82,8 @@ async def test_health_answers_at_once_while_the_lock_has_a_queue(servers) -> Non
             asyncio.ensure_future(stub.GetRandom(rng_pb2.RandomRequest(size=32), timeout=30))
             for _ in range(20)
         ]
-        await asyncio.sleep(0.2)
+        budget = servers.at(address).budgets.app
+        await wait_until_async(lambda: budget.in_use == 20, 5, "20 calls at rng")
         began = time.perf_counter()
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="dockercoins.v1.Rng"), timeout=5

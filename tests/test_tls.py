@@ -1,7 +1,6 @@
 """TLS on every gRPC hop, with certificates this test generates: plain TLS and mutual TLS."""
 
 import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from dockercoins_tools.launcher.stack import grpc_serving
 from hasher_svc.config import SERVICE_NAME, HasherSettings
 from hasher_svc.service import HasherServicer
-from tests.stack import RunningStack, get_json
+from tests.stack import RunningStack, get_json, wait_until
 from tests.support import run_cli, service_env
 
 
@@ -130,9 +129,8 @@ def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
     try:
         webui = stack.ready()  # the launcher's readiness checks went over mutual TLS
         rng = stack.wait_for_line(r"^rng (\S+)").group(1)
-        first = get_json(webui + "/json")
-        time.sleep(2)
-        assert get_json(webui + "/json")["hashes"] > first["hashes"]
+        first = get_json(webui + "/json")["hashes"]
+        wait_until(lambda: get_json(webui + "/json")["hashes"] > first, 30, "mining", stack)
         probe = run_cli(
             "probe", "rng", "--addr", rng, "--count", "2", "--interval", "0",
             env=service_env(**cert),
