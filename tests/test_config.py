@@ -1,7 +1,9 @@
 """Bad configuration: exit status 2 and one line naming the variable; busy ports named too."""
 
 import importlib
+import os
 import re
+import runpy
 import socket
 import subprocess
 import sys
@@ -11,13 +13,12 @@ import pytest
 from dockercoins.service_main import COMMON_FLAGS
 from tests.support import dockercoins_cmd, run_cli, service_env
 
-pytestmark = pytest.mark.slow
-
 
 def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.CompletedProcess:
     return run_cli(*args, env=service_env(**settings), timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "settings", "variable"),
     [
@@ -43,6 +44,7 @@ def test_a_bad_setting_is_one_line_naming_the_variable(command, settings, variab
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_one_line_naming_the_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -70,6 +72,7 @@ def options_in(help_text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", SERVICE_ALONE)
 def test_a_service_alone_takes_the_flags_of_its_cli_command(command: str) -> None:
     """The same flags, from the service's own config module, and the same error and status."""
@@ -99,3 +102,20 @@ def test_a_service_alone_takes_the_flags_of_its_cli_command(command: str) -> Non
     assert alone_err == cli_err
     assert alone_err.startswith(f"dockercoins {command}: {variable}:"), alone_err
     assert len(alone_err.strip().splitlines()) == 1, alone_err
+
+
+@pytest.mark.parametrize("command", SERVICE_ALONE)
+def test_python_m_a_service_reads_its_flags_and_stops_at_a_bad_one_in_process(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service's __main__ run in this interpreter, as `python -m` runs it: the same one
+    line and status 2 as the process above, before anything starts."""
+    module, bad_flag, variable = SERVICE_ALONE[command]
+    for name in [name for name in os.environ if name.startswith("DOCKERCOINS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", [module, *bad_flag])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dockercoins {command}: {variable}:"), lines
