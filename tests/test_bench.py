@@ -20,6 +20,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@pytest.mark.alone
 def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     result = bench("--soak", "0", "--out", str(tmp_path))
     assert "best:" in result.stdout

@@ -639,6 +639,7 @@ def a_new_client(target: str) -> tuple[float, Any]:
     return time.perf_counter() - began, reply.status
 
 
+@pytest.mark.xdist_group("flood")  # the two floods one after the other
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["classic", "turbo"])
 def test_a_flood_from_one_address_leaves_every_other_client_served(

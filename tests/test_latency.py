@@ -29,6 +29,7 @@ COST = FAST_COSTS["worker_think_time"]
 """Seconds of each simulated cost: the classic 0.1 s scaled down ten times."""
 
 
+@pytest.mark.alone
 def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
     tmp_path: Path,
 ) -> None:
@@ -76,11 +77,16 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         stack.stop("rng")
         stack.start("rng", python_m("rng_svc"), {**env, "DOCKERCOINS_RNG_MODE": "buffered"})
         wait_until(
-            lambda: json_says(lambda s: s["rng_mode"] == "buffered" and ratio() < 2),
+            lambda: json_says(
+                lambda s: (
+                    s["rng_mode"] == "buffered"
+                    and s["latency_unit"]["units"] >= 30  # a window of buffered rng's units
+                    and ratio() < 2
+                )
+            ),
             30,
-            "the rng stage back to the size of hasher's",
+            "the rng stage back to the size of hasher's over 30 units",
         )
-        assert state["latency_unit"]["units"] >= 30, state
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n/json: {state}\n{stack.log_tail()}") from None
     finally:
@@ -88,6 +94,7 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         redis_server.stop()
 
 
+@pytest.mark.alone
 async def test_a_units_stages_add_up_to_its_wall_time(
     start_worker, servers, redis_url, tmp_path
 ) -> None:

@@ -39,6 +39,7 @@ async def _hammer(address: str, clients: int, seconds: float) -> tuple[float, li
     return len(latencies) / elapsed, latencies
 
 
+@pytest.mark.alone
 async def test_blocking_rng_plateaus_whatever_the_number_of_clients(servers) -> None:
     address = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
     one_rate, one_latencies = await _hammer(address, 1, 1.5)
@@ -51,6 +52,7 @@ async def test_blocking_rng_plateaus_whatever_the_number_of_clients(servers) -> 
     assert statistics.median(ten_latencies) > 5 * statistics.median(one_latencies)
 
 
+@pytest.mark.alone
 async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
     address = await servers.rng(rng_mode="buffered", rng_read_cost=READ_COST)
     blocking = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
@@ -63,6 +65,7 @@ async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
     assert statistics.median(blocked) > 5 * READ_COST
 
 
+@pytest.mark.alone
 async def test_rng_latency_is_the_least_time_of_a_request_never_a_queue(servers) -> None:
     address = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0.05)
     instant = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0)

@@ -88,12 +88,12 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
-def health_status(port: int, service: str = "") -> str:
+def health_status(port: int, service: str = "", timeout: float = 5) -> str:
     """The status a gRPC health Check of `service` answers, or the error code's name."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=1
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as exc:
             return exc.code().name
@@ -112,7 +112,7 @@ class HealthRecorder:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            statuses = [health_status(self.port, name) for name in ("", "readiness", "liveness")]
+            statuses = [health_status(self.port, name, 1) for name in ("", "readiness", "liveness")]
             self.samples.append((time.monotonic(), *statuses))
 
     def between(self, start: float, end: float) -> list[tuple[float, str, str, str]]:
