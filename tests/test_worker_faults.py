@@ -112,7 +112,7 @@ class HealthRecorder:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            statuses = [health_status(self.port, name, 1) for name in ("", "readiness", "liveness")]
+            statuses = [health_status(self.port, name, 3) for name in ("", "readiness", "liveness")]
             self.samples.append((time.monotonic(), *statuses))
 
     def between(self, start: float, end: float) -> list[tuple[float, str, str, str]]:
