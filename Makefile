@@ -11,7 +11,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= dockercoins:$(VERSION)
 OVERLAY ?= base
 ARGS ?=
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 # The image installs its dependencies from these, every file checked against its hash.
 LOCKS := requirements.lock requirements-build.lock
@@ -56,12 +56,13 @@ run: $(STAMP) $(STUBS)
 	$(VENV)/bin/dockercoins up $(ARGS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
-# TEST_WORKERS pytest-xdist processes share the tests (an xdist_group's on one, in order); then
-# the tests marked `alone`, which measure a rate or a time, one at a time. Exit status 5 is
-# pytest's "no test selected": ARGS may name tests of one phase only.
+# TEST_WORKERS pytest-xdist processes share the tests, a module's on one (its stack or servers
+# built once, its tests in order); then the tests marked `alone`, which measure a rate or a
+# time, one at a time. Exit status 5 is pytest's "no test selected": ARGS may name tests of one
+# phase only.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not alone" $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ]
 	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ]
 
 # The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one

@@ -17,7 +17,7 @@ from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.stack import Service
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bad_requests")]  # one rng, one hasher
+pytestmark = pytest.mark.slow
 
 MAX_REQUEST = 4096
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

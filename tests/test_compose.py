@@ -34,7 +34,7 @@ from dockercoins.rate import Sample, fit_slope
 from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compose")]  # one stack, in order
+pytestmark = pytest.mark.slow
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""

@@ -95,6 +95,7 @@ RAISED = {"hasher_max_request": 1 << 20, "hasher_max_blocks": 1 << 18, "hasher_m
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize(
     ("hasher_process", "blocks", "block_size", "raw"),
     [
@@ -639,7 +640,6 @@ def a_new_client(target: str) -> tuple[float, Any]:
     return time.perf_counter() - began, reply.status
 
 
-@pytest.mark.xdist_group("flood")  # the two floods one after the other
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["classic", "turbo"])
 def test_a_flood_from_one_address_leaves_every_other_client_served(
