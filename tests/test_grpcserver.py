@@ -214,7 +214,9 @@ async def test_the_concurrency_bound_counts_application_calls_only(servers) -> N
             await stub.Hash(hasher_pb2.HashRequest(data=b"one too many"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "DOCKERCOINS_MAX_CONCURRENT_RPCS" in caught.value.details()
-        assert refused_count("Hash") == refused_before + 1
+        # Counted by the server's interceptor once the refusal is sent: soon after, not before.
+        counted = refused_before + 1
+        await wait_until_async(lambda: refused_count("Hash") == counted, 5, "the refusal counted")
 
         health = health_pb2_grpc.HealthStub(probe)
         watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(8)]

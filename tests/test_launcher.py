@@ -122,7 +122,8 @@ def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     try:
         started = time.monotonic()
         hung = run_cli("scale", "worker=1", env=service_env(data_dir=data, control_timeout=1))
-        assert time.monotonic() - started < 10
+        # Its 1 s, and the start of a Python process on a busy machine: not the 30 s of run_cli.
+        assert time.monotonic() - started < 20
     finally:
         running.proc.send_signal(signal.SIGCONT)
     assert hung.returncode == 1
