@@ -66,9 +66,10 @@ test: $(STAMP) $(STUBS)
 	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ]
 
 # The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one
-# that starts any other process).
+# that starts any other process); on two workers, then those marked `alone`.
 test-fast: $(STAMP) $(STUBS)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -n 2 -m "not slow and not alone" $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "not slow and alone" $(ARGS) || [ $$? -eq 5 ]
 
 coverage: $(STAMP) $(STUBS)
 	$(PY) -m coverage run -m pytest -m "not slow" -q $(ARGS)
