@@ -72,7 +72,7 @@ test-fast: $(STAMP) $(STUBS)
 	$(PY) -m pytest -m "not slow and alone" $(ARGS) || [ $$? -eq 5 ]
 
 coverage: $(STAMP) $(STUBS)
-	$(PY) -m coverage run -m pytest -m "not slow" -q $(ARGS)
+	$(PY) -m coverage run -m pytest -m "not slow and not alone" -q $(ARGS)
 	$(PY) scripts/fast-coverage
 
 lint: $(STAMP) $(STUBS)
