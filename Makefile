@@ -11,17 +11,20 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= dockercoins:$(VERSION)
 OVERLAY ?= base
 ARGS ?=
+TEST_WORKERS ?= 3
 
 # The image installs its dependencies from these, every file checked against its hash.
 LOCKS := requirements.lock requirements-build.lock
 UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock"
 
-.PHONY: help setup protos run test lint bench image kind lock clean
+.PHONY: help setup protos run test test-fast coverage lint bench image kind lock clean
 
 help:
 	@echo "make run     start redis + rng + hasher + worker + webui (ARGS='--workers 3')"
-	@echo "make test    run the test suite"
+	@echo "make test    run the whole test suite, both tiers, in parallel (what CI runs)"
+	@echo "make test-fast  the in-process tests only: no browser, no engine, no stack (a minute)"
+	@echo "make coverage   the fast tier under coverage: does it exercise every module?"
 	@echo "make lint    ruff, mypy and the import contract"
 	@echo "make protos  generate the gRPC stubs from protos/ (installs grpcio-tools only)"
 	@echo "make bench   run the benchmarks, results in bench-results/"
@@ -53,9 +56,24 @@ run: $(STAMP) $(STUBS)
 	$(VENV)/bin/dockercoins up $(ARGS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
+# TEST_WORKERS pytest-xdist processes share the tests, a module's on one (its stack or servers
+# built once, its tests in order); then the tests marked `alone`, which measure a rate or a
+# time, one at a time. Exit status 5 is pytest's "no test selected": ARGS may name tests of one
+# phase only.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ]
+
+# The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one
+# that starts any other process); on two workers, then those marked `alone`.
+test-fast: $(STAMP) $(STUBS)
+	$(PY) -m pytest -n 2 -m "not slow and not alone" $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "not slow and alone" $(ARGS) || [ $$? -eq 5 ]
+
+coverage: $(STAMP) $(STUBS)
+	$(PY) -m coverage run -m pytest -m "not slow and not alone" -q $(ARGS)
+	$(PY) scripts/fast-coverage
 
 lint: $(STAMP) $(STUBS)
 	$(PY) -m ruff check .
@@ -87,4 +105,4 @@ lock: $(STAMP)
 	$(UV_COMPILE) pyproject.toml -c requirements-build.lock -o requirements.lock
 
 clean:
-	rm -rf dockercoins/v1 .pytest_cache .mypy_cache .ruff_cache
+	rm -rf dockercoins/v1 .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,14 +1,75 @@
-"""Fixtures on real parts: a real redis-server, real gRPC servers on port 0, real processes."""
+"""Fixtures on real parts: a real redis-server, real gRPC servers on port 0, real processes;
+and the guard of the two tiers: a test not marked `slow` that starts a process other than a
+redis-server fails."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from dockercoins_tools.embedded_redis import redis_server_binary
 from tests.stack import RedisProcess
 from tests.support import GrpcServers, spawn_worker
+
+_unmarked: list[str] = []
+"""The test running now when it is not marked `slow` (empty otherwise): it may start no process."""
+
+_started: list[str] = []
+"""What that test tried to start."""
+
+_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+
+def _guarded_execute_child(self: subprocess.Popen[Any], args: Any, *rest: Any, **kw: Any) -> Any:
+    """Every child process of the test run starts here: subprocess.run, Popen, asyncio's
+    create_subprocess_exec, selenium's chromedriver, the docker CLI. From a test that is not
+    marked `slow`, the process is refused and the test fails (even if it catches the error),
+    unless it is a redis-server: the fast tier's tests run against a real Redis, the session's
+    (`redis_server`) or one of their own (`RedisProcess`, which a test can pause)."""
+    argv = [args] if isinstance(args, (str, bytes)) else [str(arg) for arg in args]
+    if _unmarked and argv[0] != redis_server_binary():
+        command = " ".join(argv)
+        _started.append(command)
+        pytest.fail(f"{_unmarked[0]} starts a process ({command[:200]}): mark it slow", False)
+    return _execute_child(self, args, *rest, **kw)
+
+
+subprocess.Popen._execute_child = _guarded_execute_child  # type: ignore[attr-defined]
+
+
+def _guarded(item: pytest.Item) -> Generator[None, Any, Any]:
+    """Arm the guard around one phase of `item` unless it is marked `slow`; fail the phase if
+    the test tried to start a process."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    _unmarked.append(item.nodeid)
+    _started.clear()
+    try:
+        result = yield
+    finally:
+        _unmarked.clear()
+    if _started:
+        pytest.fail(f"{item.nodeid} is not marked slow but starts processes: {_started}", False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item))
 
 
 @pytest.fixture(scope="session")

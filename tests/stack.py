@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -21,6 +22,9 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY, WALLET_KEY
 from dockercoins_tools.embedded_redis import redis_server_argv
 from tests.support import dockercoins_cmd, run_cli, service_env
+
+POLL_INTERVAL = 0.05
+"""Seconds between two looks of `wait_until`."""
 
 FAST_COSTS = {
     "rng_read_cost": 0.01,
@@ -51,17 +55,21 @@ class LoggedProcess:
         return "\n".join(self.lines)
 
     def wait_for_line(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        """The first output line matching `pattern`, waiting for it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                found = re.search(pattern, line)
-                if found:
-                    return found
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
+        """The first output line matching `pattern`, waiting for it while the process runs."""
+        found: list[re.Match[str]] = []
+
+        def seen() -> bool:
+            ended = self.proc.poll() is not None and not self._reader.is_alive()
+            found.extend(match for line in list(self.lines) if (match := re.search(pattern, line)))
+            if not found and ended:
+                raise AssertionError(
+                    f"exited ({self.proc.returncode}) with no line matching {pattern!r}; "
+                    f"output:\n{self.output}"
+                )
+            return bool(found)
+
+        wait_until(seen, timeout, f"a line matching {pattern!r}", self)
+        return found[0]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send `sig` (SIGTERM) and wait for the exit status."""
@@ -119,28 +127,71 @@ class RunningStack(LoggedProcess):
 
 
 def wait_until(
-    predicate: Callable[[], object], timeout: float, what: str, proc: LoggedProcess | None = None
+    condition: Callable[[], object],
+    timeout: float,
+    what: str | Callable[[], str],
+    proc: LoggedProcess | None = None,
+    *,
+    errors: tuple[type[BaseException], ...] = (),
+    interval: float = POLL_INTERVAL,
 ) -> float:
-    """Seconds until `predicate()` holds; fails after `timeout`, with `proc`'s last output."""
+    """The one way a test waits: poll `condition()` every `interval` s until it holds; the
+    seconds that took. After `timeout` s, fail saying `what` (or what `what()` says then) did
+    not happen, with the last of the `errors` the condition raised (those count as "not yet":
+    a server still starting, a page between two states) and `proc`'s last output."""
     started = time.monotonic()
-    while not predicate():
+    last_error: BaseException | None = None
+    while True:
+        try:
+            if condition():
+                return time.monotonic() - started
+        except errors as exc:
+            last_error = exc
         if time.monotonic() - started > timeout:
-            output = "\n".join(proc.lines[-60:]) if proc is not None else ""
-            raise AssertionError(f"{what} did not happen within {timeout} s\n{output}")
-        time.sleep(0.05)
-    return time.monotonic() - started
+            raise AssertionError(_not_within(what, timeout, last_error, proc))
+        time.sleep(interval)
 
 
 async def wait_until_async(
-    predicate: Callable[[], object], timeout: float = 15.0, what: str = "the condition"
+    condition: Callable[[], object],
+    timeout: float = 15.0,
+    what: str | Callable[[], str] = "the condition",
+    proc: LoggedProcess | None = None,
+    *,
+    errors: tuple[type[BaseException], ...] = (),
+    interval: float = POLL_INTERVAL,
 ) -> float:
-    """`wait_until` for a test's event loop, which it leaves free between two looks."""
+    """`wait_until` for a test's event loop, which it leaves free between two looks; the
+    condition may be a coroutine function (a look that itself awaits)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while not predicate():
-        assert loop.time() - started < timeout, f"{what} did not happen within {timeout} s"
-        await asyncio.sleep(0.05)
-    return loop.time() - started
+    last_error: BaseException | None = None
+    while True:
+        try:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return loop.time() - started
+        except errors as exc:
+            last_error = exc
+        if loop.time() - started > timeout:
+            raise AssertionError(_not_within(what, timeout, last_error, proc))
+        await asyncio.sleep(interval)
+
+
+def _not_within(
+    what: str | Callable[[], str],
+    timeout: float,
+    error: BaseException | None,
+    proc: LoggedProcess | None,
+) -> str:
+    message = f"{what if isinstance(what, str) else what()} did not happen within {timeout:g} s"
+    if error is not None:
+        message += f" (last: {type(error).__name__}: {error})"
+    if proc is not None:
+        message += "\n" + "\n".join(proc.lines[-60:])
+    return message
 
 
 class RedisProcess:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import cache
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from dockercoins.redis_store import Heartbeat, record
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
@@ -156,6 +158,20 @@ async def spawn_worker(log: Path, **fields: object) -> asyncio.subprocess.Proces
         env=service_env(**{**FAST_WORKER, **fields}),
         stdout=handle,
         stderr=handle,
+    )
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` at 127.0.0.1:`port`'s
+    /metrics (a service's DOCKERCOINS_METRICS_PORT), 0 when there are none."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    wanted = labels.items()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted <= sample.labels.items()
     )
 
 

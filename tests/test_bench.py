@@ -11,6 +11,8 @@ from dockercoins_tools.bench.pipeline import TURBO
 from dockercoins_tools.cost_model import profile_costs
 from tests.support import run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     result = run_cli("bench", "--quick", *args, timeout=240)
@@ -18,6 +20,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@pytest.mark.alone
 def test_quick_bench_measures_every_part_and_writes_json(tmp_path) -> None:
     result = bench("--soak", "0", "--out", str(tmp_path))
     assert "best:" in result.stdout

@@ -5,26 +5,29 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import redis
+from selenium.common.exceptions import WebDriverException
 
 from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY, WALLET_KEY
 from dockercoins_tools.embedded_redis import redis_server_argv
-from tests.stack import FAST_COSTS, ServiceProcesses, python_m
+from tests.stack import FAST_COSTS, ServiceProcesses, python_m, wait_until
 from tests.support import ROOT, service_env, skip_unless_ci
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "test-artifacts"
 
-T = TypeVar("T")
+BETWEEN_STATES = (WebDriverException, httpx.HTTPError, redis.RedisError, ValueError, KeyError)
+"""What the page, the web UI or Redis may raise while they change state: "not yet"."""
 
 NUMBERS_OFF_LINE = """
 return ['speed', 'coins', 'hashes'].flatMap((id) => {
@@ -48,19 +51,11 @@ return edge.some((value, i) => i % 4 === 3 && value > 0);
 """Ink in the chart's 3 leftmost pixel columns: a y-axis label wider than the axis margin."""
 
 
-def wait_for(what: str, check: Callable[[], T], timeout: float = 20.0) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # the page or a server may be between states
-            last_error = exc
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
+def wait_for(
+    what: str | Callable[[], str], check: Callable[[], object], timeout: float = 20.0
+) -> float:
+    """`wait_until` for the page: `check` may meet it or a server between two states."""
+    return wait_until(check, timeout, what, errors=BETWEEN_STATES, interval=0.2)
 
 
 @pytest.fixture
@@ -202,7 +197,13 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         wait_for("a mark at 2 workers", lambda: chart("data-last-mark") == "2")
         assert int(chart("data-marks")) >= 1
         assert text("marks").count("→ 2 workers") == 1  # one scaling step, one mark
-        widths = wait_for("rng's bar the widest", lambda: rng_widest(stage_bars()), 25)
+        widths: dict[str, float] = {}
+
+        def rng_the_widest() -> bool:
+            widths.update(stage_bars())
+            return rng_widest(widths) is not None
+
+        wait_for("rng's bar the widest", rng_the_widest, 25)
         assert all(width > 0 for stage, width in widths.items() if stage != "redis"), widths
         assert browser.find_element(By.ID, "stages").get_attribute("data-widest") == "rng"
         assert " ms · " in browser.find_element(By.CSS_SELECTOR, "[data-stage=rng]").text
@@ -251,12 +252,17 @@ def test_page_tells_the_scaling_story_and_survives_outages(browser: Any, tmp_pat
         feeder.start()
         wait_for("a turbo speed", lambda: speed() > 1e6, 30)
         chrome = browser.execute_script("return window.outerHeight - window.innerHeight")
+        off_line: list[str] = []
+
+        def laid_out() -> bool:  # once the chart has redrawn at the new size
+            off_line[:] = browser.execute_script(NUMBERS_OFF_LINE)
+            return not off_line and not browser.execute_script(AXIS_LABELS_CLIPPED)
+
         for width, height in ((390, 844), (1280, 720)):  # the viewport: a phone, a laptop
             browser.set_window_size(width, height + chrome)
-            time.sleep(1)  # the chart redraws at the new size; turbo numbers keep coming
-            assert browser.execute_script(NUMBERS_OFF_LINE) == [], f"at {width} px"
-            clipped_axis = browser.execute_script(AXIS_LABELS_CLIPPED)
-            assert not clipped_axis, f"the chart's y-axis labels are cut off at {width} px"
+            wait_for(
+                lambda: f"the figures on one line, the axis labels whole: {off_line}", laid_out, 10
+            )
         screenshot("webui-turbo.png")
     except AssertionError as exc:
         screenshot("webui-failure.png")
@@ -330,7 +336,8 @@ def test_page_polls_json_while_its_stream_is_refused_and_renews_streams_unseen(
             note = text("fallback")
             assert "DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT" in note and "polls /json" in note
             wait_for("the polling status", lambda: text("status") == "live · polling")
-            first = wait_for("hashes from /json", hashes)
+            wait_for("hashes from /json", hashes)
+            first = hashes()
             wait_for("hashes growing, polled", lambda: hashes() > first)
             wait_for("chart points from /json", lambda: points() >= 3)
             ARTIFACTS.mkdir(exist_ok=True)

@@ -12,7 +12,6 @@ Where no engine answers they skip, except under CI=true (scripts/test-prerequisi
 The lesson's figures with the classic costs are in docs/deploy.md.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -32,7 +31,10 @@ import yaml
 
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
+from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
+
+pytestmark = pytest.mark.slow
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
@@ -139,37 +141,35 @@ class ComposeStack:
 
     def wait_for_workers(self, count: int, timeout: float = 60) -> None:
         """Until the web UI counts `count` live workers (their heartbeats in Redis)."""
-        deadline = time.monotonic() + timeout
-        seen = None
-        while time.monotonic() < deadline:
-            data = self.json()
-            seen = data and data.get("workers")
-            if seen == count:
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"the web UI counts {seen} workers, not {count}")
+        self.json_until(lambda data: data["workers"] == count, f"{count} workers", timeout)
 
     def json_until(self, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
         """The web UI's /json once `check` holds for it."""
-        deadline = time.monotonic() + timeout
-        data = None
-        while time.monotonic() < deadline:
-            data = self.json()
-            with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
-                if data and check(data):
-                    return data
-            time.sleep(0.5)
-        raise AssertionError(f"{what}: not within {timeout:g} s; /json: {data}")
+        data: list[dict[str, Any] | None] = [None]
+
+        def holds() -> bool:
+            data[0] = self.json()
+            return bool(data[0] and check(data[0]))
+
+        wait_until(
+            holds,
+            timeout,
+            lambda: f"{what} (/json: {data[0]})",
+            errors=(KeyError, TypeError, ZeroDivisionError),
+            interval=0.5,
+        )
+        assert data[0] is not None
+        return data[0]
 
     def rate(self, window: float = 5.0, warmup: float = 2.0) -> float:
         """Hashes per second: a slope fitted over `window` s of /json samples, after `warmup` s."""
-        time.sleep(warmup)
+        time.sleep(warmup)  # the stack settles at its new rate first
         samples = []
         end = time.monotonic() + window
         while time.monotonic() < end:
             if sample := self.sample():
                 samples.append(sample)
-            time.sleep(0.25)
+            time.sleep(0.25)  # a sample every 0.25 s of the window
         fitted = fit_slope(samples)
         assert fitted, f"too few samples from {self.url}/json"
         return fitted.per_second
@@ -371,20 +371,23 @@ def test_a_crashed_service_is_restarted_and_the_counter_never_goes_back(
     restarts = restart_count(container)
     plateau = measured.get("plateau", 1 / COST)
     values: list[float] = []
-    restarted_at = None
-    start = time.monotonic()
+    restarted_at: list[float] = []
     crash(container)
-    while True:
-        elapsed = time.monotonic() - start
-        assert elapsed < RECOVERY, f"{service} not back and counting after {RECOVERY} s: {values}"
+
+    def counting_again() -> bool:
         if sample := stack.sample():
             values.append(sample.value)
-        if restarted_at is None and restart_count(container) > restarts and values:
-            restarted_at = values[-1]
+        if not restarted_at and restart_count(container) > restarts and values:
+            restarted_at.append(values[-1])
         # Two seconds' worth of hashes at half the plateau since the restart: mining again.
-        if restarted_at is not None and values[-1] >= restarted_at + plateau:
-            break
-        time.sleep(0.25)
+        return bool(restarted_at) and values[-1] >= restarted_at[0] + plateau
+
+    elapsed = wait_until(
+        counting_again,
+        RECOVERY,
+        lambda: f"{service} back and counting ({values})",
+        interval=0.25,
+    )
     print(f"{service}: killed, restarted and counting again in {elapsed:.1f} s")
     assert values == sorted(values), f"the counter went back: {values}"
 
@@ -396,18 +399,21 @@ def test_a_second_rng_doubles_the_plateau_within_seconds(stack: ComposeStack) ->
     stack.up(workers=WORKERS, rng=2, wait=False)
     assert len(stack.containers("rng")) == 2
     samples: list[Sample] = []
-    taken_over = None
-    while taken_over is None and time.monotonic() - asked < RNG_TAKES_OVER + 5:
+
+    def past_the_plateau() -> bool:
         if sample := stack.sample():
             samples.append(sample)
         recent = [s for s in samples if s.time >= samples[-1].time - 3] if samples else []
         fitted = fit_slope(recent)
-        if fitted and fitted.span >= 2.5 and fitted.per_second > 1.6 * plateau:
-            taken_over = time.monotonic() - asked
-        time.sleep(0.25)
-    assert taken_over is not None and taken_over < RNG_TAKES_OVER, (
-        f"two rngs did not pass {1.6 * plateau:.1f} h/s within {RNG_TAKES_OVER} s"
+        return bool(fitted and fitted.span >= 2.5 and fitted.per_second > 1.6 * plateau)
+
+    wait_until(
+        past_the_plateau,
+        RNG_TAKES_OVER - (time.monotonic() - asked),
+        f"two rngs passing {1.6 * plateau:.1f} h/s",
+        interval=0.25,
     )
+    taken_over = time.monotonic() - asked
     doubled = stack.rate(warmup=0)
     print(f"rng=2: past 1.6 x the plateau {taken_over:.1f} s after the scale; {doubled:.1f} h/s")
     assert 1.6 * plateau < doubled < 1.15 * 2 / COST, f"{doubled:.1f} h/s, {plateau:.1f} with one"

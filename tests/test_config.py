@@ -1,19 +1,47 @@
-"""Bad configuration: exit status 2 and one line naming the variable; busy ports named too."""
+"""Bad configuration: exit status 2 and one line naming the variable, before anything starts;
+busy ports named too. The CLI and each service's `python -m` run in this interpreter, as their
+entry points run them (the same code after the imports), except for the busy ports."""
 
 import importlib
+import os
 import re
+import runpy
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
 from dockercoins.service_main import COMMON_FLAGS
-from tests.support import dockercoins_cmd, run_cli, service_env
+from dockercoins_tools.cli import main as dockercoins
+from tests.support import run_cli, service_env
 
 
 def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.CompletedProcess:
     return run_cli(*args, env=service_env(**settings), timeout=timeout)
+
+
+@pytest.fixture
+def entry_point(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """Runs an entry point in this interpreter with DOCKERCOINS_<FIELD> set from keywords (and
+    no other): its exit status, its stdout, its stderr."""
+    for name in [name for name in os.environ if name.startswith("DOCKERCOINS_")]:
+        monkeypatch.delenv(name)
+
+    def run_entry(start: Callable[[], object], **settings: object) -> tuple[int, str, str]:
+        with monkeypatch.context() as env:
+            env.setattr(sys, "argv", list(sys.argv))  # given back whatever `start` sets
+            for field, value in settings.items():
+                env.setenv(f"DOCKERCOINS_{field.upper()}", str(value))
+            with pytest.raises(SystemExit) as exited:
+                start()
+        captured = capsys.readouterr()
+        return int(exited.value.code or 0), captured.out, captured.err
+
+    return run_entry
 
 
 @pytest.mark.parametrize(
@@ -32,15 +60,18 @@ def run(args: list[str], timeout: float = 30, **settings: object) -> subprocess.
         ("worker", {"call_idle_timeout": 0}, "DOCKERCOINS_CALL_IDLE_TIMEOUT"),
     ],
 )
-def test_a_bad_setting_is_one_line_naming_the_variable(command, settings, variable) -> None:
-    result = run([command], **settings)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    entry_point, command, settings, variable
+) -> None:
+    status, out, err = entry_point(lambda: dockercoins([command]), **settings)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith(f"dockercoins {command}: {variable}:")
-    assert "Traceback" not in result.stderr
+    assert out == ""
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_one_line_naming_the_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -69,30 +100,31 @@ def options_in(help_text: str) -> set[str]:
 
 
 @pytest.mark.parametrize("command", SERVICE_ALONE)
-def test_a_service_alone_takes_the_flags_of_its_cli_command(command: str) -> None:
+def test_a_service_alone_takes_the_flags_of_its_cli_command(entry_point, command: str) -> None:
     """The same flags, from the service's own config module, and the same error and status."""
     module, bad_flag, variable = SERVICE_ALONE[command]
-    argvs = {"alone": [sys.executable, "-m", module], "cli": dockercoins_cmd(command)}
+
+    def alone(*argv: str) -> Callable[[], object]:  # python -m <module> <argv>
+        def start() -> None:
+            sys.argv = [module, *argv]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+        return start
+
     runs = {
-        (how, what): subprocess.Popen(
-            [*argv, *extra],
-            env=service_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for how, argv in argvs.items()
-        for what, extra in (("help", ["--help"]), ("bad", bad_flag))
+        ("alone", "help"): entry_point(alone("--help")),
+        ("alone", "bad"): entry_point(alone(*bad_flag)),
+        ("cli", "help"): entry_point(lambda: dockercoins([command, "--help"])),
+        ("cli", "bad"): entry_point(lambda: dockercoins([command, *bad_flag])),
     }
-    done = {key: (*proc.communicate(timeout=60), proc.returncode) for key, proc in runs.items()}
     flags = importlib.import_module(f"{module}.config").FLAGS
     expected = {"--help"} | {flag.name for flag in (*flags, *COMMON_FLAGS)}
-    for how in argvs:
-        out, err, status = done[how, "help"]
+    for how in ("alone", "cli"):
+        status, out, err = runs[how, "help"]
         assert status == 0, err
         assert options_in(out) == expected, how
-    _, alone_err, alone_status = done["alone", "bad"]
-    _, cli_err, cli_status = done["cli", "bad"]
+    alone_status, _, alone_err = runs["alone", "bad"]
+    cli_status, _, cli_err = runs["cli", "bad"]
     assert alone_status == cli_status == 2
     assert alone_err == cli_err
     assert alone_err.startswith(f"dockercoins {command}: {variable}:"), alone_err

@@ -29,6 +29,7 @@ from dockercoins.settings import env_name
 from dockercoins_tools.cost_model import profile_costs
 from dockercoins_tools.services import SERVICES
 from dockercoins_tools.sizing import settings_from_env
+from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, tool
 
 K8S = ROOT / "k8s"
@@ -656,11 +657,13 @@ def compose_problems(config: dict[str, Any]) -> list[str]:
 # --- tests: the tools themselves -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_passes_the_cross_checks(overlay: str) -> None:
     assert k8s_problems(rendered(overlay)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 def test_every_overlay_validates_strictly(tmp_path: Path, k8s_version: str) -> None:
     files = []
@@ -695,6 +698,7 @@ def everything_overlay(tmp_path: Path, components: list[str]) -> Path:
     return overlay
 
 
+@pytest.mark.slow
 def test_all_components_compose_together(tmp_path: Path) -> None:
     """daemonset, buffered, turbo, hpa, network-policies and metrics in one overlay, in either
     order. rng-hpa is the exception: a DaemonSet cannot be autoscaled, and the check says so."""
@@ -712,6 +716,7 @@ def test_all_components_compose_together(tmp_path: Path) -> None:
         assert env_of(rng.containers[0])["DOCKERCOINS_RNG_MODE"] == "buffered"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
 def test_compose_config_is_valid(variant: str) -> None:
     argv = [compose_binary()]
@@ -722,6 +727,7 @@ def test_compose_config_is_valid(variant: str) -> None:
     assert compose_problems(compose_variant(variant)) == []
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint() -> None:
     for dockerfile in sorted(ROOT.glob("Dockerfile*")):
         result = run([tool("hadolint"), "--failure-threshold", "error", str(dockerfile)])
@@ -744,6 +750,7 @@ def healthcheck_argv(service: str, port: int) -> tuple[list[str], dict[str, str]
     return [local, *(a.replace(f":{compose_port}", f":{port}") for a in args)], env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("service", ["rng", "hasher", "worker", "webui"])
 def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(service: str) -> None:
     """The healthcheck, run as compose runs it, against the service started as compose starts it."""
@@ -760,11 +767,15 @@ def test_compose_healthcheck_passes_on_the_real_service_and_fails_without_it(ser
         text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while (result := run(check)).returncode != 0:
+        said: list[str] = []
+
+        def passes() -> bool:
             assert server.poll() is None, f"{service} exited: {server.communicate()[1]}"
-            assert time.monotonic() < deadline, f"{check} never passed: {result.stdout}"
-            time.sleep(0.2)
+            result = run(check)
+            said[:] = [result.stdout]
+            return result.returncode == 0
+
+        wait_until(passes, 20, lambda: f"{check} passing (it said {said})", interval=0.2)
     finally:
         server.terminate()
         server.wait(timeout=15)
@@ -797,6 +808,27 @@ def kubelet_probe(probe: dict[str, Any], container: dict[str, Any], ports: dict[
         return str(exc)
 
 
+def wait_for_probe(
+    name: str,
+    probe: dict[str, Any],
+    container: dict[str, Any],
+    ports: dict[int, int],
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+) -> None:
+    """Until `probe` of `container` passes as the kubelet runs it; its process must live on."""
+    failure = [""]
+
+    def passes() -> bool:
+        assert proc.poll() is None, f"{name}: exited with {proc.returncode}"
+        failure[0] = kubelet_probe(probe, container, ports)
+        return not failure[0]
+
+    timeout = max(0.0, deadline - time.monotonic())
+    wait_until(passes, timeout, lambda: f"{name} passing ({failure[0]})", interval=0.2)
+
+
+@pytest.mark.slow
 def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace(
     redis_url: str,
 ) -> None:
@@ -840,10 +872,7 @@ def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace
         deadline = time.monotonic() + 20
         for w, c, ports, proc in started:
             for kind, probe in probes(c):
-                while failure := kubelet_probe(probe, c, ports):
-                    assert proc.poll() is None, f"{w.name} exited with {proc.returncode}"
-                    assert time.monotonic() < deadline, f"{w.name} {kind}: {failure}"
-                    time.sleep(0.2)
+                wait_for_probe(f"{w.name} {kind}", probe, c, ports, proc, deadline)
         for _, _, _, proc in started:
             proc.terminate()
         stopping = time.monotonic()
@@ -858,6 +887,7 @@ def test_kubernetes_probes_pass_on_the_real_processes_and_sigterm_fits_the_grace
                 proc.wait()
 
 
+@pytest.mark.slow
 def test_compose_probe_deadline_fits_in_the_healthcheck_timeout() -> None:
     services = compose_variant("classic")["services"]
     for name in ("rng", "hasher"):
@@ -875,6 +905,7 @@ def rng_env(overlay: str) -> dict[str, str]:
     return env_of(rng.containers[0])
 
 
+@pytest.mark.slow
 def test_base_is_the_lesson_and_buffered_is_the_fix() -> None:
     assert rng_env("base")["DOCKERCOINS_RNG_MODE"] == "blocking"
     read_cost = env_name("rng_read_cost")
@@ -891,6 +922,7 @@ def test_base_is_the_lesson_and_buffered_is_the_fix() -> None:
     )
 
 
+@pytest.mark.slow
 def test_daemonset_overlay_keeps_the_rng_pod_template() -> None:
     base = {(w.kind, w.name): w for w in workloads(rendered("base"))}
     daemon = {(w.kind, w.name): w for w in workloads(rendered("daemonset"))}
@@ -899,6 +931,7 @@ def test_daemonset_overlay_keeps_the_rng_pod_template() -> None:
     assert "replicas" not in daemon[("DaemonSet", "rng")].doc["spec"]
 
 
+@pytest.mark.slow
 def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
     from hasher_svc.config import HasherSettings
     from rng_svc.config import RngSettings
@@ -917,6 +950,7 @@ def test_turbo_turns_the_costs_off_in_compose_and_kubernetes() -> None:
         assert worker.worker_streaming and worker.worker_batch > 1 and worker.worker_loops > 1
 
 
+@pytest.mark.slow
 def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -935,6 +969,7 @@ def test_the_kubectl_experiment_models_the_costs_the_manifests_deploy(
         assert plain(costs_of_containers(envs)) == plain(profile_costs(expected)), overlay
 
 
+@pytest.mark.slow
 def test_autoscale_overlay_scales_the_worker_deployment() -> None:
     (hpa,) = of_kind(rendered("autoscale"), "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -945,6 +980,7 @@ def test_autoscale_overlay_scales_the_worker_deployment() -> None:
     }
 
 
+@pytest.mark.slow
 def test_network_policies_isolate_rng_hasher_and_redis() -> None:
     docs = rendered("network-policies")
     allowed: dict[str, set[str]] = {}
@@ -972,6 +1008,7 @@ def test_network_policies_isolate_rng_hasher_and_redis() -> None:
     assert all(matches(deny["spec"]["podSelector"]["matchLabels"], w.labels) for w in every_pod)
 
 
+@pytest.mark.slow
 def test_redis_has_a_maxmemory_that_refuses_writes_within_its_memory_limit() -> None:
     redis = redis_statefulset(rendered("base"))
     assert redis is not None
@@ -987,6 +1024,7 @@ def test_redis_has_a_maxmemory_that_refuses_writes_within_its_memory_limit() -> 
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
 
 
+@pytest.mark.slow
 def test_webui_is_a_nodeport_and_grpc_services_are_headless() -> None:
     services = {s["metadata"]["name"]: s["spec"] for s in of_kind(rendered("base"), "Service")}
     assert services["webui"]["type"] == "NodePort"
@@ -996,6 +1034,7 @@ def test_webui_is_a_nodeport_and_grpc_services_are_headless() -> None:
 # --- tests: images and the Dockerfile ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_images_agree_between_compose_kubernetes_and_pyproject() -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     expected = f"{APP_IMAGE}:{version}"
@@ -1082,6 +1121,7 @@ def broken_copy(tmp_path: Path, file: str, old: str, new: str) -> Path:
     return tmp_path / "k8s" / "base"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("file", "old", "new", "complaint"),
     [
@@ -1155,6 +1195,7 @@ def test_a_broken_manifest_fails_the_checks(
     assert any(complaint in p for p in problems), problems
 
 
+@pytest.mark.slow
 def test_a_broken_compose_file_fails_the_checks(tmp_path: Path) -> None:
     for name in ("compose.yaml", "Dockerfile"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -1175,6 +1216,7 @@ def test_a_broken_compose_file_fails_the_checks(tmp_path: Path) -> None:
     assert result.returncode != 0 and "depnds_on" in result.stderr
 
 
+@pytest.mark.slow
 def test_metrics_overlay_scrapes_ports_the_processes_serve_metrics_on() -> None:
     scraped = {}
     for workload in workloads(rendered("metrics")):
@@ -1404,6 +1446,7 @@ def flags_of(argv: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kind_script_runs_the_documented_commands_in_order(tmp_path: Path, overlay: str) -> None:
     """scripts/kind-up against the stand-ins (real make): the commands, each flag one the tool
@@ -1474,6 +1517,7 @@ def test_kind_script_runs_the_documented_commands_in_order(tmp_path: Path, overl
         assert (ROOT / argv[argv.index("--values") + 1]).is_file()
 
 
+@pytest.mark.slow
 def test_kind_script_switches_overlays_leaving_one_rng_and_the_data(tmp_path: Path) -> None:
     """kind-up daemonset, then buffered, then autoscale-rng, then base, on one modelled cluster:
     after each, exactly the overlay's objects, one rng workload, the same Secret and claim."""
@@ -1499,6 +1543,7 @@ def test_kind_script_switches_overlays_leaving_one_rng_and_the_data(tmp_path: Pa
         assert objects[f"Secret/{NAMESPACE}/redis-passwords"] == secret, "passwords remade"
 
 
+@pytest.mark.slow
 def test_kind_script_warns_of_kind_releases_that_block_probes_under_policies(
     tmp_path: Path,
 ) -> None:
@@ -1513,6 +1558,7 @@ def test_kind_script_warns_of_kind_releases_that_block_probes_under_policies(
     assert "3875" not in quiet.stderr + recent.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", OVERLAYS)
 def test_every_overlay_after_every_other_leaves_exactly_its_own_objects(
     tmp_path: Path, first: str
@@ -1536,6 +1582,7 @@ def test_every_overlay_after_every_other_leaves_exactly_its_own_objects(
         assert f"PersistentVolumeClaim/{NAMESPACE}/data-redis-0" in cluster.objects
 
 
+@pytest.mark.slow
 def test_pruning_without_the_allowlist_would_delete_the_redis_data(tmp_path: Path) -> None:
     """Why the allowlist: kubectl's default one holds PersistentVolumeClaims, and Redis's claim
     carries the label (its template's), so a plain `--prune -l` deletes the counter."""
@@ -1562,6 +1609,7 @@ def kubectl_verb(words: list[str]) -> tuple[str, ...]:
     return tuple(verb)
 
 
+@pytest.mark.slow
 def test_kind_script_names_the_overlays_when_given_an_unknown_one() -> None:
     result = run([str(ROOT / "scripts" / "kind-up"), "no-such-overlay"])
     assert result.returncode == 2
@@ -1605,7 +1653,7 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
 
     from dockercoins.net import free_port
     from dockercoins_tools.embedded_redis import redis_server_argv
-    from tests.stack import LoggedProcess, get_json, wait_until
+    from tests.stack import LoggedProcess, get_json
     from tests.support import dockercoins_cmd, service_env
 
     docs = rendered("base")
@@ -1721,9 +1769,18 @@ def test_kubernetes_redis_acl_locks_out_strangers_and_grants_each_service_what_i
 
         wait_until(lambda: (json_or_none() or {}).get("workers") == 1, 20, "the web UI reading")
         assert get_json(page + "/readyz") == {"status": "ready"}
-        time.sleep(1.5)  # a few more samples of the page's loop
-        used = {name.removeprefix("cmdstat_") for name in root.info("commandstats")}
-        used -= {"config|resetstat", "config", "set", "auth", "hello", "client|setinfo", "client"}
+
+        def used_by_webui() -> set[str]:
+            used = {name.removeprefix("cmdstat_") for name in root.info("commandstats")}
+            test_and_handshake = {"config|resetstat", "config", "set", "auth", "hello", "client"}
+            return used - test_and_handshake - {"client|setinfo"}
+
+        wait_until(
+            lambda: used_by_webui() >= grants["webui"],
+            10,
+            lambda: f"the web UI using its grants {grants['webui']} (used {used_by_webui()})",
+        )
+        used = used_by_webui()
         assert used == grants["webui"], f"the web UI used {used}, is granted {grants['webui']}"
 
         root.delete(WORKER_KEY_PREFIX + "seed")
@@ -1782,6 +1839,7 @@ def readme_sequence() -> str:
     return found[1]
 
 
+@pytest.mark.slow
 def test_readme_kubernetes_sequence_leaves_one_rng_at_every_step(tmp_path: Path) -> None:
     """The README's block, run by bash as typed, against the modelled kubectl: after each apply
     exactly the overlay's objects and one rng workload; the probes exec'd in a worker parse with
@@ -1852,6 +1910,7 @@ def kubectl_lines(text: str) -> Iterator[list[str]]:
                     command.append(token)
 
 
+@pytest.mark.slow
 def test_every_kubectl_command_in_the_docs_takes_only_flags_kubectl_documents() -> None:
     texts = [(ROOT / "README.md").read_text(), (ROOT / "docs" / "deploy.md").read_text()]
     seen = 0
@@ -1934,6 +1993,7 @@ def selectors(promql: str) -> list[tuple[str, dict[str, str]]]:
     return found
 
 
+@pytest.mark.slow
 def test_adapter_rules_are_a_valid_prometheus_adapter_config_the_chart_mounts(
     tmp_path: Path,
 ) -> None:
@@ -1975,6 +2035,7 @@ def test_adapter_rules_are_a_valid_prometheus_adapter_config_the_chart_mounts(
     assert adapter["prometheus"]["url"] == "http://prometheus-server.monitoring.svc"
 
 
+@pytest.mark.slow
 async def test_the_adapter_rule_reads_series_that_rng_serves(servers) -> None:
     """The rule's series, as a real rng serves them on /metrics (Prometheus adds namespace and pod
     from its kubernetes-pods job): its seriesQuery and every selector of its metricsQuery match."""
@@ -2025,6 +2086,7 @@ def hpa_settles(latency: dict[int, float], target: float, start: int, most: int)
         seen.append(desired)
 
 
+@pytest.mark.slow
 def test_rng_autoscaler_reads_the_adapters_metric_and_settles_at_three_pods() -> None:
     """With 10 classic workers, rng's mean time per call at n blocking replicas is 1/n - 0.2 s
     while rng is the bottleneck (n <= 3: 10 workers cycle through think + hasher + rng), and its
@@ -2060,6 +2122,7 @@ def test_rng_autoscaler_reads_the_adapters_metric_and_settles_at_three_pods() ->
         assert path[-2:] == [3, 3], path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overlay", "file", "old", "new", "complaint"),
     [
@@ -2153,6 +2216,7 @@ def test_a_broken_overlay_fails_the_new_checks(
     assert any(complaint in p for p in problems), problems
 
 
+@pytest.mark.slow
 def test_kind_config_maps_the_web_ui_node_port_to_the_hosts_loopback() -> None:
     config = yaml.safe_load((K8S / "kind.yaml").read_text())
     (webui,) = [s for s in of_kind(rendered("base"), "Service") if s["metadata"]["name"] == "webui"]

@@ -45,6 +45,7 @@ def test_the_plan_changes_rng_as_rarely_as_possible() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_wrong_point_or_mode_is_one_line_and_status_2(tmp_path: Path) -> None:
     for args in (["--extra", "blocking:workers=x"], ["--modes", "fast"], ["--workers", "0"]):
         result = run_cli("experiment", "--output", str(tmp_path), *args)
@@ -57,6 +58,7 @@ def _by_point(data: dict) -> dict[tuple[str, int, int], float]:
     return {(p["mode"], p["rng_replicas"], p["workers"]): p["rate"] for p in data["points"]}
 
 
+@pytest.mark.slow
 def test_local_sweep_blocking_plateaus_buffered_grows_two_rng_double(tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = run_cli(
@@ -148,6 +150,7 @@ def _commands(log: Path) -> list[str]:
     return [" ".join(json.loads(line)) for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     stack = RunningStack(data_dir, ("--workers", "1"), worker_flush_interval=0.25)
@@ -203,6 +206,7 @@ def test_kubectl_backend_scales_with_kubectl_and_reads_the_web_ui(tmp_path: Path
         stack.kill()
 
 
+@pytest.mark.slow
 async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     tmp_path: Path,
 ) -> None:
@@ -220,6 +224,7 @@ async def test_kubectl_backend_names_the_context_and_reports_a_failing_kubectl(
     assert str(raised.value) == f"{tmp_path / 'nowhere'}: not found on PATH"
 
 
+@pytest.mark.slow
 async def test_a_kubectl_that_hangs_is_killed_and_said_not_a_traceback(tmp_path: Path) -> None:
     """kubectl waiting on a cluster that does not answer: the experiment stops with one line
     (a TimeoutError, an OSError on 3.11, used to escape as a traceback) and no kubectl is left."""
@@ -233,6 +238,7 @@ async def test_a_kubectl_that_hangs_is_killed_and_said_not_a_traceback(tmp_path:
     assert not alive(int(pid_file.read_text())), "the hung kubectl was left running"
 
 
+@pytest.mark.slow
 async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -> None:
     bin_dir, log = _stand_in_kubectl(tmp_path, tmp_path / "no-stack")
     backend = KubectlBackend(
@@ -249,6 +255,7 @@ async def test_kubectl_backend_leaves_a_daemonset_rng_unscaled(tmp_path: Path) -
         KubectlBackend("http://127.0.0.1:9", rng_workload="statefulset/rng")
 
 
+@pytest.mark.slow
 def test_kubectl_backend_refuses_cost_flags_it_would_not_use(tmp_path: Path) -> None:
     result = run_cli(
         "experiment", "--backend", "kubectl", "--url", "http://127.0.0.1:9",

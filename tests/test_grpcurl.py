@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from tests.support import grpcurl
+
+pytestmark = pytest.mark.slow
 
 
 async def test_list_describe_and_call_every_method(servers) -> None:

@@ -199,6 +199,7 @@ def test_the_start_line_and_metrics_say_which_path_runs(native, words) -> None:
         server.kill()
 
 
+@pytest.mark.slow
 def test_without_the_extension_hashlib_and_urandom_take_over() -> None:
     """Where dockercoins._native could not be built (here: its import made to fail), the hasher
     runs hashlib, rng urandom, and both say so; the digests are the same."""

@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import ROOT, tool
 
+pytestmark = pytest.mark.slow
+
 PACKAGES = ("dockercoins", "dockercoins_tools", "rng_svc", "hasher_svc", "worker_svc", "webui")
 LAYERS = "the tools over the services over the core"
 INDEPENDENT = "no service imports another"

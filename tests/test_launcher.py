@@ -2,23 +2,19 @@
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import signal
 import socket
 import stat
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from dockercoins.backoff import Backoff
 from dockercoins.wire import TURBO_BATCH
 from dockercoins_tools.launcher.stack import _wait_until
-from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
-from tests.stack import RunningStack, alive, get_json, scale
+from tests.stack import RunningStack, alive, get_json, scale, wait_until, wait_until_async
 from tests.support import run_cli, service_env
 
 
@@ -36,6 +32,7 @@ def stack(tmp_path):
         running.kill()
 
 
+@pytest.mark.slow
 def test_up_serves_json_mines_and_stops_without_orphans(stack) -> None:
     running = stack("--workers", "2")
     url = running.ready()
@@ -46,9 +43,8 @@ def test_up_serves_json_mines_and_stops_without_orphans(stack) -> None:
 
     first = get_json(url + "/json")
     assert set(first) >= {"coins", "hashes", "now"}
-    time.sleep(3)
-    second = get_json(url + "/json")
-    assert second["hashes"] > first["hashes"]
+    second: dict = {}
+    wait_until(lambda: grown(url, first, second), 30, "the hashes counter to grow", running)
     assert second["now"] > first["now"]
 
     assert running.stop() == 0
@@ -56,6 +52,12 @@ def test_up_serves_json_mines_and_stops_without_orphans(stack) -> None:
     assert [pid for pid in children if alive(pid)] == []
     # The worker flushed on the way out.
     assert "0 hashes unflushed" in running.output
+
+
+def grown(url: str, first: dict, now: dict) -> bool:
+    """Whether /json's `hashes` passed `first`'s; `now` gets what /json says."""
+    now.update(get_json(url + "/json"))
+    return bool(now["hashes"] > first["hashes"])
 
 
 def control(path: Path, request: bytes) -> dict:
@@ -68,6 +70,7 @@ def control(path: Path, request: bytes) -> dict:
         return json.loads(sock.makefile("rb").readline())
 
 
+@pytest.mark.slow
 def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     stack, tmp_path
 ) -> None:
@@ -107,17 +110,20 @@ def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     result = scale(data, "worker=1")
     assert result.returncode == 0, result.stderr
     assert len(running.children()) == 5
-    deadline = time.monotonic() + 10
-    while running.output.count("hashes unflushed") < 2:  # the two stopped ones flushed
-        assert time.monotonic() < deadline, running.output
-        time.sleep(0.1)
+    wait_until(
+        lambda: running.output.count("hashes unflushed") >= 2,
+        10,
+        "the two stopped to flush",
+        running,
+    )
 
     # A launcher that does not answer: the client gives up after its timeout, with one line.
     running.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
         hung = run_cli("scale", "worker=1", env=service_env(data_dir=data, control_timeout=1))
-        assert time.monotonic() - started < 10
+        # Its 1 s, and the start of a Python process on a busy machine: not the 30 s of run_cli.
+        assert time.monotonic() - started < 20
     finally:
         running.proc.send_signal(signal.SIGCONT)
     assert hung.returncode == 1
@@ -126,6 +132,7 @@ def test_scale_over_a_private_socket_within_bounds_and_bad_requests_refused(
     assert running.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_path) -> None:
     others = tmp_path / "others"
     others.mkdir()
@@ -150,6 +157,7 @@ def test_a_data_dir_that_is_not_ours_or_too_long_stops_up_before_anything(tmp_pa
     assert not too_long.exists() and not (others / "redis").exists()
 
 
+@pytest.mark.slow
 def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -165,59 +173,28 @@ def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_scale_without_a_running_stack_says_so(tmp_path) -> None:
     result = run_cli("scale", "worker=2", env=service_env(data_dir=tmp_path))
     assert result.returncode == 2
     assert "no running `dockercoins up` found" in result.stderr
 
 
+@pytest.mark.slow
 def test_up_with_the_turbo_profile_mines_thousands_per_second(stack) -> None:
     running = stack("--profile", "turbo", "--workers", "1")
     url = running.ready()
     running.wait_for_line(r"^workers 1, rng mode blocking, profile turbo")
     first = get_json(url + "/json")
-    time.sleep(3)
+    second: dict = {}
+    wait_until(lambda: grown(url, first, second), 30, "mining", running)
+    first = dict(second)
+    time.sleep(3)  # the window the rate is measured over
     second = get_json(url + "/json")
     # Classic costs allow 3.3 hashes/s per worker; turbo is orders of magnitude above.
     assert (second["hashes"] - first["hashes"]) / (second["now"] - first["now"]) > 1000
     running.wait_for_line(rf"batch {TURBO_BATCH}, 2 channel\(s\), streaming")
     assert running.stop() == 0
-
-
-async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked() -> None:
-    out = io.StringIO()
-    child = ManagedProcess(
-        "chatty",
-        [sys.executable, "-c", "import sys; print('x' * 1_000_000); print('after'); sys.exit(3)"],
-        service_env(),
-        Console(out),
-    )
-    await child.start(supervise=False)
-    assert child.proc is not None
-    assert await asyncio.wait_for(child.proc.wait(), 30) == 3  # by itself: its pipe was drained
-    await child.stop(timeout=5)
-    lines = out.getvalue().splitlines()
-    assert lines == ["chatty    | " + "x" * 1_000_000, "chatty    | after"]
-
-
-async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> None:
-    program = tmp_path / "short-lived"
-    program.write_text("#!/bin/sh\necho started\nexit 7\n")
-    program.chmod(0o755)
-    out = io.StringIO()
-    child = ManagedProcess(
-        "short", [str(program)], service_env(), Console(out), backoff=Backoff(0.2, 0.4)
-    )
-    await child.start()
-    try:
-        program.chmod(0o644)  # the next exec fails with EACCES, again and again
-        await wait_until_in(out, "could not start: [Errno 13] Permission denied")
-        await wait_until_in(out, "could not start", count=2)
-        program.chmod(0o755)
-        await wait_until_in(out, "started", count=2)  # it came back by itself
-    finally:
-        await child.stop(timeout=5)
-    assert "exited with status 7; restarting in 0 s" in out.getvalue()
 
 
 async def test_a_cancelled_start_ends_even_when_a_check_hides_the_cancellation() -> None:
@@ -226,15 +203,18 @@ async def test_a_cancelled_start_ends_even_when_a_check_hides_the_cancellation()
     on 3.11) instead of CancelledError: the readiness wait must not take it for "not ready
     yet" and wait on for its 30 s."""
 
+    checking = asyncio.Event()
+
     async def check() -> bool:
+        checking.set()
         try:
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # a check that would take long: the start is cancelled in it
         except asyncio.CancelledError:
             raise TimeoutError("timed out") from None  # as 3.11's wait_for may, on a race
         return True
 
     waiting = asyncio.create_task(_wait_until("rng", check, None))
-    await asyncio.sleep(0.2)
+    await wait_until_async(checking.is_set, 5, "the readiness check to start")
     waiting.cancel()
     done, _ = await asyncio.wait({waiting}, timeout=3)
     try:
@@ -243,10 +223,3 @@ async def test_a_cancelled_start_ends_even_when_a_check_hides_the_cancellation()
         while not waiting.done():
             waiting.cancel()
             await asyncio.wait({waiting}, timeout=1)
-
-
-async def wait_until_in(out: io.StringIO, text: str, count: int = 1, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while out.getvalue().count(text) < count:
-        assert time.monotonic() < deadline, out.getvalue()
-        await asyncio.sleep(0.05)

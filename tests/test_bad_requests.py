@@ -1,4 +1,4 @@
-"""Bad input against real rng and hasher processes: each gets its status code, servers stay
+"""Bad requests against real rng and hasher processes: each gets its status code, servers stay
 healthy and their memory stays flat. Property-based (hypothesis) over every request field."""
 
 import hashlib
@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from dockercoins.net import free_port
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from tests.stack import Service
+
+pytestmark = pytest.mark.slow
 
 MAX_REQUEST = 4096
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -244,7 +246,7 @@ def test_abuse_leaves_servers_healthy_with_flat_memory(rng, hasher, record_prope
         client = subprocess.Popen([sys.executable, "-c", script, target], stdout=subprocess.PIPE)
         assert client.stdout is not None
         assert client.stdout.readline().strip() == b"streaming"
-        time.sleep(0.3)
+        time.sleep(0.3)  # a while mid-stream
         client.kill()  # kill -9: no goodbye, the connection just drops
         client.wait(10)
     after = (rss_kib(rng_server.proc.pid), rss_kib(hasher_server.proc.pid))

@@ -1,5 +1,7 @@
-"""Hostile requests against real rng and hasher servers: each refused before it costs, with its
-status code and the setting it hit; health answers meanwhile; normal requests are served after."""
+"""The bounds every gRPC server holds (dockercoins/grpcserver.py, dockercoins/calls.py), under
+hostile requests against real rng and hasher servers: each refused before it costs, with its
+status code and the setting it hit; health answers meanwhile; normal requests are served after;
+one client address holds its share and no more, even in a flood against a whole stack."""
 
 import asyncio
 import json
@@ -7,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ def health_latencies(address: str, until: grpc.Future) -> list[float]:
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
             latencies.append(time.perf_counter() - began)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            time.sleep(0.005)
+            time.sleep(0.005)  # the checks' pace: one every few milliseconds
     return latencies
 
 
@@ -93,6 +95,8 @@ RAISED = {"hasher_max_request": 1 << 20, "hasher_max_blocks": 1 << 18, "hasher_m
 """The hasher's bounds raised 16-fold: 1 MiB in 4-byte blocks."""
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize(
     ("hasher_process", "blocks", "block_size", "raw"),
     [
@@ -131,6 +135,7 @@ def test_health_answers_during_the_largest_accepted_request(
     assert hash_of(b"after", address)
 
 
+@pytest.mark.slow
 def test_hostile_hashes_are_refused_before_any_work(hasher_process) -> None:
     """The reported request (4 MiB in 1-byte blocks), 32 times the batch cap, a 64 MiB message."""
     server, address = hasher_process
@@ -187,6 +192,7 @@ def refused_count(method: str) -> float:
     return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
+@pytest.mark.slow
 async def test_the_concurrency_bound_counts_application_calls_only(servers) -> None:
     """Four open streams fill a bound of 4: the next call is refused at once, naming the
     setting, and counted; health (checks and more watches than the bound) and reflection are
@@ -209,7 +215,9 @@ async def test_the_concurrency_bound_counts_application_calls_only(servers) -> N
             await stub.Hash(hasher_pb2.HashRequest(data=b"one too many"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "DOCKERCOINS_MAX_CONCURRENT_RPCS" in caught.value.details()
-        assert refused_count("Hash") == refused_before + 1
+        # Counted by the server's interceptor once the refusal is sent: soon after, not before.
+        counted = refused_before + 1
+        await wait_until_async(lambda: refused_count("Hash") == counted, 5, "the refusal counted")
 
         health = health_pb2_grpc.HealthStub(probe)
         watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(8)]
@@ -241,15 +249,24 @@ async def test_the_concurrency_bound_counts_application_calls_only(servers) -> N
 
 async def eventually_open(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
     """`count` open HashStreams, retried while the server still counts streams that ended."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            return await open_streams(stub, count)
-        except grpc.aio.AioRpcError as refused:
-            if refused.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            assert time.monotonic() < deadline, "slots not given back"
-            await asyncio.sleep(0.05)
+    opened: list = []
+
+    async def open_all() -> None:
+        opened[:] = await open_streams(stub, count)
+
+    await wait_until_async(lambda: answered(open_all()), 5, f"{count} slots given back")
+    return opened
+
+
+async def answered(call: Awaitable[Any]) -> bool:
+    """Whether `call` was answered; False when the server refused it RESOURCE_EXHAUSTED."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as refused:
+        if refused.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+    return True
 
 
 async def test_a_connection_past_its_stream_bound_waits_others_do_not(servers) -> None:
@@ -307,12 +324,12 @@ async def test_idle_connections_are_closed_and_clients_come_back(servers) -> Non
     async with grpc.aio.insecure_channel(address) as channel:
         stub = hasher_pb2_grpc.HasherStub(channel)
         (stream,) = await open_streams(stub, 1)
-        await asyncio.sleep(1)
-        assert channel.get_state() == grpc.ChannelConnectivity.READY  # a call in flight
+        await asyncio.sleep(1)  # past the idle time, with a call in flight: kept
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
         await stream.done_writing()
         await stream.code()
-        await asyncio.sleep(1)
-        assert channel.get_state() == grpc.ChannelConnectivity.IDLE  # closed by the server
+        idle = grpc.ChannelConnectivity.IDLE
+        await wait_until_async(lambda: channel.get_state() == idle, 5, "closed by the server")
         assert (await stub.Hash(hasher_pb2.HashRequest(data=b"back"), timeout=5)).hexdigests
 
 
@@ -338,6 +355,7 @@ asyncio.run(hold(*sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["HashStream", "StreamRandom"])
 async def test_a_paused_client_gives_its_slot_back_after_keepalive(servers, method) -> None:
     """A client process holds the only slot with an open stream, then is SIGSTOPped: the
@@ -358,21 +376,18 @@ async def test_a_paused_client_gives_its_slot_back_after_keepalive(servers, meth
         assert await asyncio.wait_for(client.stdout.readline(), 20) == b"open\n"
         async with grpc.aio.insecure_channel(address) as channel:
             call = getattr(other(channel), one_call[0])
-            await asyncio.sleep(2.5)  # the live client answers the server's pings: kept
+            await asyncio.sleep(2.5)  # past a keepalive ping: the live client answers, is kept
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call(one_call[1], timeout=5)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             client.send_signal(signal.SIGSTOP)
-            paused = time.monotonic()
-            while True:
-                try:
-                    await call(one_call[1], timeout=5)
-                    break
-                except grpc.aio.AioRpcError as refused:
-                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert time.monotonic() - paused < 6, "the paused client kept its slot"
-                    await asyncio.sleep(0.1)
-            print(f"slot back {time.monotonic() - paused:.2f} s after SIGSTOP")
+            took = await wait_until_async(
+                lambda: answered(call(one_call[1], timeout=5)),
+                6,
+                "the paused client's slot given back",
+                interval=0.1,
+            )
+            print(f"slot back {took:.2f} s after SIGSTOP")
     finally:
         client.kill()
         await client.wait()
@@ -439,6 +454,7 @@ async def check_answers(target: str) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow
 async def test_one_address_holds_its_share_and_others_are_served(servers) -> None:
     """127.0.0.2 and 127.0.0.3 (through forwarders) against 127.0.0.1: each address holds at
     most its share of application calls and of health and reflection calls; the totals hold
@@ -477,22 +493,17 @@ async def test_one_address_holds_its_share_and_others_are_served(servers) -> Non
 
         for call in watches_3 + streams_3:
             call.cancel()
-        await eventually(lambda: grpcurl(address, "list"))
+
+        async def listed() -> bool:  # a cancelled call frees its place once the server hears
+            return (await grpcurl(address, "list"))[0] == 0
+
+        await wait_until_async(listed, 5, "places given back")
         await hash_answers(address)
         for call in watches_2 + streams_2:
             call.cancel()
     finally:
         await second.close()
         await third.close()
-
-
-async def eventually(attempt: Any, timeout: float = 5) -> None:
-    """Retry `attempt` (a grpcurl run) until it exits 0: a cancelled call frees its place as
-    soon as the server hears of it."""
-    deadline = time.monotonic() + timeout
-    while (await attempt())[0] != 0:
-        assert time.monotonic() < deadline, "places not given back"
-        await asyncio.sleep(0.05)
 
 
 async def test_an_address_is_an_address_over_ipv6_and_ipv4_mapped(servers) -> None:
@@ -571,7 +582,7 @@ async def test_a_stream_its_client_does_not_read_is_ended_and_keeps_its_place_un
     ):
         stream = rng_pb2_grpc.RngStub(reader).StreamRandom(request)
         await stream.read()
-        await asyncio.sleep(3 * IDLE)  # the server's writes stall, then it gives up
+        await asyncio.sleep(3 * IDLE)  # past the idle timeout: the server's writes stalled, ended
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await rng_pb2_grpc.RngStub(other).GetRandom(rng_pb2.RandomRequest(size=32))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -602,7 +613,7 @@ def counter_rate(client: redis.Redis, seconds: float = 3, windows: int = 2) -> f
             pipe = client.pipeline(transaction=False)
             (now, micros), hashes = pipe.time().get(HASHES_KEY).execute()
             samples.append(Sample(now + micros / 1e6, int(hashes or 0)))
-            time.sleep(0.1)
+            time.sleep(0.1)  # a sample every 0.1 s of the window
         fitted = fit_slope(samples)
         assert fitted, samples
         rates.append(fitted.per_second)
@@ -725,14 +736,14 @@ async def ask(address):  # a window of 64 KiB, as the worker's
     async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
         request = hasher_pb2.HashRequest(data=os.urandom(1 << 19), block_size=32)  # the largest
         call = hasher_pb2_grpc.HasherStub(channel).Hash(request)  # a 1.6 MB reply
-        await asyncio.sleep(0.2)  # sent
-        print("sent", flush=True)
+        print("sent", flush=True)  # the test then waits for the call to reach the server
         await call
 
 asyncio.run(ask(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(servers) -> None:
     """A client process asks for a 1.6 MB reply and is SIGSTOPped before it comes: the reply,
     stuck behind HTTP/2 flow control once the handler has returned, keeps the call's place
@@ -751,18 +762,17 @@ async def test_a_unary_reply_its_client_does_not_take_keeps_the_calls_place(serv
         paused = time.monotonic()
         async with grpc.aio.insecure_channel(address) as channel:
             stub = hasher_pb2_grpc.HasherStub(channel)
-            await asyncio.sleep(3)  # the handler returned 2 s ago; its reply waits
+            await asyncio.sleep(3)  # 2 s past the handler's return (1 s): its reply waits
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            while True:
-                try:
-                    await stub.Hash(hasher_pb2.HashRequest(data=b"mine"), timeout=5)
-                    break
-                except grpc.aio.AioRpcError as refused:
-                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert time.monotonic() - paused < 12, "the paused client kept its place"
-                    await asyncio.sleep(0.1)
+            mine = hasher_pb2.HashRequest(data=b"mine")
+            await wait_until_async(
+                lambda: answered(stub.Hash(mine, timeout=5)),
+                12 - (time.monotonic() - paused),
+                "the paused client's place given back",
+                interval=0.1,
+            )
     finally:
         client.kill()
         await client.wait()

@@ -1,22 +1,32 @@
-"""Faults injected for real into a running `dockercoins up`: kill -9 rng, hasher, then Redis.
+"""The launcher's supervisor (dockercoins_tools/launcher/supervisor.py): a child's output passed
+on whole, a failed spawn retried; and faults injected for real into a running `dockercoins up`:
+kill -9 rng, hasher, then Redis.
 
 The launcher's supervision restarts each; the workers log each outage once, resume, and
 lose nothing: every coin a worker found is in `wallet`, and `hashes` equals the totals the
 workers report at exit. The embedded Redis's append-only file is read back after the run.
 """
 
+import asyncio
+import io
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
+from dockercoins.backoff import Backoff
 from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY
-from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until
+from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
+from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until, wait_until_async
+from tests.support import service_env
+
+pytestmark = pytest.mark.slow
 
 WORKERS = 2
 RECOVERY_BOUND = 10.0
@@ -153,3 +163,46 @@ def test_kill_9_rng_hasher_redis_loses_nothing(stack, tmp_path, record_property)
     record_property("hashes", hashes)
     record_property("coins", coins)
     print(f"recovery (s): {figures}; hashes {hashes}, coins {coins}, lost 0")
+
+
+async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked() -> None:
+    out = io.StringIO()
+    child = ManagedProcess(
+        "chatty",
+        [sys.executable, "-c", "import sys; print('x' * 1_000_000); print('after'); sys.exit(3)"],
+        service_env(),
+        Console(out),
+    )
+    await child.start(supervise=False)
+    assert child.proc is not None
+    assert await asyncio.wait_for(child.proc.wait(), 30) == 3  # by itself: its pipe was drained
+    await child.stop(timeout=5)
+    lines = out.getvalue().splitlines()
+    assert lines == ["chatty    | " + "x" * 1_000_000, "chatty    | after"]
+
+
+async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> None:
+    program = tmp_path / "short-lived"
+    program.write_text("#!/bin/sh\necho started\nexit 7\n")
+    program.chmod(0o755)
+    out = io.StringIO()
+    child = ManagedProcess(
+        "short", [str(program)], service_env(), Console(out), backoff=Backoff(0.2, 0.4)
+    )
+    await child.start()
+    try:
+        program.chmod(0o644)  # the next exec fails with EACCES, again and again
+        await said(out, "could not start: [Errno 13] Permission denied")
+        await said(out, "could not start", count=2)
+        program.chmod(0o755)
+        await said(out, "started", count=2)  # it came back by itself
+    finally:
+        await child.stop(timeout=5)
+    assert "exited with status 7; restarting in 0 s" in out.getvalue()
+
+
+async def said(out: io.StringIO, text: str, count: int = 1) -> None:
+    """Until `out` holds `text` `count` times."""
+    await wait_until_async(
+        lambda: out.getvalue().count(text) >= count, 10, f"{text!r} said {count} times"
+    )
