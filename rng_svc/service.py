@@ -19,7 +19,7 @@ from dockercoins.wire import BLOCK_SIZE
 log = logging.getLogger(__name__)
 
 
-MESSAGE_COST = 4096
+MESSAGE_COST = 8192
 """What producing one message costs rng besides its bytes, in blocks of 32 bytes (the unit of
 `random_cost`): in turbo, rng spends 100-200 CPU-µs per message whatever its size and 0.03 µs
 per further block (measured, one process reading 4 streams: 1 block 112 µs, 1000 blocks 100 µs,
