@@ -196,6 +196,16 @@ class GrpcServerSettings(TlsSettings, MetricsSettings, CallBoundSettings):
         "that no client takes all of DOCKERCOINS_MAX_CONCURRENT_RPCS. `dockercoins up` with "
         "more than 64 turbo workers on one host raises it.",
     )
+    max_work_in_progress: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="Requests whose work a server does at once: the hasher's hashing, the "
+        "takes from rng's buffer (rng's blocking source reads one at a time whatever this "
+        "says). The others wait in a queue per client address, and the addresses take turns by "
+        "what their requests cost, so that one address's many streams cannot take the work "
+        "from the others.",
+    )
     max_concurrent_streams: int = Field(
         256,
         ge=1,

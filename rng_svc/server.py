@@ -19,7 +19,9 @@ def build_source(settings: RngSettings) -> BlockingRng | BufferedRng:
     entropy = SlowEntropySource(settings.rng_read_cost, generate)
     if settings.rng_mode == "blocking":
         return BlockingRng(entropy)
-    buffered = BufferedRng(entropy, settings.rng_block_size, settings.rng_buffer_size)
+    buffered = BufferedRng(
+        entropy, settings.rng_block_size, settings.rng_buffer_size, settings.max_work_in_progress
+    )
     buffered.start()
     return buffered
 

@@ -9,36 +9,60 @@ from typing import Protocol
 
 import grpc
 
+from dockercoins.calls import peer_address
 from dockercoins.errors import InvalidArgument
+from dockercoins.fairshare import FairShare
 from dockercoins.grpcserver import write_or_gone
 from dockercoins.v1 import rng_pb2, rng_pb2_grpc
+from dockercoins.wire import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
 
+MESSAGE_COST = 8192
+"""What producing one message costs rng besides its bytes, in blocks of 32 bytes (the unit of
+`random_cost`): in turbo, rng spends 100-200 CPU-µs per message whatever its size and 0.03 µs
+per further block (measured, one process reading 4 streams: 1 block 112 µs, 1000 blocks 100 µs,
+8192 blocks 313 µs; 256 streams of 1 and 1000 blocks: 148 and 203 µs), so a message is worth
+3,000-7,000 blocks. Without it a flood of small messages would take rng's time per message
+nearly free of charge."""
+
+
+def random_cost(size: int) -> int:
+    """What producing a message of `size` random bytes costs, in blocks (`FairShare`)."""
+    return -(-size // BLOCK_SIZE) + MESSAGE_COST
+
+
 class SlowEntropySource:
     """os.urandom (or `generate`) behind one lock, each read costing `read_cost` seconds: one
-    read at a time."""
+    read at a time. The lock goes to the callers' addresses in turn (`FairShare`), FIFO within
+    an address: with a read cost every read holds it for that cost, whatever its size, so reads
+    go round-robin across addresses; without one (turbo), a read costs what it generates."""
 
     def __init__(self, read_cost: float, generate: Callable[[int], bytes] = os.urandom) -> None:
         self.read_cost = read_cost
         self.generate = generate
         self.reads = 0
-        self._lock = asyncio.Lock()
+        self.turns = FairShare(1)
 
-    async def read(self, size: int) -> bytes:
-        """Wait for the lock, pay the read cost, return `size` random bytes."""
-        async with self._lock:
+    async def read(self, size: int, address: str = "") -> bytes:
+        """Wait for the lock in `address`'s turn, pay the read cost, return `size` random
+        bytes."""
+        turns = self.turns
+        await turns.acquire(address, 1 if self.read_cost else random_cost(size))
+        try:
             if self.read_cost:
                 await asyncio.sleep(self.read_cost)
             self.reads += 1
             return self.generate(size)
+        finally:
+            turns.release()
 
 
 class RandomSource(Protocol):
     """Where the servicer takes its bytes from."""
 
-    async def take(self, size: int) -> bytes: ...
+    async def take(self, size: int, address: str) -> bytes: ...
 
     async def close(self) -> None: ...
 
@@ -49,18 +73,23 @@ class BlockingRng:
     def __init__(self, source: SlowEntropySource) -> None:
         self.source = source
 
-    async def take(self, size: int) -> bytes:
-        return await self.source.read(size)
+    async def take(self, size: int, address: str) -> bytes:
+        return await self.source.read(size, address)
 
     async def close(self) -> None:
         return None
 
 
 class BufferedRng:
-    """The fix: a producer reads large blocks into a bounded buffer; requests take from it."""
+    """The fix: a producer reads large blocks into a bounded buffer; requests take from it, at
+    most `takers` at once, the others waiting in their address's turn (`FairShare`), so that
+    the bytes go to the addresses fairly when the producer cannot keep up."""
 
-    def __init__(self, source: SlowEntropySource, block_size: int, buffer_size: int) -> None:
+    def __init__(
+        self, source: SlowEntropySource, block_size: int, buffer_size: int, takers: int
+    ) -> None:
         self.source = source
+        self.turns = FairShare(takers)
         self.block_size = min(block_size, buffer_size)
         self.buffer_size = buffer_size
         self.refills = 0
@@ -90,15 +119,20 @@ class BufferedRng:
                 self.refills += 1
                 self._changed.notify_all()
 
-    async def take(self, size: int) -> bytes:
-        async with self._changed:
-            if len(self._buffer) < size:
-                self.underruns += 1
-                await self._changed.wait_for(lambda: len(self._buffer) >= size)
-            data = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            self._changed.notify_all()
-            return data
+    async def take(self, size: int, address: str) -> bytes:
+        turns = self.turns
+        await turns.acquire(address, random_cost(size))
+        try:
+            async with self._changed:
+                if len(self._buffer) < size:
+                    self.underruns += 1
+                    await self._changed.wait_for(lambda: len(self._buffer) >= size)
+                data = bytes(self._buffer[:size])
+                del self._buffer[:size]
+                self._changed.notify_all()
+                return data
+        finally:
+            turns.release()
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -147,14 +181,15 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         self.mode = mode
         self.log_requests = log_requests
 
-    async def _reply(self, size: int, blocks: int) -> rng_pb2.RandomReply:
-        """`blocks` blocks of `size` bytes (a checked request), no sooner than `latency`."""
+    async def _reply(self, size: int, blocks: int, address: str) -> rng_pb2.RandomReply:
+        """`blocks` blocks of `size` bytes (a checked request) for a client at `address`, no
+        sooner than `latency`."""
         if not self.latency:
-            data = await self.source.take(size * blocks)
+            data = await self.source.take(size * blocks, address)
             return rng_pb2.RandomReply(data=data, size=size, mode=self.mode)
         loop = asyncio.get_running_loop()
         answer_at = loop.time() + self.latency
-        data = await self.source.take(size * blocks)
+        data = await self.source.take(size * blocks, address)
         remaining = answer_at - loop.time()
         if remaining > 0:
             await asyncio.sleep(remaining)
@@ -166,7 +201,7 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         blocks = check_request(request.size, request.count, self.max_request)
         if self.log_requests:  # off: one test per call, nothing formatted
             log.info("GetRandom %d x %d bytes for %s", blocks, request.size, context.peer())
-        return await self._reply(request.size, blocks)
+        return await self._reply(request.size, blocks, peer_address(context.peer()))
 
     async def StreamRandom(
         self, request: rng_pb2.StreamRandomRequest, context: grpc.aio.ServicerContext
@@ -182,9 +217,10 @@ class RngServicer(rng_pb2_grpc.RngServicer):
                 request.messages or "unlimited",
                 context.peer(),
             )
+        address = peer_address(context.peer())
         sent = 0
         while not request.messages or sent < request.messages:
-            reply = await self._reply(request.size, blocks)
+            reply = await self._reply(request.size, blocks, address)
             if not await write_or_gone(context, reply, "StreamRandom"):
                 return
             sent += 1

@@ -1,7 +1,7 @@
 """What the tests share that is not a fixture: the repository's root, a service's environment,
 the CLI run to its end, real gRPC servers in the test's event loop, a worker's heartbeat, the real
 grpcurl, a TCP forwarder that makes a client come from another address, and a flood of held
-calls."""
+calls, idle or busy."""
 
 import asyncio
 import contextlib
@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from dockercoins.redis_store import Heartbeat, record
-from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc
+from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
+from dockercoins.wire import BATCH_BYTES, BLOCK_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,9 +115,16 @@ class GrpcServers:
 
     def at(self, address: str) -> Any:
         """The running server (a dockercoins.grpcserver.GrpcServer) listening on `address`."""
+        return self._entry(address)[0]
+
+    def source_at(self, address: str) -> Any:
+        """The random source of the rng server listening on `address`."""
+        return self._entry(address)[1]
+
+    def _entry(self, address: str) -> tuple[Any, Any]:
         port = int(address.rsplit(":", 1)[1])
-        (server,) = [server for server, _ in self._running if server.port == port]  # type: ignore[attr-defined]
-        return server
+        (entry,) = [entry for entry in self._running if entry[0].port == port]  # type: ignore[attr-defined]
+        return entry
 
     async def upstreams(self, cost: float = 0.0, **both: object) -> tuple[str, str]:
         """rng and hasher whose simulated costs are `cost` each; their addresses."""
@@ -260,13 +268,29 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _opened(call: Any, first: Awaitable[Any]) -> Any:
-    """`call` once `first`, its first exchange, is done; else the status code it ended with."""
+_BUSY: set["asyncio.Task[None]"] = set()
+"""The tasks that keep busy flood calls going (a reference each, for the event loop keeps none)."""
+
+
+async def _opened(
+    call: Any, first: Awaitable[Any], then: Callable[[], Awaitable[None]] | None = None
+) -> Any:
+    """`call` once `first`, its first exchange, is done, and `then` started to keep it going;
+    else the status code it ended with."""
     try:
         await first
     except grpc.aio.AioRpcError:  # refused
         return await call.code()
+    if then is not None:
+        task = asyncio.ensure_future(_until_ended(then()))
+        _BUSY.add(task)
+        task.add_done_callback(_BUSY.discard)
     return call
+
+
+async def _until_ended(work: Awaitable[None]) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        await work
 
 
 def _watch(channel: grpc.aio.Channel) -> Awaitable[Any]:
@@ -283,12 +307,52 @@ def _idle_hash_stream(channel: grpc.aio.Channel) -> Awaitable[Any]:
     return _opened(call, call.read())
 
 
+READFAST_BLOCKS = 1000
+"""Blocks per message a `readfast` flood asks rng for: 32 KB messages, as issue 18's follow-up
+measured them (rng's time per message counts as much as its bytes)."""
+
+
+def _random_reader(channel: grpc.aio.Channel) -> Awaitable[Any]:
+    request = rng_pb2.StreamRandomRequest(size=BLOCK_SIZE, count=READFAST_BLOCKS)
+    call = rng_pb2_grpc.RngStub(channel).StreamRandom(request)
+
+    async def read_everything() -> None:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    return _opened(call, call.read(), read_everything)
+
+
+_LARGEST_BATCH = hasher_pb2.HashRequest(
+    data=bytes(range(256)) * (BATCH_BYTES // 256), block_size=BLOCK_SIZE, raw=True
+)
+
+
+def _hash_sender(channel: grpc.aio.Channel) -> Awaitable[Any]:
+    call = hasher_pb2_grpc.HasherStub(channel).HashStream()
+
+    async def one_batch() -> None:
+        await call.write(_LARGEST_BATCH)
+        await call.read()
+
+    async def batch_after_batch() -> None:
+        while True:
+            await one_batch()
+
+    return _opened(call, one_batch(), batch_after_batch)
+
+
 FLOOD_CALLS: dict[str, Callable[[grpc.aio.Channel], Awaitable[Any]]] = {
     "watch": _watch,
     "hashstream": _idle_hash_stream,
+    "readfast": _random_reader,
+    "hashfast": _hash_sender,
 }
 """What a flood holds, once the server has answered it: a health Watch (its first status read),
-a HashStream (one request answered, then nothing sent)."""
+a HashStream (one request answered, then nothing sent); or keeps busy: a StreamRandom of
+`READFAST_BLOCKS` blocks whose every message is read as soon as it comes (`readfast`), a
+HashStream that sends the hasher's largest batch (raw digests) as soon as the last is answered
+(`hashfast`)."""
 
 STREAMS_PER_CHANNEL = 250
 """Calls a flood opens per channel (its own connection): under the servers' HTTP/2 bound (256)."""
