@@ -276,7 +276,9 @@ async def test_the_web_ui_and_a_worker_run_on_while_bad_keys_live_in_redis(
 
         sync.set(WORKER_KEY_PREFIX + "x", '{"latency":{"units":Infinity}}')  # the value
         # The bad key skipped, the worker's heartbeat still counted.
-        await json_says(f"worker heartbeat `{WORKER_KEY_PREFIX}x` skipped: latency.units", workers=1)
+        await json_says(
+            f"worker heartbeat `{WORKER_KEY_PREFIX}x` skipped: latency.units", workers=1
+        )
         sync.delete(WORKER_KEY_PREFIX + "x")
         sync.hset(WORKER_KEY_PREFIX + "h", "mining", "true")
         await json_says(f"`{WORKER_KEY_PREFIX}h` skipped: a hash, not a string")
