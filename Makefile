@@ -58,12 +58,14 @@ run: $(STAMP) $(STUBS)
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
 # TEST_WORKERS pytest-xdist processes share the tests, a module's on one (its stack or servers
 # built once, its tests in order); then the tests marked `alone`, which measure a rate or a
-# time, one at a time. Exit status 5 is pytest's "no test selected": ARGS may name tests of one
-# phase only.
+# time, one at a time, whether the first phase passed or not. Exit status 5 is pytest's "no
+# test selected": ARGS may name tests of one phase only.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ]
+	status=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	exit $$status
 
 # The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one
 # that starts any other process); on two workers, then those marked `alone`.

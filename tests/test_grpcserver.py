@@ -644,6 +644,7 @@ def a_new_client(target: str) -> tuple[float, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize("profile", ["classic", "turbo"])
 def test_a_flood_from_one_address_leaves_every_other_client_served(
     tmp_path, profile, record_property
