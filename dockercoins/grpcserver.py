@@ -59,9 +59,13 @@ def take_wakeups_at_once(loop: asyncio.AbstractEventLoop) -> bool:
     blocks on each write and events reach the loop one per pass, in order: a health Check's
     request waits behind an event of every busy stream (40-150 ms with 256 streams reading rng
     as fast as they can, the poller thread blocked in write() in 99 % of py-spy's samples).
-    Here the reader first reads every pending byte but one, then runs as before, so that the
-    poller never blocks: every event queued is still handled by that call, and every byte
-    written after it wakes the loop again.
+    Here the reader counts the pending bytes, runs as before, and only once it has returned
+    reads the others counted, so that the poller never blocks: their events were queued before
+    their bytes, so that call handled them, and every byte written after the count wakes the loop
+    again. If the call raises (grpc.aio hands an event to its event loop, and a loop closed
+    since raises RuntimeError: seen when one process runs loop after loop, as tests do), nothing
+    more is read: each byte left wakes the loop to handle the rest. Reading them first, as this
+    did at first, lost those wake-ups, and a server's stop waited forever on an event queued.
     """
     selector = getattr(loop, "_selector", None)
     if selector is None:
@@ -88,9 +92,10 @@ def _all_wakeups_then(handle: Callable[[], object], wakeups: socket.socket) -> C
 
     def take_all_but_one() -> None:
         fcntl.ioctl(wakeups.fileno(), termios.FIONREAD, pending)
+        handle()  # reads one byte, handles every event queued; if it raises, the rest stay
         if pending[0] > 1:
-            wakeups.recv(pending[0] - 1)
-        handle()
+            with contextlib.suppress(BlockingIOError):  # another loop's reader took them
+                wakeups.recv(pending[0] - 1, socket.MSG_DONTWAIT)
 
     take_all_but_one.takes_all_wakeups = True  # type: ignore[attr-defined]
     return take_all_but_one

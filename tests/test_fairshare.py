@@ -5,6 +5,7 @@ on rng's blocking lock (scaled-down read cost), on turbo rng and on the turbo ha
 import asyncio
 import json
 import os
+import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -268,6 +269,44 @@ async def test_grpc_aio_takes_every_pending_wakeup_at_once(servers) -> None:
         and getattr(key.data[0]._callback, "takes_all_wakeups", False)
     ]
     assert len(wrapped) == 1
+
+
+async def test_a_handler_that_raises_leaves_its_wakeups_for_the_rest_of_the_queue() -> None:
+    """The wrapper over a stand-in for grpc.aio's reader (a real socket pair, a queue, the same
+    read-one-byte-then-handle-all shape) whose handling raises on one event, as grpc.aio's does
+    on an event of a closed loop: the loop is woken again and every other event is handled. The
+    first version read the bytes before the handler and lost these wake-ups: a test's server
+    stop then waited forever."""
+    loop = asyncio.get_running_loop()
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    queue: list[str] = []
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    def handle_events() -> None:  # grpc.aio's PollerCompletionQueue._handle_events, in short
+        reader.recv(1)
+        while queue:
+            event = queue.pop(0)
+            if event == "closed loop":
+                raise RuntimeError("Event loop is closed")
+            handled.append(event)
+        if len(handled) == 4:
+            done.set()
+
+    handle_events.__name__ = "_handle_events"
+    loop.add_reader(reader, handle_events)
+    try:
+        assert take_wakeups_at_once(loop)
+        for event in ("a", "closed loop", "b", "c", "d"):  # the poller: queue, then a byte
+            queue.append(event)
+            writer.send(b"\0")
+        await asyncio.wait_for(done.wait(), 5)
+        assert handled == ["a", "b", "c", "d"]
+    finally:
+        loop.remove_reader(reader)
+        reader.close()
+        writer.close()
 
 
 READ_COST = 0.01
