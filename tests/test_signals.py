@@ -181,7 +181,12 @@ def test_a_stop_signal_to_up_stops_the_workers_first_and_redis_last(tmp_path, si
     try:
         url = stack.ready()
         children = stack.children()
-        wait_until(lambda: get_json(url + "/json")["hashes"] > 10, 20, "mining", stack)
+
+        def both_mining() -> bool:  # on a busy machine one may start seconds after the other
+            data = get_json(url + "/json")
+            return data["workers"] == 2 and data["hashes"] > 10
+
+        wait_until(both_mining, 30, "both workers mining", stack)
         assert stack.stop(sig) == 0
         lines = stack.lines
         flushed = [i for i, line in enumerate(lines) if "worker stopped:" in line]
