@@ -11,7 +11,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= dockercoins:$(VERSION)
 OVERLAY ?= base
 ARGS ?=
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 # The image installs its dependencies from these, every file checked against its hash.
 LOCKS := requirements.lock requirements-build.lock
@@ -57,14 +57,13 @@ run: $(STAMP) $(STUBS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
 # TEST_WORKERS pytest-xdist processes share the tests, a module's on one (its stack or servers
-# built once, its tests in order), the longest modules first (tests/conftest.py: LONGEST_FIRST,
-# the collection's order kept); then the tests marked `alone`, which measure a rate or a
+# built once, its tests in order); then the tests marked `alone`, which measure a rate or a
 # time, one at a time, whether the first phase passed or not. Exit status 5 is pytest's "no
 # test selected": ARGS may name tests of one phase only.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
 	status=0; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not alone" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	exit $$status
 

@@ -15,37 +15,6 @@ from dockercoins_tools.embedded_redis import redis_server_binary
 from tests.stack import RedisProcess
 from tests.support import GrpcServers, spawn_worker
 
-LONGEST_FIRST = (
-    "test_compose",
-    "test_worker_faults",
-    "test_deploy",
-    "test_browser_webui",
-    "test_grpcserver",
-    "test_signals",
-    "test_bad_requests",
-    "test_experiment",
-    "test_launcher",
-    "test_sizing",
-    "test_webui",
-    "test_bench",
-    "test_redis_security",
-    "test_supervisor",
-    "test_miner",
-)
-"""The modules whose tests take longest together (20 s to 2 min each on the 2-core machine),
-longest first. `make test` hands pytest-xdist whole modules in the collection's order
-(`--dist loadscope --no-loadscope-reorder`), so these start first and the short ones fill the
-gaps; by default xdist orders modules by their number of tests, and two long browser tests
-started last."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules of LONGEST_FIRST first, in its order; the others after them, as collected
-    (a module's tests keep their order)."""
-    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
-
-
 _unmarked: list[str] = []
 """The test running now when it is not marked `slow` (empty otherwise): it may start no process."""
 

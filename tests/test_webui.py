@@ -322,8 +322,11 @@ def test_a_flood_of_idle_streams_from_one_address_leaves_the_page_to_everyone(
         # Its own 10 streams (DOCKERCOINS_WEBUI_MAX_STREAMS_PER_CLIENT); every other connection
         # answered 429 and closed, or reset at once (past its 64 connections).
         assert answers.count(b"HTTP/1.1 200") == 10
-        reset = {b"ConnectionResetError", b"BrokenPipeError"}
-        assert set(answers) <= {b"HTTP/1.1 200", b"HTTP/1.1 429", *reset}, set(answers)
+        # Refused: 429, reset, or closed before any answer (b"": the server closed it before it
+        # read the request, seen on a loaded machine only, a few in a thousand).
+        refused = {b"HTTP/1.1 429", b"ConnectionResetError", b"BrokenPipeError", b""}
+        kinds = {kind: answers.count(kind) for kind in set(answers)}
+        assert set(answers) <= {b"HTTP/1.1 200", *refused}, kinds
         assert metric(url, "dockercoins_webui_streams") == 10
         peak = memory_mb(proc.pid)
         assert peak - rss_before < 32, f"RSS {rss_before:.1f} -> peak {peak:.1f} MB"
