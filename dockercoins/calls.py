@@ -135,8 +135,8 @@ class IdleWatch:
 
 class TrackedContext:
     """A call's servicer context whose reads and writes note when the call waits on its client
-    and count its stream messages on `received` and `sent` (None: not counted); everything
-    else passes through."""
+    and count its stream messages on `received` and `sent` (None: not counted); `address` is
+    the client's address the call's budget counts it under; everything else passes through."""
 
     def __init__(
         self, context: grpc.aio.ServicerContext, call: Call, received: Any, sent: Any
@@ -145,6 +145,7 @@ class TrackedContext:
         self._call = call
         self._received = received
         self._sent = sent
+        self.address = call.address
 
     async def request(self) -> Any:
         """The one request of a unary-request call; None if the client sent none."""
@@ -178,6 +179,15 @@ class TrackedContext:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+def client_address(context: grpc.aio.ServicerContext) -> str:
+    """The address of a call's client, as its budget counts it: read from the interceptor's
+    context (parsed once per call), or from the peer string of a context that did not come
+    through it."""
+    if isinstance(context, TrackedContext):
+        return context.address
+    return peer_address(context.peer())
 
 
 def _wrap(

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from dockercoins.calls import peer_address
+from dockercoins.calls import client_address
 from dockercoins.errors import InvalidArgument, ResourceExhausted
 from dockercoins.fairshare import FairShare
 from dockercoins.grpcserver import write_or_gone
@@ -141,14 +141,14 @@ class HasherServicer(hasher_pb2_grpc.HasherServicer):
     async def Hash(
         self, request: hasher_pb2.HashRequest, context: grpc.aio.ServicerContext
     ) -> hasher_pb2.HashReply:
-        return await self._answer(request, peer_address(context.peer()))
+        return await self._answer(request, client_address(context))
 
     async def HashStream(
         self,
         request_iterator: AsyncIterator[hasher_pb2.HashRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        address = peer_address(context.peer())
+        address = client_address(context)
         async for request in request_iterator:
             reply = await self._answer(request, address)
             if not await write_or_gone(context, reply, "HashStream"):

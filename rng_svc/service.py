@@ -9,7 +9,7 @@ from typing import Protocol
 
 import grpc
 
-from dockercoins.calls import peer_address
+from dockercoins.calls import client_address
 from dockercoins.errors import InvalidArgument
 from dockercoins.fairshare import FairShare
 from dockercoins.grpcserver import write_or_gone
@@ -201,7 +201,7 @@ class RngServicer(rng_pb2_grpc.RngServicer):
         blocks = check_request(request.size, request.count, self.max_request)
         if self.log_requests:  # off: one test per call, nothing formatted
             log.info("GetRandom %d x %d bytes for %s", blocks, request.size, context.peer())
-        return await self._reply(request.size, blocks, peer_address(context.peer()))
+        return await self._reply(request.size, blocks, client_address(context))
 
     async def StreamRandom(
         self, request: rng_pb2.StreamRandomRequest, context: grpc.aio.ServicerContext
@@ -217,7 +217,7 @@ class RngServicer(rng_pb2_grpc.RngServicer):
                 request.messages or "unlimited",
                 context.peer(),
             )
-        address = peer_address(context.peer())
+        address = client_address(context)
         sent = 0
         while not request.messages or sent < request.messages:
             reply = await self._reply(request.size, blocks, address)

@@ -19,7 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from dockercoins.calls import peer_address
+from dockercoins.calls import Call, TrackedContext, client_address, peer_address
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
 from dockercoins.redis_store import HASHES_KEY
@@ -421,6 +421,23 @@ async def test_rng_reads_only_small_requests(servers) -> None:
 )
 def test_a_client_is_known_by_its_address_not_its_port(peer: str, address: str) -> None:
     assert peer_address(peer) == address
+
+
+def test_a_servicer_keys_its_fair_share_by_the_address_its_budget_counted() -> None:
+    """Behind the interceptor a servicer reads the address the call's budget was taken under
+    (parsed once per call); a context from elsewhere has its peer string parsed."""
+
+    class Intercepted:  # the interceptor parsed the peer already: not again
+        def peer(self) -> str:
+            raise AssertionError("the peer string parsed a second time")
+
+    class Direct:
+        def peer(self) -> str:
+            return "ipv4:10.0.0.8:40000"
+
+    tracked = TrackedContext(Intercepted(), Call("10.0.0.7", None), None, None)  # type: ignore[arg-type]
+    assert client_address(tracked) == "10.0.0.7"  # type: ignore[arg-type]
+    assert client_address(Direct()) == "10.0.0.8"  # type: ignore[arg-type]
 
 
 async def refusal(target: str, call: str) -> str:
