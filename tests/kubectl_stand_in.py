@@ -20,6 +20,7 @@ What it models, as kubectl and the API server do it:
 Every call is appended to the log as JSON: its argv and the objects present after it.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -317,18 +318,23 @@ def run(argv: list[str], cluster: Cluster, real: str) -> str:
 
 def main() -> int:
     argv = sys.argv[1:]
-    cluster = Cluster(Path(os.environ["KUBECTL_STAND_IN_STATE"]))
+    state = Path(os.environ["KUBECTL_STAND_IN_STATE"])
     status, out = 0, ""
-    try:
-        out = run(argv, cluster, os.environ["KUBECTL_STAND_IN_REAL"])
-    except Refused as exc:
-        print(exc, file=sys.stderr)
-        status = 1
-    cluster.save()
-    with open(os.environ["KUBECTL_STAND_IN_LOG"], "a") as log:
-        log.write(
-            json.dumps({"argv": argv, "status": status, "objects": sorted(cluster.objects)}) + "\n"
-        )
+    # One invocation at a time, as an API server orders requests: a command run in the
+    # background (the README's `kubectl port-forward ... &`) must not read the state while the
+    # next one writes it, nor save a copy older than that one's.
+    with open(state.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cluster = Cluster(state)
+        try:
+            out = run(argv, cluster, os.environ["KUBECTL_STAND_IN_REAL"])
+        except Refused as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+        cluster.save()
+        with open(os.environ["KUBECTL_STAND_IN_LOG"], "a") as log:
+            record = {"argv": argv, "status": status, "objects": sorted(cluster.objects)}
+            log.write(json.dumps(record) + "\n")
     sys.stdout.write(out)
     return status
 
