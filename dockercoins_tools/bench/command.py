@@ -106,20 +106,20 @@ async def run_bench(
             f"{'CPU x loop':>10} {'CPU x native':>12}"
         )
         for result in results:
-            result.ratio_to_ceiling = round(
-                result.hashes_per_second / ceiling["hashes_per_second"], 3
+            result.ratio_to_ceiling = significant(
+                result.hashes_per_second / ceiling["hashes_per_second"]
             )
             if native:
-                result.ratio_to_native = round(
-                    result.hashes_per_second / native["hashes_per_second"], 4
+                result.ratio_to_native = significant(
+                    result.hashes_per_second / native["hashes_per_second"]
                 )
             if result.cpu_seconds_per_million:  # CPU-µs per hash of the whole stack
-                result.cpu_ratio_to_ceiling = round(
-                    ceiling["cpu_us_per_hash"] / result.cpu_seconds_per_million, 3
+                result.cpu_ratio_to_ceiling = significant(
+                    ceiling["cpu_us_per_hash"] / result.cpu_seconds_per_million
                 )
                 if native:
-                    result.cpu_ratio_to_native = round(
-                        native["cpu_us_per_hash"] / result.cpu_seconds_per_million, 4
+                    result.cpu_ratio_to_native = significant(
+                        native["cpu_us_per_hash"] / result.cpu_seconds_per_million
                     )
             shown = f"{result.ratio_to_native:>8.3f}" if native else f"{'-':>8}"
             shown_cpu = f"{result.cpu_ratio_to_native:>12.3f}" if native else f"{'-':>12}"
@@ -207,6 +207,12 @@ def measure_ceilings(
             f"{ceiling['load_average']:.1f})"
         )
     return python, native
+
+
+def significant(ratio: float, digits: int = 4) -> float:
+    """`ratio` to `digits` significant digits: a point far below a ceiling (one hash per message
+    on a loaded machine: 0.0004 x) keeps its size, which rounding to decimals made 0.0."""
+    return float(f"{ratio:.{digits}g}")
 
 
 def higher(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
