@@ -34,7 +34,9 @@ from dockercoins.rate import Sample, fit_slope
 from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
-pytestmark = pytest.mark.slow
+# Alone: most of these measure the stack's rates against each other (the plateau, two rngs,
+# buffered, turbo); beside other tests a second rng measured 29.4 h/s against 1.6 x 18.5.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
