@@ -18,7 +18,7 @@ LOCKS := requirements.lock requirements-build.lock
 UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock"
 
-.PHONY: help setup protos run test test-fast coverage lint bench image kind lock clean
+.PHONY: help setup protos run test test-durations test-fast coverage lint bench image kind lock clean
 
 help:
 	@echo "make run     start redis + rng + hasher + worker + webui (ARGS='--workers 3')"
@@ -34,17 +34,22 @@ help:
 
 setup: $(STAMP)
 
+# uv installs: it fetches and unpacks in parallel (a cold setup here in about 15 s; pip took 45).
+# pip is only asked for uv itself.
+UV_INSTALL = $(VENV)/bin/uv pip install --quiet --python $(PY)
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check 'uv>=0.5'
 
-# The install compiles the native extension (dockercoins/_native.c): a change to it reinstalls.
+# The install compiles the native extension (dockercoins/_native.c): a change to it reinstalls,
+# rebuilt (uv would otherwise reuse its cached build of this directory).
 $(STAMP): pyproject.toml dockercoins/_native.c | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(UV_INSTALL) --reinstall-package dockercoins-grpc -e '.[dev]'
 	touch $@
 
 $(PROTOC_STAMP): | $(PY)
-	$(PY) -m pip install --quiet 'grpcio-tools>=1.62'
+	$(UV_INSTALL) 'grpcio-tools>=1.62'
 	touch $@
 
 protos: $(STUBS)
@@ -56,16 +61,18 @@ run: $(STAMP) $(STUBS)
 	$(VENV)/bin/dockercoins up $(ARGS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
-# TEST_WORKERS pytest-xdist processes share the tests, a module's on one (its stack or servers
-# built once, its tests in order); then the tests marked `alone`, which measure a rate or a
-# time, one at a time, whether the first phase passed or not. Exit status 5 is pytest's "no
-# test selected": ARGS may name tests of one phase only.
+# scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
+# module's on one, the longest first, and beside them the compose tests (marked `engine`) in a lane
+# of their own; then the tests marked `alone`, which measure a rate or a time, one at a time.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
-	status=0; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(ARGS) || [ $$? -eq 5 ] || status=1; \
-	$(PY) -m pytest -m alone $(ARGS) || [ $$? -eq 5 ] || status=1; \
-	exit $$status
+	scripts/test-phases $(PY) $(TEST_WORKERS) $(ARGS)
+
+# tests/durations.json, the seconds of each module in the first phase of `make test`, which hands
+# out the longest first: worth redoing after adding a module or making one much longer.
+test-durations: $(STAMP) $(STUBS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
+		-m "not alone and not engine" --record-durations $(ARGS)
 
 # The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one
 # that starts any other process); on two workers, then those marked `alone`.

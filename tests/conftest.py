@@ -3,7 +3,9 @@ and the guard of the two tiers: a test not marked `slow` that starts a process o
 redis-server fails."""
 
 import asyncio
+import json
 import subprocess
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,50 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, Any, Any]:
     return (yield from _guarded(item))
+
+
+DURATIONS = Path(__file__).with_name("durations.json")
+"""Seconds each test module took (its tests' setup, call and teardown), measured by
+`make test-durations`: the order in which `make test` hands modules to its workers."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write the seconds of each module run to {DURATIONS.name} (others kept)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first, each module's tests in their order: pytest-xdist hands a
+    module to the next free worker in this order (`--no-loadscope-reorder`), so the last ones
+    handed out are short and the workers finish together. A module not in the file yet goes
+    first, where it cannot become the tail."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    def seconds(item: pytest.Item) -> float:
+        return -known.get(item.nodeid.split("::")[0], float("inf"))
+
+    items.sort(key=seconds)  # stable: a module's tests keep their order
+
+
+_recorded: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _recorded[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --record-durations, in the main process (pytest-xdist's workers send it their
+    reports): the modules run, merged into the file."""
+    if not session.config.getoption("record_durations") or hasattr(session.config, "workerinput"):
+        return
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    known |= {module: round(seconds, 1) for module, seconds in _recorded.items()}
+    ordered = dict(sorted(known.items(), key=lambda pair: -pair[1]))
+    DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
