@@ -314,6 +314,7 @@ READ_COST = 0.01
 
 
 @pytest.mark.alone
+@pytest.mark.light
 async def test_the_blocking_lock_goes_round_robin_while_one_address_reads_fast(servers) -> None:
     """Classic blocking rng, read cost 10 ms. A visitor from 127.0.0.1 asks with 4 calls at
     once, alone, then while 127.0.0.2 keeps 256 StreamRandoms reading everything (through a

@@ -31,6 +31,7 @@ COST = FAST_COSTS["worker_think_time"]
 
 
 @pytest.mark.alone
+@pytest.mark.light
 def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
     tmp_path: Path,
 ) -> None:
@@ -96,6 +97,7 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
 
 
 @pytest.mark.alone
+@pytest.mark.light
 async def test_a_units_stages_add_up_to_its_wall_time(
     start_worker, servers, redis_url, tmp_path
 ) -> None:

@@ -40,6 +40,7 @@ async def _hammer(address: str, clients: int, seconds: float) -> tuple[float, li
 
 
 @pytest.mark.alone
+@pytest.mark.light
 async def test_blocking_rng_plateaus_whatever_the_number_of_clients(servers) -> None:
     address = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
     one_rate, one_latencies = await _hammer(address, 1, 1.5)
@@ -53,6 +54,7 @@ async def test_blocking_rng_plateaus_whatever_the_number_of_clients(servers) -> 
 
 
 @pytest.mark.alone
+@pytest.mark.light
 async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
     address = await servers.rng(rng_mode="buffered", rng_read_cost=READ_COST)
     blocking = await servers.rng(rng_mode="blocking", rng_read_cost=READ_COST)
@@ -66,6 +68,7 @@ async def test_buffered_rng_serves_ten_clients_far_faster(servers) -> None:
 
 
 @pytest.mark.alone
+@pytest.mark.light
 async def test_rng_latency_is_the_least_time_of_a_request_never_a_queue(servers) -> None:
     address = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0.05)
     instant = await servers.rng(rng_mode="buffered", rng_read_cost=0.001, rng_latency=0)
