@@ -25,6 +25,7 @@ help:
 	@echo "make run     start redis + rng + hasher + worker + webui (ARGS='--workers 3')"
 	@echo "make test    run the whole test suite, both tiers, in parallel (what CI runs)"
 	@echo "make test-fast  the in-process tests only: no browser, no engine, no stack (a minute)"
+	@echo "make test-durations  measure each module again for the order of make test (tests/durations.json)"
 	@echo "make coverage   the fast tier under coverage: does it exercise every module?"
 	@echo "make lint    ruff, mypy and the import contract"
 	@echo "make protos  generate the gRPC stubs from protos/ (installs grpcio-tools only)"
