@@ -64,8 +64,8 @@ run: $(STAMP) $(STUBS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
 # scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
-# module's on one, the longest first, and beside them the compose tests (marked `engine`) in a lane
-# of their own; then the tests marked `alone`, which measure a rate or a time, one at a time.
+# module's on one, the longest first; then the tests marked `alone`, which measure a rate or a
+# time: those also marked `light` in two lanes at once, the others one at a time.
 # The packages' bytecode is written first: where PYTHONDONTWRITEBYTECODE is set, each of the few
 # hundred processes the tests start would otherwise compile them again.
 test: $(STAMP) $(STUBS)
@@ -77,7 +77,7 @@ test: $(STAMP) $(STUBS)
 # out the longest first: worth redoing after adding a module or making one much longer.
 test-durations: $(STAMP) $(STUBS)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
-		-m "not alone and not engine" --record-durations $(ARGS)
+		-m "not alone" --record-durations $(ARGS)
 
 # The tests not marked slow: in-process, against a real redis-server (tests/conftest.py fails one
 # that starts any other process); on two workers, then those marked `alone`.

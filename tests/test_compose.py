@@ -34,24 +34,23 @@ from dockercoins.rate import Sample, fit_slope
 from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
-# A lane of their own beside the first phase of `make test` (scripts/test-phases): the stack's
-# classic rates are sleep-bound, its containers need little CPU, and the bounds below leave room
-# for neighbours (two rngs measured 37.3 h/s against a plateau of 19.5 there). Turbo is capped
-# (TURBO_CPUS) so that it does not take the machine from those neighbours.
-pytestmark = [pytest.mark.slow, pytest.mark.engine]
+# Alone: most of these measure the stack's rates against each other (the plateau, two rngs,
+# buffered, turbo). Beside the first phase of `make test` (a lane of their own, tried in issue 19)
+# two runs in three failed: `up` took 8.6 s, buffered measured 20.6 h/s against a plateau of 19.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
 LOOP = 3 * COST
 WORKERS = 8
 """Enough one-loop workers to saturate two blocking rngs: WORKERS / LOOP > 2 / COST."""
-DOUBLED = 1.5
+DOUBLED = 1.6
 """Two rngs' rate over one's plateau, at least: 2 in the model; a second rng the workers never
 reach stays at 1."""
 RNG_TAKES_OVER = 15.0
 """Seconds after `--scale rng=2` has started the second rng within which the plateau must have
 doubled: the servers' connection age (5 s) sends the workers back to DNS, then 3 s of samples.
-(`up` itself is not counted: beside other tests it took 8.6 s.)"""
+(`up` itself is not counted: on a busy machine it took 8.6 s.)"""
 RECOVERY = 30.0
 """Seconds within which a crashed rng, hasher or Redis is back and hashes count again."""
 TIMEOUT = 300
@@ -452,19 +451,10 @@ def test_buffered_rng_grows_with_the_workers(stack: ComposeStack) -> None:
     )
 
 
-TURBO_CPUS = "0.25"
-"""CPUs of each of turbo's busy services (rng, hasher, worker, Redis) in this test: a sixteenth of
-its compose limits all told, thousands of hashes a second all the same."""
-
-
-def test_turbo_moves_real_hashes_by_the_thousand(stack: ComposeStack, tmp_path: Path) -> None:
+def test_turbo_moves_real_hashes_by_the_thousand(stack: ComposeStack) -> None:
     before = stack.json()
     assert before
-    capped = tmp_path / "compose.capped.yaml"
-    limits = {"deploy": {"resources": {"limits": {"cpus": TURBO_CPUS}}}}
-    busy = ("rng", "hasher", "worker", "redis")
-    capped.write_text(yaml.safe_dump({"services": dict.fromkeys(busy, limits)}))
-    stack.up("compose.turbo.yaml", str(capped), workers=1, wait=False)
+    stack.up("compose.turbo.yaml", workers=1, wait=False)
     turbo = stack.rate(window=4, warmup=2)
     after = stack.json()
     assert after
