@@ -12,7 +12,6 @@ IMAGE ?= dockercoins:$(VERSION)
 OVERLAY ?= base
 ARGS ?=
 TEST_WORKERS ?= 3
-PACKAGES := dockercoins dockercoins_tools rng_svc hasher_svc worker_svc webui
 
 # The image installs its dependencies from these, every file checked against its hash.
 LOCKS := requirements.lock requirements-build.lock
@@ -66,11 +65,12 @@ run: $(STAMP) $(STUBS)
 # scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
 # module's on one, the longest first; then the tests marked `alone`, which measure a rate or a
 # time: those also marked `light` in two lanes at once, the others one at a time.
-# The packages' bytecode is written first: where PYTHONDONTWRITEBYTECODE is set, each of the few
-# hundred processes the tests start would otherwise compile them again.
+# The checkout's bytecode (packages and tests; not .venv, which uv compiled, nor other dot
+# folders) is written first: where PYTHONDONTWRITEBYTECODE is set, each of the few hundred
+# processes the tests start would otherwise compile them again.
 test: $(STAMP) $(STUBS)
 	scripts/test-prerequisites
-	$(PY) -m compileall -q $(PACKAGES) >/dev/null
+	$(PY) -m compileall -q -x '/\.' . >/dev/null
 	scripts/test-phases $(PY) $(TEST_WORKERS) $(ARGS)
 
 # tests/durations.json, the seconds of each module in the first phase of `make test`, which hands

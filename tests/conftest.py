@@ -114,22 +114,26 @@ def _lane(item: pytest.Item) -> str | None:
     return None if light is None else (light.args[0] if light.args else "light")
 
 
-_recorded: dict[str, float] = defaultdict(float)
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _recorded[report.nodeid.split("::")[0]] += report.duration
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
+class _DurationRecorder:
     """With --record-durations, in the main process (pytest-xdist's workers send it their
-    reports): the modules run, merged into the file."""
-    if not session.config.getoption("record_durations") or hasattr(session.config, "workerinput"):
-        return
-    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    known |= {module: round(seconds, 1) for module, seconds in _recorded.items()}
-    ordered = dict(sorted(known.items(), key=lambda pair: -pair[1]))
-    DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
+    reports): each module's seconds, merged into the file at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid.split("::")[0]] += report.duration
+
+    def pytest_sessionfinish(self) -> None:
+        known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        known |= {module: round(seconds, 1) for module, seconds in self.seconds.items()}
+        ordered = dict(sorted(known.items(), key=lambda pair: -pair[1]))
+        DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("record_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_DurationRecorder(), "duration-recorder")
 
 
 @pytest.fixture(scope="session")
