@@ -63,8 +63,9 @@ run: $(STAMP) $(STUBS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
 # scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
-# module's on one, the longest first; then the tests marked `alone`, which measure a rate or a
-# time: those also marked `light` in two lanes at once, the others one at a time.
+# module's on one, the longest first, at the lowest CPU priority; beside them at normal priority,
+# one at a time, those marked `alone` (they measure a rate or a time) and `light` (sleep-bound);
+# then the other tests marked `alone`, one at a time.
 # The checkout's bytecode (packages and tests; not .venv, which uv compiled, nor other dot
 # folders) is written first: where PYTHONDONTWRITEBYTECODE is set, each of the few hundred
 # processes the tests start would otherwise compile them again.

@@ -85,10 +85,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help=f"write the seconds of each module run to {DURATIONS.name} (others kept)",
     )
-    parser.addoption(
-        "--lane",
-        help="only the tests marked light in this lane: light('NAME') or, unnamed, 'light'",
-    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -102,16 +98,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return -known.get(item.nodeid.split("::")[0], float("inf"))
 
     items.sort(key=seconds)  # stable: a module's tests keep their order
-    if lane := config.getoption("lane"):
-        chosen = [item for item in items if _lane(item) == lane]
-        config.hook.pytest_deselected(items=[item for item in items if _lane(item) != lane])
-        items[:] = chosen
-
-
-def _lane(item: pytest.Item) -> str | None:
-    """The lane of a test marked `light`: the one its marker names, or "light"."""
-    light = item.get_closest_marker("light")
-    return None if light is None else (light.args[0] if light.args else "light")
 
 
 class _DurationRecorder:

@@ -63,7 +63,7 @@ def _by_point(data: dict) -> dict[tuple[str, int, int], float]:
 
 @pytest.mark.slow
 @pytest.mark.alone
-@pytest.mark.light("sweep")  # the other light tests together take about as long
+@pytest.mark.light
 def test_local_sweep_blocking_plateaus_buffered_grows_two_rng_double(tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = run_cli(
