@@ -63,7 +63,7 @@ run: $(STAMP) $(STUBS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
 # scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
-# module's on one, the longest first, at the lowest CPU priority; beside them at normal priority,
+# module's on one, the longest first, at a low CPU priority (nice 10); beside them at normal priority,
 # one at a time, those marked `alone` (they measure a rate or a time) and `light` (sleep-bound);
 # then the other tests marked `alone`, one at a time.
 # The checkout's bytecode (packages and tests; not .venv, which uv compiled, nor other dot

@@ -36,7 +36,7 @@ from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
 # Alone: most of these measure the stack's rates against each other (the plateau, two rngs,
 # buffered, turbo). Light: the stack's costs are sleeps, so `make test` runs them beside the first
-# phase, which yields them the CPU (nice 19). Beside it at equal priority (tried in issue 19) two
+# phase, which yields them the CPU (nice 10). Beside it at equal priority (tried in issue 19) two
 # runs in three failed: `up` took 8.6 s, buffered measured 20.6 h/s against a plateau of 19.
 pytestmark = [pytest.mark.slow, pytest.mark.alone, pytest.mark.light]
 
