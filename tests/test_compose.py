@@ -35,10 +35,12 @@ from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
 # Alone: most of these measure the stack's rates against each other (the plateau, two rngs,
-# buffered, turbo). Light: the stack's costs are sleeps, so `make test` runs them beside the first
-# phase, which yields them the CPU (nice 10). Beside it at equal priority (tried in issue 19) two
-# runs in three failed: `up` took 8.6 s, buffered measured 20.6 h/s against a plateau of 19.
-pytestmark = [pytest.mark.slow, pytest.mark.alone, pytest.mark.light]
+# buffered, turbo). Not light, though the stack's costs are sleeps: beside the first phase of
+# `make test` (tried in issue 19) the module failed in 4 runs of 10. At equal priority `up` took
+# 8.6 s and buffered measured 20.6 h/s against a plateau of 19.0; with the first phase at nice 19
+# or 10, two rngs measured 20.7 and 23.1 h/s against plateaus of 19.5 and 19.2, after a first
+# moment above 1.6 times (not understood: alone, the takeover never failed).
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 COST = 0.05
 """Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
