@@ -5,6 +5,7 @@ one client address holds its share and no more, even in a flood against a whole 
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from dockercoins.calls import Call, TrackedContext, client_address, peer_address
+from dockercoins.grpcserver import serve_service
 from dockercoins.net import free_port
 from dockercoins.rate import Sample, fit_slope
 from dockercoins.redis_store import HASHES_KEY
@@ -27,6 +29,8 @@ from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
 from dockercoins_tools.procstat import memory_mb
+from hasher_svc.config import HasherSettings
+from hasher_svc.server import build_server
 from tests.stack import (
     FAST_COSTS,
     LoggedProcess,
@@ -93,6 +97,33 @@ async def open_streams(stub: hasher_pb2_grpc.HasherStub, count: int) -> list:
 
 RAISED = {"hasher_max_request": 1 << 20, "hasher_max_blocks": 1 << 18, "hasher_max_reply": 16 << 20}
 """The hasher's bounds raised 16-fold: 1 MiB in 4-byte blocks."""
+
+
+async def test_a_stop_signal_the_moment_the_start_line_appears_stops_gracefully() -> None:
+    """The start line is what a supervisor or a test waits for: a SIGTERM sent the moment it is
+    logged finds the handler. (Logged before the handler, a fast SIGTERM killed rng: -15.)"""
+
+    class SignalOnTheStartLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "listening on" in record.getMessage():
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    service_log = logging.getLogger("tests.start-line")
+    service_log.setLevel(logging.INFO)
+    service_log.addHandler(handler := SignalOnTheStartLine())
+    stopped: list[bool] = []
+
+    async def on_stop() -> None:
+        stopped.append(True)
+
+    settings = HasherSettings(hasher_port=free_port())
+    try:
+        await asyncio.wait_for(
+            serve_service(build_server(settings), settings, service_log, "test", on_stop), 10
+        )
+    finally:
+        service_log.removeHandler(handler)
+    assert stopped == [True]
 
 
 @pytest.mark.slow
