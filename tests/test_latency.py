@@ -96,8 +96,9 @@ def test_the_bottleneck_shows_in_the_stage_times_and_goes_with_buffered_rng(
         redis_server.stop()
 
 
+# Not light: it compares times to 5 % of a 40 ms unit, and beside the first phase of `make test`
+# (at nice 10) a unit took 2.5 ms more than its stages (0.0428 s seen, 0.0403 s summed).
 @pytest.mark.alone
-@pytest.mark.light
 async def test_a_units_stages_add_up_to_its_wall_time(
     start_worker, servers, redis_url, tmp_path
 ) -> None:
