@@ -279,8 +279,9 @@ async def serve_service(
     details: str,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Start /metrics (when DOCKERCOINS_METRICS_PORT is set), say on the service's own log
-    where it listens, with `details`, and serve until a stop signal (then `on_stop`)."""
+    """Start /metrics (when DOCKERCOINS_METRICS_PORT is set) and the server; once it serves and
+    takes stop signals, say on the service's own log where it listens, with `details`; serve
+    until a stop signal (then `on_stop`)."""
     start_metrics_endpoint(settings.host, settings.metrics_port)
 
     def say_where() -> None:
