@@ -62,10 +62,7 @@ run: $(STAMP) $(STUBS)
 	$(VENV)/bin/dockercoins up $(ARGS)
 
 # The browser test needs Debian's chromium: installed here when root with apt, else it skips.
-# scripts/test-phases: the tests not marked `alone` on TEST_WORKERS pytest-xdist processes, a
-# module's on one, the longest first, at a low CPU priority (nice 10); beside them at normal priority,
-# one at a time, those marked `alone` (they measure a rate or a time) and `light` (sleep-bound);
-# then the other tests marked `alone`, one at a time.
+# scripts/test-phases says in which order and beside what the tests run (TEST_WORKERS workers).
 # The checkout's bytecode (packages and tests; not .venv, which uv compiled, nor other dot
 # folders) is written first: where PYTHONDONTWRITEBYTECODE is set, each of the few hundred
 # processes the tests start would otherwise compile them again.

@@ -116,7 +116,7 @@ async def test_a_stop_signal_the_moment_the_start_line_appears_stops_gracefully(
     async def on_stop() -> None:
         stopped.append(True)
 
-    settings = HasherSettings(hasher_port=free_port())
+    settings = HasherSettings(hasher_port=0)
     try:
         await asyncio.wait_for(
             serve_service(build_server(settings), settings, service_log, "test", on_stop), 10

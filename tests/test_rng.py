@@ -15,8 +15,8 @@ from dockercoins.v1 import rng_pb2, rng_pb2_grpc
 from rng_svc.config import RngSettings
 from tests.stack import Service, wait_until_async
 
-READ_COST = 0.05  # scaled down: at most 20 reads/s, few enough that a busy neighbour (the sweep
-# beside it in `make test`) cannot hold back the buffered rng's 200 a second
+READ_COST = 0.05  # scaled down: at most 20 reads/s, few enough that a busy neighbour (the first
+# phase of `make test` beside it) cannot hold back the buffered rng's 200 a second
 
 
 async def _hammer(address: str, clients: int, seconds: float) -> tuple[float, list[float]]:
