@@ -22,10 +22,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_free(setting: str, host: str, port: int) -> int:
-    """`port` if it can be bound on `host`, a free one if it is 0; else PortInUseError."""
-    if port == 0:
-        return free_port(host)
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind `port` on `host` now."""
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         # As servers bind (gRPC, uvicorn and Redis all set it): connections of a crashed
         # predecessor in TIME_WAIT do not make the port busy, a listening socket still does.
@@ -33,5 +31,14 @@ def ensure_free(setting: str, host: str, port: int) -> int:
         try:
             sock.bind((host, port))
         except OSError:
-            raise PortInUseError(setting, host, port) from None
+            return True
+    return False
+
+
+def ensure_free(setting: str, host: str, port: int) -> int:
+    """`port` if it can be bound on `host`, a free one if it is 0; else PortInUseError."""
+    if port == 0:
+        return free_port(host)
+    if port_in_use(host, port):
+        raise PortInUseError(setting, host, port)
     return port

@@ -3,11 +3,11 @@
 One stack for the whole module, under a project name of its own (its web UI on a free port, rng
 and hasher on free loopback ports, its image tagged with the project's name through
 DOCKERCOINS_IMAGE, so that other checkouts building dockercoins:0.1.0 on the same engine do not
-swap it), built from this checkout with the user's compose files. An
-override file scales the simulated costs down to COST seconds so that each shape shows in
-seconds: one worker mines 1/(3 COST) h/s, a blocking rng caps the stack at 1/COST h/s whatever the
-number of workers, a second rng doubles that, buffered rng grows with the workers, and turbo moves
-hashes by the thousand. The tests run in file order, each one a step of the lesson on that stack.
+swap it), built from this checkout with the user's compose files. An override file keeps rng's
+and hasher's costs at the lesson's COST and shortens the workers' think time to THINK: one worker
+mines 1/LOOP h/s, a blocking rng caps the stack at 1/COST h/s whatever the number of workers, a
+second rng doubles that, buffered rng grows with the workers, and turbo moves hashes by the
+thousand. The tests run in file order, each one a step of the lesson on that stack.
 Where no engine answers they skip, except under CI=true (scripts/test-prerequisites prepares one).
 The lesson's figures with the classic costs are in docs/deploy.md.
 """
@@ -35,18 +35,24 @@ from tests.stack import wait_until
 from tests.support import ROOT, compose_binary, skip_unless_ci, tool
 
 # Alone: most of these measure the stack's rates against each other (the plateau, two rngs,
-# buffered, turbo). Not light, though the stack's costs are sleeps: beside the first phase of
-# `make test` (tried in issue 19) the module failed in 4 runs of 10. At equal priority `up` took
-# 8.6 s and buffered measured 20.6 h/s against a plateau of 19.0; with the first phase at nice 19
-# or 10, two rngs measured 20.7 and 23.1 h/s against plateaus of 19.5 and 19.2, after a first
-# moment above 1.6 times (not understood: alone, the takeover never failed).
-pytestmark = [pytest.mark.slow, pytest.mark.alone]
+# buffered, turbo). Light: the stack's costs are sleeps and its rates are kept low (COST), so
+# `make test` runs the module beside its first phase (at nice 10). With costs of 0.05 s there
+# (issue 19), two rngs measured 24-33 h/s against 40 in the model, each serving 15-17 calls/s
+# and evenly (their metrics), and buffered 31 h/s: the containers' share of the loaded machine's
+# CPU ran out near 30 h/s (Python containers spent some 20 ms of CPU per hash there).
+pytestmark = [pytest.mark.slow, pytest.mark.alone, pytest.mark.light]
 
-COST = 0.05
-"""Seconds of every simulated cost (think, rng read, hasher): the classic 0.1 scaled down."""
-LOOP = 3 * COST
+COST = 0.1
+"""Seconds of rng's read and hasher's latency: the lesson's, so the plateau is its 10 h/s and
+no step asks for more than about 20 h/s of a loaded machine."""
+THINK = COST / 5
+"""Seconds a worker thinks between two units: short, so that the workers keep rng's queue full."""
+LOOP = THINK + 2 * COST
+"""Seconds of one worker's unit with a blocking rng."""
 WORKERS = 8
-"""Enough one-loop workers to saturate two blocking rngs: WORKERS / LOOP > 2 / COST."""
+"""One-loop workers that could mine 1.8 times what two blocking rngs allow: WORKERS / LOOP =
+36 h/s against 2 / COST = 20 (with a think time of COST, 1.33 times: the rngs stood idle
+between calls once a loaded machine lengthened every loop)."""
 DOUBLED = 1.6
 """Two rngs' rate over one's plateau, at least: 2 in the model; a second rng the workers never
 reach stays at 1."""
@@ -199,7 +205,7 @@ def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Co
                     "hasher": {"environment": {"DOCKERCOINS_HASHER_LATENCY": cost}},
                     "worker": {
                         "environment": {
-                            "DOCKERCOINS_WORKER_THINK_TIME": cost,
+                            "DOCKERCOINS_WORKER_THINK_TIME": str(THINK),
                             "DOCKERCOINS_WORKER_FLUSH_INTERVAL": "0.25",
                         }
                     },
@@ -436,15 +442,16 @@ def test_a_second_rng_doubles_the_plateau_within_seconds(stack: ComposeStack) ->
 
 
 def test_buffered_rng_grows_with_the_workers(stack: ComposeStack) -> None:
+    """Past what even two blocking rngs allow; each worker's unit no longer waits for a read
+    (its loop is THINK + COST), so the line is WORKERS / (THINK + COST)."""
     plateau = measured.get("plateau", 1 / COST)
     stack.up("compose.buffered.yaml", workers=WORKERS)
     buffered = stack.rate(warmup=4)
-    linear = WORKERS / LOOP
+    linear = WORKERS / (THINK + COST)
     print(f"{WORKERS} workers, buffered: {buffered:.1f} h/s")
-    assert buffered > 1.5 * plateau, f"{buffered:.1f} h/s buffered, {plateau:.1f} blocking"
-    # Eight busy workers share two cores with everything else here: far from the model's line,
-    # yet far above what blocking rng allows.
-    assert 0.45 * linear < buffered < 1.15 * linear, f"{buffered:.1f} h/s, linear is {linear:.1f}"
+    # Eight busy workers share two cores with everything else here: often far from the model's
+    # line (67 h/s), yet far above what blocking rng allows.
+    assert 2 * plateau < buffered < 1.15 * linear, f"{buffered:.1f} h/s, one rng {plateau:.1f}"
     stack.json_until(
         lambda data: (
             data["rng_mode"] == "buffered"

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dockercoins.redis_store import connect
+from dockercoins.settings import env_name
 from dockercoins.wire import TURBO_BATCH
-from dockercoins_tools.launcher.stack import _wait_until
+from dockercoins_tools.launcher import stack as stack_module
+from dockercoins_tools.launcher.stack import Stack, _wait_until, grpc_serving
 from tests.stack import RunningStack, alive, get_json, scale, wait_until, wait_until_async
 from tests.support import run_cli, service_env
 
@@ -171,6 +175,45 @@ def test_a_busy_port_stops_up_with_one_line_naming_it(tmp_path) -> None:
     assert result.returncode == 2
     assert f"port {port} on 127.0.0.1 is already in use (DOCKERCOINS_WEBUI_PORT)" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("service", ["redis", "rng"])
+async def test_a_chosen_port_another_program_binds_first_is_chosen_again(
+    tmp_path, monkeypatch, service
+) -> None:
+    """With a port setting of 0 the launcher chooses a free port and the child binds it a moment
+    later: another program may bind it in between (once in `make test`, rng exited 2 and `up`
+    gave up). Here the first port the launcher chooses is one a listener holds: the child
+    fails to bind it, and the launcher chooses another, says so, and the stack starts."""
+    chosen: list[int] = []
+    choose = stack_module.ensure_free
+
+    def first_choice_taken(setting: str, host: str, port: int) -> int:
+        if setting == env_name(f"{service}_port") and port == 0 and not chosen:
+            chosen.append(taker.getsockname()[1])
+            return chosen[0]
+        return choose(setting, host, port)
+
+    monkeypatch.setattr(stack_module, "ensure_free", first_choice_taken)
+    log = io.StringIO()
+    running = Stack.on_free_ports(tmp_path / "data", log, {}, workers=0)
+    with socket.socket() as taker:
+        taker.bind(("127.0.0.1", 0))
+        taker.listen()
+        try:
+            await running.start()
+            port = running.ports[service]
+            if service == "redis":
+                client = connect(running.redis_url)
+                assert await client.ping()
+                await client.aclose()
+            else:
+                assert await grpc_serving(f"127.0.0.1:{port}")
+        finally:
+            await running.stop()
+    assert chosen and port != chosen[0]
+    assert f"port {chosen[0]} was taken before it bound it; on {port} now" in log.getvalue()
 
 
 @pytest.mark.slow

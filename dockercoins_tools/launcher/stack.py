@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dockercoins.errors import DockercoinsError
 from dockercoins.lifecycle import raise_if_cancelling
-from dockercoins.net import ensure_free
+from dockercoins.net import ensure_free, port_in_use
 from dockercoins.redaction import redact_url
 from dockercoins.redis_store import connect
 from dockercoins.settings import env_name, load_settings
@@ -26,6 +26,17 @@ from dockercoins_tools.services import SERVICES
 
 READY_TIMEOUT = 30.0
 """Seconds a process of the stack has to become ready (health SERVING, /healthz 200, PING)."""
+PORT_ATTEMPTS = 3
+"""Starts of a process on a port the launcher chose (its setting is 0): another program may take
+the port between the choice and the process's bind, and the launcher then chooses again."""
+
+
+class ExitedBeforeReady(DockercoinsError):
+    """A process of the stack ended before it was ready."""
+
+    def __init__(self, what: str, process: ManagedProcess, status: int) -> None:
+        super().__init__(f"{what} exited with status {status} before it was ready")
+        self.process = process
 
 
 async def _wait_until(
@@ -39,9 +50,7 @@ async def _wait_until(
         except Exception:  # not ready yet, whatever the reason; a cancellation still ends it
             raise_if_cancelling()
         if process is not None and process.proc is not None and process.proc.returncode is not None:
-            raise DockercoinsError(
-                f"{what} exited with status {process.proc.returncode} before it was ready"
-            )
+            raise ExitedBeforeReady(what, process, process.proc.returncode)
         if time.monotonic() > deadline:
             raise DockercoinsError(f"{what} was not ready within {READY_TIMEOUT:.0f} s")
         await asyncio.sleep(0.1)
@@ -70,6 +79,15 @@ async def http_ok(host: str, port: int, path: str) -> bool:
     return b" 200 " in status
 
 
+async def _redis_ready(url: str, process: ManagedProcess | None) -> None:
+    """Until Redis at `url` answers PING."""
+    client = connect(url)
+    try:
+        await _wait_until("redis", lambda: client.ping(), process)  # type: ignore[arg-type,return-value]
+    finally:
+        await client.aclose()
+
+
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -96,6 +114,8 @@ class Stack:
         self.webui: ManagedProcess | None = None
         self.workers: list[ManagedProcess] = []
         self._rng_ports: list[int] = []
+        self._chosen: set[str] = set()
+        """The services whose port the launcher chose (their setting is 0)."""
         self._lock = asyncio.Lock()
         self.credentials = channel_credentials(settings)
         self.metrics_ports: dict[str, int] = {}
@@ -151,7 +171,7 @@ class Stack:
             wanted.append(("redis", "redis_port", s.redis_port))
         for what, field, port in wanted:
             self.ports[what] = ensure_free(env_name(field), self.host, port)
-        self._rng_ports = [self.ports["rng"]]
+        self._chosen = {what for what, _, port in wanted if port == 0}
 
     async def start(self) -> None:
         """Start everything in order, each piece healthy before the next."""
@@ -163,62 +183,105 @@ class Stack:
         await self._start_webui()
         await self.scale_workers(self.settings.workers)
 
+    async def _on_a_port(
+        self,
+        name: str,
+        field: str,
+        port: int,
+        chosen: bool,
+        start: Callable[[int], Awaitable[ManagedProcess]],
+    ) -> tuple[int, ManagedProcess]:
+        """The port and the process that `start(port)` started there, once ready. When the
+        launcher chose the port (`chosen`) and the process ended before it was ready while the
+        port is taken now (another program bound it first), another port and another start, up
+        to PORT_ATTEMPTS in all."""
+        attempt = 1
+        while True:
+            try:
+                return port, await start(port)
+            except ExitedBeforeReady as exc:
+                await exc.process.stop(1)
+                if not chosen or attempt == PORT_ATTEMPTS or not port_in_use(self.host, port):
+                    raise
+            attempt += 1
+            taken, port = port, ensure_free(env_name(field), self.host, 0)
+            self.console.line(name, f"port {taken} was taken before it bound it; on {port} now")
+
     async def _start_redis(self) -> None:
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
-        else:
-            data = self.settings.data_dir / "redis"
-            if self.settings.fresh and data.exists():
-                shutil.rmtree(data)
-            port = self.ports["redis"]
+            await _redis_ready(self.redis_url, None)
+            return
+        data = self.settings.data_dir / "redis"
+        if self.settings.fresh and data.exists():
+            shutil.rmtree(data)
+
+        async def on(port: int) -> ManagedProcess:
             locked = LockedRedis(self.host, port, data, self.settings.redis_maxmemory_mb)
-            self.redis = self._process("redis", locked.argv, self._env(), stdin=locked.config())
-            await self.redis.start()
+            process = self._process("redis", locked.argv, self._env(), stdin=locked.config())
+            await process.start()
             self.redis_url = locked.url(self.client_host, port)
-        client = connect(self.redis_url)
-        try:
-            await _wait_until("redis", lambda: client.ping(), self.redis)  # type: ignore[arg-type,return-value]
-        finally:
-            await client.aclose()
+            await _redis_ready(self.redis_url, process)
+            return process
+
+        chosen = "redis" in self._chosen
+        self.ports["redis"], self.redis = await self._on_a_port(
+            "redis", "redis_port", self.ports["redis"], chosen, on
+        )
+
+    async def _grpc_service(
+        self, name: str, service: str, port: int, chosen: bool, **fields: Any
+    ) -> tuple[int, ManagedProcess]:
+        """rng or hasher as process `name`: its port (another when the launcher chose it and
+        another program took it first) and the process, once its health answers SERVING."""
+
+        async def on(port: int) -> ManagedProcess:
+            env = self._env(**{f"{service}_port": port}, **fields, **self._metrics(name))
+            process = self._process(name, SERVICES[service].argv, env)
+            await process.start()
+            address = f"{self.client_host}:{port}"
+
+            def serving() -> Awaitable[bool]:
+                return grpc_serving(address, credentials=self.credentials)
+
+            await _wait_until(name, serving, process)
+            return process
+
+        return await self._on_a_port(name, f"{service}_port", port, chosen, on)
 
     async def _add_rng(self) -> None:
         index = len(self.rngs) + 1
-        port = self.ports["rng"] if index == 1 else ensure_free(env_name("rng_port"), self.host, 0)
         name = "rng" if self.settings.rng_replicas == 1 and index == 1 else f"rng.{index}"
-        process = self._process(
-            name,
-            SERVICES["rng"].argv,
-            self._env(rng_port=port, rng_mode=self.settings.rng_mode, **self._metrics(name)),
+        if index == 1:
+            port, chosen = self.ports["rng"], "rng" in self._chosen
+        else:
+            port, chosen = ensure_free(env_name("rng_port"), self.host, 0), True
+        port, process = await self._grpc_service(
+            name, "rng", port, chosen, rng_mode=self.settings.rng_mode
         )
-        await process.start()
-        address = f"{self.client_host}:{port}"
-        await _wait_until(
-            name, lambda: grpc_serving(address, credentials=self.credentials), process
-        )
+        if index == 1:
+            self.ports["rng"] = port
+        self._rng_ports.append(port)
         self.rngs.append(process)
-        if index > 1:
-            self._rng_ports.append(port)
 
     async def _start_hasher(self) -> None:
-        port = self.ports["hasher"]
-        self.hasher = self._process(
-            "hasher",
-            SERVICES["hasher"].argv,
-            self._env(hasher_port=port, **self._metrics("hasher")),
-        )
-        await self.hasher.start()
-        address = f"{self.client_host}:{port}"
-        await _wait_until(
-            "hasher", lambda: grpc_serving(address, credentials=self.credentials), self.hasher
+        chosen = "hasher" in self._chosen
+        self.ports["hasher"], self.hasher = await self._grpc_service(
+            "hasher", "hasher", self.ports["hasher"], chosen
         )
 
     async def _start_webui(self) -> None:
-        port = self.ports["webui"]
-        self.webui = self._process(
-            "webui", SERVICES["webui"].argv, self._env(webui_port=port, redis_url=self.redis_url)
+        async def on(port: int) -> ManagedProcess:
+            env = self._env(webui_port=port, redis_url=self.redis_url)
+            process = self._process("webui", SERVICES["webui"].argv, env)
+            await process.start()
+            await _wait_until("webui", lambda: http_ok(self.client_host, port, "/healthz"), process)
+            return process
+
+        chosen = "webui" in self._chosen
+        self.ports["webui"], self.webui = await self._on_a_port(
+            "webui", "webui_port", self.ports["webui"], chosen, on
         )
-        await self.webui.start()
-        await _wait_until("webui", lambda: http_ok(self.client_host, port, "/healthz"), self.webui)
 
     def _worker_env(self, name: str = "") -> dict[str, str]:
         return self._env(
