@@ -269,10 +269,23 @@ class ServiceProcesses:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_starts: dict[str, int] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         with (self.logs / f"{name}.log").open("ab") as log:
+            self._log_starts[name] = log.tell()  # where this run's lines begin
             self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_listening(self, name: str, timeout: float = 30) -> None:
+        """Until `name`, as last started, logs its start line: rng, hasher and the web UI log it
+        once they serve."""
+
+        def listening() -> bool:
+            with (self.logs / f"{name}.log").open("rb") as log:
+                log.seek(self._log_starts[name])
+                return b" listening on " in log.read()
+
+        wait_until(listening, timeout, lambda: f"{name} listening\n{self.log_tail()}")
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
