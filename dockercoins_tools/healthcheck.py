@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 STREAM = 1
 """The one stream of the one call."""
@@ -26,12 +26,14 @@ STATIC_TABLE_SIZE = 61
 """HPACK's static table (RFC 7541, appendix A): the names asked for here are not in it."""
 MAX_FRAME = 1 << 14
 """The largest frame a peer may send before we raise it (we never do): more is a broken peer."""
-SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+SERVING_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+"""grpc.health.v1's ServingStatus by number (tests/test_healthcheck.py holds it to health_pb2)."""
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )  # fmt: skip
+"""gRPC's status codes by number (tests/test_healthcheck.py holds them to grpc.StatusCode)."""
 
 
 class CheckFailed(Exception):
@@ -48,12 +50,7 @@ def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
     limit = (1 << prefix) - 1
     if value < limit:
         return bytes((first | value,))
-    out, value = bytearray((first | limit,)), value - limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
+    return bytes((first | limit,)) + varint(value - limit)  # the rest: 7 bits a byte, low first
 
 
 def literal(name: str, value: str) -> bytes:
@@ -65,6 +62,7 @@ def literal(name: str, value: str) -> bytes:
 
 
 def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint, which is also HPACK's integer past its prefix."""
     out = bytearray()
     while value >= 128:
         out.append(value % 128 + 128)
@@ -181,6 +179,7 @@ def call(address: str, service: str, timeout: float) -> tuple[dict[str, str | No
 def _exchange(
     sock: socket.socket, address: str, service: str, timeout: float, deadline: float
 ) -> tuple[dict[str, str | None], bytes]:
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
     sock.sendall(request(address, service, timeout))
     headers = HeaderBlock()
     fields: dict[str, str | None] = {}
@@ -213,7 +212,7 @@ def _exchange(
             body += _unpad(payload, flags)
             if flags & END_STREAM:  # no trailers: the status check below says so
                 return fields, body
-        elif kind in (HEADERS, 0x9):  # HEADERS, then CONTINUATION while END_HEADERS is missing
+        elif kind in (HEADERS, CONTINUATION):  # CONTINUATION: until END_HEADERS
             if kind == HEADERS:
                 payload = _unpad(payload, flags)
                 if flags & PRIORITY:
@@ -242,10 +241,12 @@ def check(address: str, service: str, timeout: float) -> str:
         return str(exc)
     status = fields.get("grpc-status", "")
     if status != "0":
-        code = int(status) if status and status.isdigit() else -1
-        name = GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else f"grpc-status {status!r}"
         if status is None:
             name = "grpc-status unreadable (Huffman-coded)"
+        elif status.isdigit() and int(status) < len(GRPC_CODES):
+            name = GRPC_CODES[int(status)]
+        else:
+            name = f"grpc-status {status!r}"
         details = fields.get("grpc-message")
         return f"{name}: {details}" if details else name
     # One length-prefixed HealthCheckResponse: field 1, the status, a varint (0 when absent).
@@ -254,8 +255,8 @@ def check(address: str, service: str, timeout: float) -> str:
     message, serving = body[5:], 0
     if message[:1] == b"\x08" and len(message) >= 2:
         serving = message[1]
-    if serving != 1:
-        return SERVING_STATUS.get(serving, f"status {serving}")
+    if serving != SERVING_STATUS.index("SERVING"):
+        return SERVING_STATUS[serving] if serving < len(SERVING_STATUS) else f"status {serving}"
     return ""
 
 

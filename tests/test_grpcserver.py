@@ -28,6 +28,7 @@ from dockercoins.redis_store import HASHES_KEY
 from dockercoins.settings import GrpcServerSettings
 from dockercoins.v1 import hasher_pb2, hasher_pb2_grpc, rng_pb2, rng_pb2_grpc
 from dockercoins.wire import BLOCK_SIZE, MAX_BATCH
+from dockercoins_tools.healthcheck import check as container_check
 from dockercoins_tools.procstat import memory_mb
 from hasher_svc.config import HasherSettings
 from hasher_svc.server import build_server
@@ -748,6 +749,12 @@ def test_a_flood_from_one_address_leaves_every_other_client_served(
         checks = {
             name: [a_new_client(target) for _ in range(10)] for name, target in targets.items()
         }
+        # What compose runs in each container, from 127.0.0.1 too.
+        named = {"rng": "dockercoins.v1.Rng", "hasher": "dockercoins.v1.Hasher"}
+        container_checks = {
+            name: container_check(target, named.get(name, "liveness"), 2.0)
+            for name, target in targets.items()
+        }
         with grpc.insecure_channel(targets["hasher"]) as channel:
             hashed = hasher_pb2_grpc.HasherStub(channel).Hash(
                 hasher_pb2.HashRequest(data=b"visitor"), timeout=5
@@ -786,6 +793,7 @@ def test_a_flood_from_one_address_leaves_every_other_client_served(
     for answers in checks.values():
         assert all(status == health_pb2.HealthCheckResponse.SERVING for _, status in answers)
     assert max(slowest.values()) < 1.0
+    assert container_checks == dict.fromkeys(targets, ""), container_checks
     assert len(hashed.hexdigests) == 1 and len(random.data) == 32
     assert listed[0] == 0 and "dockercoins.v1.Hasher" in listed[1], listed
     assert during >= 0.8 * before, f"{during:.1f} hashes/s during the flood, {before:.1f} before"

@@ -11,8 +11,10 @@ import pytest
 from dockercoins.net import free_port
 from dockercoins_tools.healthcheck import (
     GOAWAY,
+    GRPC_CODES,
     HEADERS,
     RST_STREAM,
+    SERVING_STATUS,
     SETTINGS,
     HeaderBlock,
     check,
@@ -112,3 +114,13 @@ def test_header_blocks_decode_literals_and_the_entries_they_index() -> None:
     }
     assert decoder.decode(bytes([0x80 | 62])) == {"grpc-status": "5"}  # the dynamic entry
     assert hpack_int(300, 7) == b"\x7f\xad\x01"  # RFC 7541 C.1.2's method, 7-bit prefix
+
+
+def test_the_names_of_codes_and_statuses_are_grpcs() -> None:
+    """The check carries its own tables so as not to import gRPC: they must stay gRPC's."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    assert {code.value[0]: code.name for code in grpc.StatusCode} == dict(enumerate(GRPC_CODES))
+    statuses = health_pb2.HealthCheckResponse.ServingStatus
+    assert {value: name for name, value in statuses.items()} == dict(enumerate(SERVING_STATUS))
