@@ -9,6 +9,7 @@ workers report at exit. The embedded Redis's append-only file is read back after
 
 import asyncio
 import io
+import os
 import re
 import socket
 import subprocess
@@ -179,6 +180,36 @@ async def test_a_1_mb_log_line_is_passed_on_whole_and_the_child_is_never_blocked
     await child.stop(timeout=5)
     lines = out.getvalue().splitlines()
     assert lines == ["chatty    | " + "x" * 1_000_000, "chatty    | after"]
+
+
+async def test_a_child_keeps_the_session_and_its_scheduling_group_in_a_group_of_its_own() -> None:
+    """`nice dockercoins up` lowers the services too: a child in a session of its own is a
+    scheduling group of its own under Linux's autogroup, as heavy as the user's whole session
+    whatever its nice. Its own process group keeps the terminal's Ctrl-C for `up` alone."""
+    child = ManagedProcess(
+        "sleeper",
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        service_env(),
+        Console(io.StringIO()),
+    )
+    await child.start(supervise=False)
+    try:
+        pid = child.pid
+        assert pid is not None
+        assert os.getsid(pid) == os.getsid(0)
+        assert os.getpgid(pid) == pid != os.getpgid(0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+        assert autogroup(pid) == autogroup("self")  # None on a kernel without autogroup
+    finally:
+        await child.stop(timeout=5)
+
+
+def autogroup(pid: int | str) -> str | None:
+    """The scheduling group of `pid` ("/autogroup-N"), None without CONFIG_SCHED_AUTOGROUP."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except FileNotFoundError:
+        return None
 
 
 async def test_the_supervisor_survives_a_failed_spawn_and_retries(tmp_path) -> None:

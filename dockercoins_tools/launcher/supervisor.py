@@ -104,7 +104,11 @@ class ManagedProcess:
             stdin=asyncio.subprocess.DEVNULL if self.stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
+            # Its own process group, so that the terminal's Ctrl-C reaches `up` alone (which stops
+            # the services in order), but the user's session: a new session is a new scheduling
+            # group under Linux's autogroup, where `nice dockercoins up` no longer lowered the
+            # services (each weighed as much as the user's whole session).
+            process_group=0,
             preexec_fn=_die_with_parent,
         )
         self._pump = self._watched(
