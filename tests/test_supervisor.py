@@ -8,9 +8,11 @@ workers report at exit. The embedded Redis's append-only file is read back after
 """
 
 import asyncio
+import contextlib
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import redis
 from dockercoins.backoff import Backoff
 from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY
+from dockercoins_tools.launcher.stack import grpc_serving
 from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
 from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until, wait_until_async
 from tests.support import service_env
@@ -202,6 +205,78 @@ async def test_a_child_keeps_the_session_and_its_scheduling_group_in_a_group_of_
         assert autogroup(pid) == autogroup("self")  # None on a kernel without autogroup
     finally:
         await child.stop(timeout=5)
+
+
+async def test_children_start_whole_while_the_launcher_has_grpc_calls_in_flight(servers) -> None:
+    """The launcher checks health over gRPC while it starts children. A child forked with the
+    launcher's gRPC threads and running Python before its exec aborted, one spawn in five (in
+    `make test`: `hasher exited with status -6 before it was ready`, `up` gave up)."""
+    address = await servers.hasher()
+
+    async def check_health() -> None:
+        while True:
+            assert await grpc_serving(address)
+
+    checking = [asyncio.create_task(check_health()) for _ in range(4)]
+    try:
+        codes = []
+        for number in range(60):
+            out = Console(io.StringIO())
+            child = ManagedProcess(f"true.{number}", ["true"], service_env(), out)
+            await child.start(supervise=False)
+            assert child.proc is not None
+            codes.append(await child.proc.wait())
+    finally:
+        for task in checking:
+            task.cancel()
+        await asyncio.gather(*checking, return_exceptions=True)
+    assert codes == [0] * 60
+
+
+def test_a_child_gets_sigterm_when_the_launcher_is_killed(tmp_path) -> None:
+    """kill -9 of the launcher orphans nothing: the kernel sends each child SIGTERM."""
+    marker = tmp_path / "terminated"
+    child_code = (
+        "import pathlib, signal, sys, time\n"
+        "def bye(*_): pathlib.Path(sys.argv[1]).write_text('SIGTERM'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    launcher_code = (
+        "import asyncio, io, sys\n"
+        "from dockercoins_tools.launcher.supervisor import Console, ManagedProcess\n"
+        "async def main():\n"
+        "    child = ManagedProcess('sleeper', [sys.executable, '-c', sys.argv[1], sys.argv[2]],\n"
+        "                           {}, Console(sys.stdout))\n"
+        "    await child.start(supervise=False)\n"
+        "    print('child', child.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", launcher_code, child_code, str(marker)],
+        env=service_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert launcher.stdout is not None
+        lines = [launcher.stdout.readline(), launcher.stdout.readline()]
+        pids += [int(line.split()[1]) for line in lines if line.startswith("child ")]
+        (pid,) = pids
+        assert any(line.endswith("| ready\n") for line in lines), lines
+        launcher.kill()
+        launcher.wait()
+        wait_until(lambda: not alive(pid), 10, "the child to end")
+        assert marker.read_text() == "SIGTERM"
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def autogroup(pid: int | str) -> str | None:

@@ -3,7 +3,9 @@ when it dies, stop it (SIGTERM, then SIGKILL)."""
 
 import asyncio
 import contextlib
-import ctypes
+import errno
+import os
+import shutil
 import signal
 import sys
 import time
@@ -24,10 +26,36 @@ STABLE_AFTER = 30.0
 """Seconds a restarted child must run for its restart delay to start again from 1 s."""
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGTERM if the launcher dies, so nothing is orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+ORPHAN_GUARD = f"""\
+import ctypes, os, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGTERM)})  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the launcher died before that
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"could not start: {{exc}}", flush=True)
+    sys.exit(127)
+"""
+"""What a child runs before its program, in the same process: it asks the kernel for SIGTERM
+when the launcher dies (so that nothing is orphaned, even by a kill -9), then execs the program.
+It is a program of its own, not a `preexec_fn`: that forks the launcher whole (its gRPC threads
+too) and runs Python in the child before the exec, where gRPC's fork handlers restart a poller
+whose epoll descriptor `close_fds` then closes: the child aborted (SIGABRT, SIGSEGV) before it
+became the service, one spawn in five while the launcher's health checks were in flight.
+Without a `preexec_fn` the child is vforked and runs nothing of the launcher's."""
+
+
+def _guarded(argv: list[str], env: dict[str, str]) -> list[str]:
+    """`argv` run behind ORPHAN_GUARD. The program is looked up first, as exec would, so that a
+    missing or non-executable one is an OSError here (`could not start: ...`), as before."""
+    program = argv[0]
+    found = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+    if found is None or not os.path.exists(found):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), found)
+    return [sys.executable, "-I", "-S", "-c", ORPHAN_GUARD, str(os.getpid()), *argv]
 
 
 class Console:
@@ -99,7 +127,7 @@ class ManagedProcess:
 
     async def _spawn(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
+            *_guarded(self.argv, self.env),
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL if self.stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -109,7 +137,6 @@ class ManagedProcess:
             # group under Linux's autogroup, where `nice dockercoins up` no longer lowered the
             # services (each weighed as much as the user's whole session).
             process_group=0,
-            preexec_fn=_die_with_parent,
         )
         self._pump = self._watched(
             asyncio.create_task(self._pump_lines(self.proc), name=f"log-{self.name}")
