@@ -8,6 +8,7 @@
 """
 
 import hashlib
+import multiprocessing
 import os
 import re
 import shutil
@@ -68,7 +69,10 @@ def _on_every_core(
 ) -> dict[str, float]:
     """`loop` on every core at once: hashes per second, and CPU-µs per hash (which a shared
     machine's load does not inflate as it does the rate)."""
-    with ProcessPoolExecutor(max_workers=cores) as pool:
+    # Spawned, not forked: after the grid this process has run gRPC, whose fork handlers can
+    # crash a forked child (grpc/grpc#43055), and forking a process with threads is unsafe.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=cores, mp_context=spawn) as pool:
         started = time.perf_counter()
         done = list(pool.map(partial(loop, difficulty=difficulty), [seconds] * cores))
         elapsed = time.perf_counter() - started
