@@ -28,7 +28,10 @@ STABLE_AFTER = 30.0
 
 ORPHAN_GUARD = f"""\
 import ctypes, os, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGTERM)})  # PR_SET_PDEATHSIG
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGTERM)})  # PR_SET_PDEATHSIG
+except AttributeError:
+    pass  # not Linux: no prctl
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)  # the launcher died before that
 try:
@@ -50,11 +53,9 @@ def _guarded(argv: list[str], env: dict[str, str]) -> list[str]:
     """`argv` run behind ORPHAN_GUARD. The program is looked up first, as exec would, so that a
     missing or non-executable one is an OSError here (`could not start: ...`), as before."""
     program = argv[0]
-    found = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
-    if found is None or not os.path.exists(found):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    if os.path.isdir(found) or not os.access(found, os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), found)
+    if shutil.which(program, path=env.get("PATH")) is None:
+        code = errno.EACCES if os.sep in program and os.path.exists(program) else errno.ENOENT
+        raise OSError(code, os.strerror(code), program)
     return [sys.executable, "-I", "-S", "-c", ORPHAN_GUARD, str(os.getpid()), *argv]
 
 
