@@ -27,7 +27,15 @@ from dockercoins.net import free_port
 from dockercoins.redis_store import HASHES_KEY
 from dockercoins_tools.launcher.stack import grpc_serving
 from dockercoins_tools.launcher.supervisor import Console, ManagedProcess
-from tests.stack import RunningStack, alive, get_json, read_data_dir, wait_until, wait_until_async
+from tests.stack import (
+    LoggedProcess,
+    RunningStack,
+    alive,
+    get_json,
+    read_data_dir,
+    wait_until,
+    wait_until_async,
+)
 from tests.support import service_env
 
 pytestmark = pytest.mark.slow
@@ -254,27 +262,20 @@ def test_a_child_gets_sigterm_when_the_launcher_is_killed(tmp_path) -> None:
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"
     )
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", launcher_code, child_code, str(marker)],
-        env=service_env(),
-        stdout=subprocess.PIPE,
-        text=True,
+    launcher = LoggedProcess(
+        [sys.executable, "-c", launcher_code, child_code, str(marker)], service_env()
     )
-    pids: list[int] = []
+    pid = None
     try:
-        assert launcher.stdout is not None
-        lines = [launcher.stdout.readline(), launcher.stdout.readline()]
-        pids += [int(line.split()[1]) for line in lines if line.startswith("child ")]
-        (pid,) = pids
-        assert any(line.endswith("| ready\n") for line in lines), lines
+        pid = int(launcher.wait_for_line(r"^child (\d+)$", 20).group(1))
+        launcher.wait_for_line(r"\| ready$", 20)
         launcher.kill()
-        launcher.wait()
-        wait_until(lambda: not alive(pid), 10, "the child to end")
+        wait_until(lambda: not alive(pid), 10, "the child to end", launcher)
         assert marker.read_text() == "SIGTERM"
+        pid = None  # gone: its pid may be another process's by now
     finally:
         launcher.kill()
-        launcher.wait()
-        for pid in pids:
+        if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
